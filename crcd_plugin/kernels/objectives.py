@@ -1,0 +1,71 @@
+"""The two contrastive objectives over relation scores ``[..., K+1]`` (index 0 = positive), in fp32.
+
+Both take an optional boolean ``mask`` of the scores' shape (``True`` = excluded entry); a row whose
+positive is masked is dropped from the average.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """``log Z`` with ``Z = mean(exp(logits)) * N``, the constant NCE fixes on its first batch.
+
+    Computed in log space, so no ``exp(1 / tau)`` overflow; returned detached (Z is a constant).
+    """
+    flat = logits.detach().float().reshape(-1)
+    return torch.logsumexp(flat, 0) - math.log(flat.numel()) + math.log(num_samples)
+
+
+def _masked_row_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return per_row.mean()
+    keep = ~mask[..., 0]
+    return torch.where(keep, per_row, torch.zeros_like(per_row)).sum() / keep.sum().clamp_min(1)
+
+
+def nce_loss(
+    logits: torch.Tensor,
+    log_z: torch.Tensor,
+    num_samples: int,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """CRD's NCE loss with ``P = exp(logit) / Z`` and noise ``Pn = 1 / N``, averaged over rows.
+
+    ``-log(P0 / (P0 + K Pn)) = softplus(-l0)`` and ``-log(K Pn / (Pk + K Pn)) = softplus(lk)`` with
+    ``l = logit - log(Z K / N)``, so no probability is ever formed and nothing overflows.
+
+    Shape:
+        logits ``[..., K+1]``; log_z scalar; mask like logits -> scalar (sum over entries of a row,
+        mean over kept rows).
+    """
+    logits = logits.float()
+    num_negatives = logits.shape[-1] - 1
+    shifted = logits - (log_z + math.log(num_negatives) - math.log(num_samples))
+    positive = F.softplus(-shifted[..., 0])
+    negative = F.softplus(shifted[..., 1:])
+    if mask is not None:
+        negative = negative.masked_fill(mask[..., 1:], 0.0)
+    return _masked_row_mean(positive + negative.sum(-1), mask)
+
+
+def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy of the ``K+1`` scores with target 0, averaged over rows.
+
+    Shape:
+        logits ``[..., K+1]``; mask like logits -> scalar.
+    """
+    logits = logits.float()
+    if mask is not None:
+        # The positive stays in the normaliser so that a dropped row never holds an all -inf row.
+        negatives_masked = torch.cat([torch.zeros_like(mask[..., :1]), mask[..., 1:]], dim=-1)
+        logits_in = logits.masked_fill(negatives_masked, float("-inf"))
+    else:
+        logits_in = logits
+    per_row = torch.logsumexp(logits_in, dim=-1) - logits[..., 0]
+    return _masked_row_mean(per_row, mask)

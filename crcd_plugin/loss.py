@@ -1,0 +1,371 @@
+"""``CRCDLoss``: embedding heads, anchors and negatives (bank, queue or batch) and the objective."""
+
+from __future__ import annotations
+
+from typing import Dict, Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from crcd_plugin.heads import EmbedHead
+from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core
+from crcd_plugin.memory import FeatureQueue, MemoryBank, in_batch_candidate_index
+
+NEGATIVE_MODES = ("bank", "queue", "batch")
+OBJECTIVES = ("nce", "infonce")
+SELF_ANCHOR_MODES = ("keep", "mask")
+NONFINITE_MODES = ("raise", "skip")
+DEFAULT_BANK_NEGATIVES = 500
+
+
+class CRCDLoss(nn.Module):
+    """Complementary relation contrastive loss between a student and a teacher feature.
+
+    Each student embedding ``v_i`` is described by its relations ``normalize(v_i - a_j + eps)`` to
+    anchors ``a_j`` taken from the teacher's side (the teacher memory rows of the batch); the loss
+    makes it agree with the teacher's relation of the same sample (the positive) and disagree with
+    the teacher's relations of other samples (the negatives). The teacher side is the mirror image
+    and is on by default (``symmetric=True``). With ``anchored=False`` the relations are dropped and
+    the loss is CRD (Tian et al., 2020), for ablations and baselines.
+
+    Where anchors and candidates come from (``negatives``):
+
+    - ``"bank"`` (the reference): one memory row per training sample on each side, updated with
+      momentum; anchors ``M[index_j]``, positive ``M[index_i]``, ``K`` negatives drawn uniformly
+      from the ``num_samples`` rows. Needs ``index`` (dataset indices).
+    - ``"queue"``: no dataset index; anchors and positive are the other network's current
+      embeddings (detached), negatives the last ``queue_size`` embeddings (all of them, or a random
+      ``num_negatives`` subset).
+    - ``"batch"``: no state; anchors as for the queue, negatives the other ``B - 1`` samples.
+
+    The memory and queue are updated, and the NCE constant ``Z`` is fixed, in training mode only.
+    The teacher feature is always treated as a constant (detached); gradients reach the student
+    feature and both embedding heads. The loss core runs in fp32, also under autocast.
+
+    Args:
+        student_dim: Student feature size ``Ds``.
+        teacher_dim: Teacher feature size ``Dt``.
+        embed_dim: Size ``d`` of the contrastive embedding.
+        head: Embedding head, ``"linear"``, ``"mlp"`` or ``"identity"`` (needs ``Ds = Dt = d``).
+        head_hidden_dim: Hidden width of the ``"mlp"`` head.
+        negatives: ``"bank"``, ``"queue"`` or ``"batch"`` (see above).
+        num_samples: Training-set size ``N``; required for ``"bank"``.
+        queue_size: Queue length ``Q``; required for ``"queue"``.
+        num_negatives: ``K``. Bank: default 500 (the reference). Queue: default all ``Q`` rows.
+            Batch: must stay ``None`` (``K = B - 1``).
+        temperature: ``tau`` of the scores (reference 0.05).
+        objective: ``"nce"`` (the reference, CRD's NCE with ``Z`` fixed on the first batch) or
+            ``"infonce"`` (cross-entropy over the ``K+1`` scores).
+        momentum: Bank update momentum ``m`` (reference 0.5).
+        num_anchors: Use a random subset of ``A`` of the batch's anchors each step; ``None`` or
+            ``A >= B`` uses all ``B`` (the reference).
+        self_anchor: ``"keep"`` (the reference) keeps entries whose candidate is the anchor's own
+            sample (their relation is the constant ``eps`` direction); ``"mask"`` drops them, and
+            drops the whole row when it is the positive that coincides with its anchor.
+        symmetric: Add the teacher-side loss (reference: True).
+        anchored: False gives CRD (no anchors, scores ``<c, v> / tau``).
+        eps: Shift added to every coordinate of each relation vector (reference 1e-6).
+        on_nonfinite: ``"raise"`` checks that embeddings are finite and raises ``ValueError``
+            (one device-to-host sync per call); ``"skip"`` never syncs and leaves memory and queue
+            rows of non-finite samples untouched, so stored state is never poisoned (the loss
+            itself is then non-finite, for ``GradScaler`` or the caller to skip).
+        check_index: Bank mode: check that ``index`` is within ``[0, num_samples)`` (shares the
+            one sync with ``on_nonfinite="raise"``). With both off, ``forward`` never syncs.
+        backend: Relation kernel: ``"auto"`` (compiled on CUDA, eager elsewhere), ``"eager"``,
+            ``"compile"`` or ``"naive"`` (the reference formulation, for checks only).
+
+    Shape:
+        student_feat ``[B, Ds]``, teacher_feat ``[B, Dt]``, index ``[B]`` -> scalar (the sum of
+        the two sides, each averaged over its ``B * A`` relation rows).
+
+    Example:
+        >>> crcd = CRCDLoss(64, 256, negatives="bank", num_samples=1000, num_negatives=50)
+        >>> loss = crcd(torch.randn(8, 64), torch.randn(8, 256), index=torch.arange(8))
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        embed_dim: int = 128,
+        head: Literal["linear", "mlp", "identity"] = "linear",
+        head_hidden_dim: Optional[int] = None,
+        negatives: Literal["bank", "queue", "batch"] = "bank",
+        num_samples: Optional[int] = None,
+        queue_size: Optional[int] = None,
+        num_negatives: Optional[int] = None,
+        temperature: float = 0.05,
+        objective: Literal["nce", "infonce"] = "nce",
+        momentum: float = 0.5,
+        num_anchors: Optional[int] = None,
+        self_anchor: Literal["keep", "mask"] = "keep",
+        symmetric: bool = True,
+        anchored: bool = True,
+        eps: float = 1e-6,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        check_index: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_choice("negatives", negatives, NEGATIVE_MODES)
+        _check_choice("objective", objective, OBJECTIVES)
+        _check_choice("self_anchor", self_anchor, SELF_ANCHOR_MODES)
+        _check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        _check_choice("backend", backend, BACKENDS)
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("embed_dim", embed_dim)):
+            _check_positive_int(name, value)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if num_anchors is not None:
+            _check_positive_int("num_anchors", num_anchors)
+
+        self.student_dim, self.teacher_dim, self.embed_dim = student_dim, teacher_dim, embed_dim
+        self.negatives, self.objective, self.self_anchor = negatives, objective, self_anchor
+        self.temperature, self.eps, self.num_anchors = float(temperature), float(eps), num_anchors
+        self.symmetric, self.anchored = symmetric, anchored
+        self.on_nonfinite, self.check_index, self.backend = on_nonfinite, check_index, backend
+
+        self.embed_student = EmbedHead(student_dim, embed_dim, head, head_hidden_dim)
+        self.embed_teacher = EmbedHead(teacher_dim, embed_dim, head, head_hidden_dim)
+
+        # ``noise_size`` is NCE's N (Pn = 1/N). It cancels between Z and Pn, so any fixed value works
+        # where the negatives do not come from a fixed-size set.
+        if negatives == "bank":
+            if num_samples is None:
+                raise ValueError('negatives="bank" needs num_samples (the training-set size)')
+            _check_positive_int("num_samples", num_samples)
+            self.num_negatives: Optional[int] = DEFAULT_BANK_NEGATIVES if num_negatives is None else num_negatives
+            _check_positive_int("num_negatives", self.num_negatives)
+            self.memory_student = MemoryBank(num_samples, embed_dim, momentum)
+            self.memory_teacher = MemoryBank(num_samples, embed_dim, momentum)
+            self.noise_size = num_samples
+        elif negatives == "queue":
+            if queue_size is None:
+                raise ValueError('negatives="queue" needs queue_size')
+            _check_positive_int("queue_size", queue_size)
+            if num_negatives is not None:
+                _check_positive_int("num_negatives", num_negatives)
+            self.num_negatives = num_negatives
+            self.memory_student = FeatureQueue(queue_size, embed_dim)
+            self.memory_teacher = FeatureQueue(queue_size, embed_dim)
+            self.noise_size = queue_size
+        else:
+            if num_negatives is not None:
+                raise ValueError('negatives="batch" uses the other B - 1 samples; leave num_negatives=None')
+            self.num_negatives = None
+            self.noise_size = 1
+
+        self.register_buffer("log_z", torch.zeros(2))  # NCE's log Z: [student side, teacher side]
+        self.register_buffer("z_ready", torch.zeros(2, dtype=torch.bool))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        student_feat: torch.Tensor,
+        teacher_feat: torch.Tensor,
+        index: Optional[torch.Tensor] = None,
+        *,
+        return_parts: bool = False,
+    ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Computes the loss and, in training mode, updates memories and the NCE constants.
+
+        Args:
+            student_feat: ``[B, Ds]`` student features (gradients flow into them).
+            teacher_feat: ``[B, Dt]`` teacher features (detached here).
+            index: ``[B]`` dataset indices (integer); required for ``negatives="bank"``.
+            return_parts: Return a dict ``{loss, student_loss, teacher_loss}`` instead of the
+                scalar loss (``teacher_loss`` is zero when ``symmetric=False``).
+
+        Returns:
+            The scalar loss, or the dict of its parts.
+        """
+        index = self._check_inputs(student_feat, teacher_feat, index)
+        device = self.log_z.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            query_student = self.embed_student(student_feat)  # [B, d]
+            query_teacher = self.embed_teacher(teacher_feat.detach())  # [B, d]
+        finite = torch.isfinite(query_student).all(-1) & torch.isfinite(query_teacher).all(-1)  # [B]
+        self._check_values(finite, index)
+
+        batch = student_feat.shape[0]
+        anchor_pos = self._anchor_positions(batch, device)  # [A]
+        cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
+        mask = None
+        if self.anchored and self.self_anchor == "mask":
+            mask = cand_ids[:, None, :] == anchor_ids[None, :, None]  # [B, A, K+1]
+
+        # The student is scored against the teacher's side (memory or current embeddings), and back.
+        sides = [(query_student, query_teacher, getattr(self, "memory_teacher", None))]
+        if self.symmetric:
+            sides.append((query_teacher, query_student, getattr(self, "memory_student", None)))
+        losses, new_log_z = [], []
+        for side, (query, other, store) in enumerate(sides):
+            anchors, candidates = self._anchors_and_candidates(other.detach(), store, cand_ids, anchor_pos)
+            with torch.autocast(device_type=device.type, enabled=False):
+                loss, log_z = run_relation_loss_core(
+                    resolve_backend(self.backend, device),
+                    query,
+                    anchors,
+                    candidates,
+                    self.log_z[side],
+                    self.z_ready[side],
+                    mask,
+                    temperature=self.temperature,
+                    eps=self.eps,
+                    objective=self.objective,
+                    num_samples=self.noise_size,
+                )
+            losses.append(loss)
+            new_log_z.append(log_z)
+
+        if self.training:
+            self._update_state(query_student.detach(), query_teacher.detach(), index, finite, new_log_z)
+
+        student_loss = losses[0]
+        teacher_loss = losses[1] if self.symmetric else torch.zeros_like(student_loss)
+        total = student_loss + teacher_loss
+        if return_parts:
+            return {"loss": total, "student_loss": student_loss, "teacher_loss": teacher_loss}
+        return total
+
+    # ------------------------------------------------------------------ pieces
+    def _anchor_positions(self, batch: int, device: torch.device) -> torch.Tensor:
+        if self.num_anchors is None or self.num_anchors >= batch:
+            return torch.arange(batch, device=device)
+        return torch.randperm(batch, device=device)[: self.num_anchors]
+
+    def _candidate_ids(
+        self, batch: int, index: Optional[torch.Tensor], anchor_pos: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity of every candidate ``[B, K+1]`` and anchor ``[A]``: dataset indices for the
+        bank, batch positions otherwise (queue rows are ``-1``, never an anchor's own sample)."""
+        if self.negatives == "bank":
+            negatives = torch.randint(self.noise_size, (batch, self.num_negatives), device=device)
+            return torch.cat([index[:, None], negatives], dim=1), index[anchor_pos]
+        if self.negatives == "batch":
+            return in_batch_candidate_index(batch, device), anchor_pos
+        num_negatives = self.memory_teacher.size if self.num_negatives is None else self.num_negatives
+        positives = torch.arange(batch, device=device)[:, None]
+        return torch.cat([positives, positives.new_full((batch, num_negatives), -1)], dim=1), anchor_pos
+
+    def _anchors_and_candidates(
+        self,
+        other: torch.Tensor,
+        store: Optional[nn.Module],
+        cand_ids: torch.Tensor,
+        anchor_pos: torch.Tensor,
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Anchors ``[A, d]`` (None when not anchored) and candidates ``[B, K+1, d]`` of one side."""
+        if self.negatives == "bank":
+            anchors = store.gather(cand_ids[anchor_pos, 0])
+            candidates = store.gather(cand_ids)
+        elif self.negatives == "batch":
+            anchors, candidates = other[anchor_pos], other[cand_ids]
+        else:
+            anchors = other[anchor_pos]
+            queue = store.weight
+            num_negatives = cand_ids.shape[1] - 1
+            if num_negatives != queue.shape[0]:
+                queue = queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)]
+            negatives = queue[None].expand(other.shape[0], -1, -1)
+            candidates = torch.cat([other[:, None, :], negatives], dim=1)
+        return (anchors if self.anchored else None), candidates
+
+    @torch.no_grad()
+    def _update_state(
+        self,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        index: Optional[torch.Tensor],
+        finite: torch.Tensor,
+        new_log_z: list,
+    ) -> None:
+        if self.negatives == "bank":
+            self.memory_student.update(index, student_emb, finite)
+            self.memory_teacher.update(index, teacher_emb, finite)
+        elif self.negatives == "queue":
+            self.memory_student.enqueue(student_emb, finite)
+            self.memory_teacher.enqueue(teacher_emb, finite)
+        if self.objective == "nce":
+            sides = len(new_log_z)
+            self.log_z[:sides].copy_(torch.stack(new_log_z))
+            self.z_ready[:sides] |= torch.isfinite(self.log_z[:sides])
+
+    # ------------------------------------------------------------------ checks
+    def _check_inputs(
+        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, index: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """Shape, dtype and device checks that need no device sync. Returns ``index`` as int64."""
+        device = self.log_z.device
+        for name, value, dim in (("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+            if value.ndim != 2 or value.shape[1] != dim:
+                raise ValueError(f"{name} must have shape [B, {dim}], got {list(value.shape)}")
+            if value.device != device:
+                raise ValueError(f"{name} is on {value.device} but the loss is on {device}; move one with .to()")
+        batch = student_feat.shape[0]
+        if teacher_feat.shape[0] != batch:
+            raise ValueError(
+                f"student_feat and teacher_feat must have the same batch size, got {batch} and {teacher_feat.shape[0]}"
+            )
+        if batch < 2 and (self.anchored or self.negatives == "batch"):
+            raise ValueError(f"relations need at least two samples per batch, got a batch of {batch}")
+        if self.negatives == "queue" and batch > self.memory_teacher.size:
+            raise ValueError(f"a batch of {batch} does not fit a queue of queue_size={self.memory_teacher.size}")
+        if self.negatives != "bank":
+            return None
+        if index is None:
+            raise ValueError('negatives="bank" needs index (the dataset indices of the batch)')
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
+        if index.shape != (batch,):
+            raise ValueError(f"index must have shape [{batch}], got {list(index.shape)}")
+        if index.device != device:
+            raise ValueError(f"index is on {index.device} but the loss is on {device}")
+        return index.long()
+
+    def _check_values(self, finite: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+        """Value checks, batched into a single device-to-host sync (none when both are off)."""
+        flags = []
+        if self.on_nonfinite == "raise":
+            flags.append(~finite.all())
+        check_index = self.check_index and index is not None
+        if check_index:
+            flags.append(((index < 0) | (index >= self.noise_size)).any())
+        if not flags or not bool(torch.stack(flags).any()):
+            return
+        if self.on_nonfinite == "raise" and not bool(finite.all()):
+            rows = torch.nonzero(~finite).flatten().tolist()
+            raise ValueError(
+                f"non-finite values in student_feat or teacher_feat (or their embeddings) at batch rows {rows[:10]}; "
+                'pass on_nonfinite="skip" to leave such rows out of the memory instead of raising'
+            )
+        raise ValueError(
+            f"index must be in [0, num_samples={self.noise_size}), got values from "
+            f"{int(index.min())} to {int(index.max())}"
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, embed_dim={self.embed_dim}, "
+            f"negatives={self.negatives!r}, num_negatives={self.num_negatives}, objective={self.objective!r}, "
+            f"temperature={self.temperature}, anchored={self.anchored}, self_anchor={self.self_anchor!r}"
+        )
+
+
+def _check_choice(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
