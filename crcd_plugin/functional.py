@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from crcd_plugin.kernels.objectives import at_least_fp32
 from crcd_plugin.kernels.objectives import infonce_loss as _infonce_loss
 from crcd_plugin.kernels.objectives import nce_log_normalizer as _nce_log_normalizer
 from crcd_plugin.kernels.objectives import nce_loss as _nce_loss
@@ -30,7 +31,7 @@ def relation_logits(
     Exact also where a candidate equals or nearly equals an anchor (the relation then points along
     the constant ``eps`` direction), and never builds a ``[B, A, K+1, D]`` tensor; see
     :func:`crcd_plugin.kernels.gram_relation_logits` for how. Differentiable with respect to all
-    three inputs. Computed in fp32 (inputs of lower precision are upcast).
+    three inputs. Computed in fp32 at least (fp16/bf16 inputs are upcast, fp64 stays fp64).
 
     Args:
         student: ``[B, D]`` embeddings being trained.
@@ -50,7 +51,10 @@ def relation_logits(
     _check_relation_inputs(student, anchors, candidates)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return gram_relation_logits(student.float(), anchors.float(), candidates.float(), float(temperature), float(eps))
+    dtype = torch.promote_types(torch.promote_types(student.dtype, anchors.dtype), candidates.dtype)
+    return gram_relation_logits(
+        *(at_least_fp32(x.to(dtype)) for x in (student, anchors, candidates)), float(temperature), float(eps)
+    )
 
 
 def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -85,7 +89,7 @@ def nce_loss(
     """
     _check_num_samples(num_samples)
     _check_objective_inputs(logits, mask)
-    return _nce_loss(logits, torch.as_tensor(log_z, dtype=torch.float32, device=logits.device), num_samples, mask)
+    return _nce_loss(logits, torch.as_tensor(log_z, device=logits.device), num_samples, mask)
 
 
 def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -112,8 +116,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_p_student = F.log_softmax(at_least_fp32(student_logits) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(at_least_fp32(teacher_logits.detach()) / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
 
 

@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crcd_plugin.kernels.objectives import at_least_fp32
+
 HEAD_KINDS = ("linear", "mlp", "identity")
 
 
 class EmbedHead(nn.Module):
     """``normalize(head(x))`` with ``head`` a Linear, a two-layer MLP or the identity.
 
-    The output is always fp32, so that the loss core runs in fp32 under autocast.
+    The output is at least fp32, so that the loss core runs in fp32 under autocast.
 
     Args:
         in_dim: Feature size.
@@ -43,4 +45,4 @@ class EmbedHead(nn.Module):
             self.proj = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(x).float(), dim=-1)
+        return F.normalize(at_least_fp32(self.proj(x)), dim=-1)

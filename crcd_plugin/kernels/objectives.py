@@ -13,12 +13,17 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcasts fp16/bf16 to fp32 and leaves fp32/fp64 alone (fp64 keeps ``gradcheck`` possible)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
     """``log Z`` with ``Z = mean(exp(logits)) * N``, the constant NCE fixes on its first batch.
 
     Computed in log space, so no ``exp(1 / tau)`` overflow; returned detached (Z is a constant).
     """
-    flat = logits.detach().float().reshape(-1)
+    flat = at_least_fp32(logits.detach()).reshape(-1)
     return torch.logsumexp(flat, 0) - math.log(flat.numel()) + math.log(num_samples)
 
 
@@ -44,7 +49,7 @@ def nce_loss(
         logits ``[..., K+1]``; log_z scalar; mask like logits -> scalar (sum over entries of a row,
         mean over kept rows).
     """
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     num_negatives = logits.shape[-1] - 1
     shifted = logits - (log_z + math.log(num_negatives) - math.log(num_samples))
     positive = F.softplus(-shifted[..., 0])
@@ -60,7 +65,7 @@ def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> t
     Shape:
         logits ``[..., K+1]``; mask like logits -> scalar.
     """
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     if mask is not None:
         # The positive stays in the normaliser so that a dropped row never holds an all -inf row.
         negatives_masked = torch.cat([torch.zeros_like(mask[..., :1]), mask[..., 1:]], dim=-1)
