@@ -24,7 +24,10 @@ def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
     Computed in log space, so no ``exp(1 / tau)`` overflow; returned detached (Z is a constant).
     """
     flat = at_least_fp32(logits.detach()).reshape(-1)
-    return torch.logsumexp(flat, 0) - math.log(flat.numel()) + math.log(num_samples)
+    # log(mean(exp(x))) through mean() rather than logsumexp - log(numel), so that torch.compile
+    # does not specialise on the number of scores.
+    peak = flat.max()
+    return peak + torch.log(torch.exp(flat - peak).mean()) + math.log(num_samples)
 
 
 def _masked_row_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -50,8 +53,9 @@ def nce_loss(
         mean over kept rows).
     """
     logits = at_least_fp32(logits)
-    num_negatives = logits.shape[-1] - 1
-    shifted = logits - (log_z + math.log(num_negatives) - math.log(num_samples))
+    # log K as a tensor op: K = B - 1 for in-batch negatives, and compile must not specialise on B.
+    log_num_negatives = torch.log(logits.new_full((), logits.shape[-1] - 1))
+    shifted = logits - (log_z + log_num_negatives - math.log(num_samples))
     positive = F.softplus(-shifted[..., 0])
     negative = F.softplus(shifted[..., 1:])
     if mask is not None:

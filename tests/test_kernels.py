@@ -1,0 +1,130 @@
+"""Fast paths equal the naive formulation and never build the [B, A, K+1, D] tensor."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive import naive_nce, naive_relations, naive_z
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits, relation_loss_core, run_relation_loss_core
+
+B, A, K, D = 8, 8, 63, 256
+FOUR_D = B * A * (K + 1) * D
+# The candidates themselves are [B, K+1, D] = FOUR_D / A; nothing may be larger than twice that.
+LIMIT = 2 * B * (K + 1) * D
+
+
+def _bank_like_inputs(batch=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    anchors = F.normalize(torch.randn(A, D, generator=g), dim=-1)
+    candidates = F.normalize(torch.randn(batch, K + 1, D, generator=g), dim=-1)
+    candidates[: min(batch, A), 0] = anchors[: min(batch, A)]  # positive = own anchor, as in the bank
+    candidates[:, 7] = anchors[torch.arange(batch) % A] + 1e-3 * F.normalize(torch.randn(batch, D, generator=g), dim=-1)
+    student = F.normalize(torch.randn(batch, D, generator=g), dim=-1).requires_grad_()
+    return student, anchors, candidates
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op returns (forward and backward run inside the mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def _largest_tensor(kernel):
+    student, anchors, candidates = _bank_like_inputs()
+    with _LargestTensor() as mode:
+        kernel(student, anchors, candidates, 0.05).logsumexp(-1).sum().backward()
+    return mode.largest
+
+
+def test_gram_kernel_never_materialises_the_four_d_tensor():
+    assert _largest_tensor(gram_relation_logits) <= LIMIT
+
+
+def test_largest_tensor_probe_catches_the_naive_kernel():
+    assert _largest_tensor(naive_relation_logits) >= FOUR_D
+
+
+def _graph_largest_numel(fn, *args):
+    """Largest tensor in the forward and backward graphs that torch.compile would hand to inductor."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    sizes = []
+
+    def record(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                sizes.append(value.numel())
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    compiled(*args)[0].backward()
+    return max(sizes)
+
+
+def test_compiled_graph_never_holds_the_four_d_tensor():
+    student, anchors, candidates = _bank_like_inputs()
+    largest = _graph_largest_numel(
+        lambda s, a, c: relation_loss_core(
+            s, a, c, torch.zeros(()), torch.tensor(False), None, 0.05, 1e-6, "nce", 1000
+        ),
+        student,
+        anchors,
+        candidates,
+    )
+    assert largest <= LIMIT
+
+
+def _expected_nce(student, anchors, candidates):
+    logits = naive_relations(student.double(), anchors.double(), candidates.double(), 0.05)
+    return naive_nce(logits, naive_z(logits.detach(), 1000), 1000)
+
+
+def test_compiled_core_matches_naive_values_and_gradients_across_batch_sizes():
+    torch._dynamo.reset()
+    for batch in (B, B - 3):  # the second size must reuse the dynamic-shape graph
+        student, anchors, candidates = _bank_like_inputs(batch, seed=batch)
+        reference = student.detach().double().requires_grad_()
+        loss, log_z = run_relation_loss_core(
+            "compile", student, anchors, candidates, torch.zeros(()), torch.tensor(False), None,
+            temperature=0.05, eps=1e-6, objective="nce", num_samples=1000,
+        )
+        loss.backward()
+        expected = _expected_nce(reference, anchors, candidates)
+        expected.backward()
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4)
+        scale = reference.grad.abs().max()
+        torch.testing.assert_close(student.grad.double() / scale, reference.grad / scale, atol=1e-4, rtol=0)
+    from crcd_plugin.kernels import fused
+
+    assert "failed" not in fused._compiled, "compile fell back to eager"
+
+
+@pytest.mark.parametrize("objective", ["nce", "infonce"])
+def test_eager_and_naive_backends_agree(objective):
+    student, anchors, candidates = _bank_like_inputs()
+    mask = torch.zeros(B, A, K + 1, dtype=torch.bool)
+    mask[:, :, 7] = True
+    results = []
+    for backend in ("eager", "naive"):
+        s = student.detach().clone().requires_grad_()
+        loss, _ = run_relation_loss_core(
+            backend, s, anchors, candidates, torch.zeros(()), torch.tensor(False), mask,
+            temperature=0.05, eps=1e-6, objective=objective, num_samples=1000,
+        )
+        loss.backward()
+        results.append((loss, s.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
