@@ -5,7 +5,10 @@ backward and an SGD step. Reports the median step time after warm-up, the peak m
 as a ratio to the KD step. Runs unchanged on CUDA (``--device cuda``) and CPU.
 
     python benchmarks/train_step.py --device cuda --json train_step.json
-    python benchmarks/train_step.py --device cpu --steps 3 --warmup 1
+    python benchmarks/train_step.py --device cpu --threads 1 --steps 3 --warmup 1 --rounds 2
+
+On a shared CPU, ``--threads 1`` keeps OpenMP threads from fighting the neighbours, and
+``--rounds`` interleaves the configurations so that load hits every row alike.
 
 On CUDA, memory is ``torch.cuda.max_memory_allocated`` over the measured steps (absolute peak,
 models included). On CPU, each configuration runs in a fresh subprocess and memory is the
