@@ -1,0 +1,422 @@
+"""CRCDDistiller: the one object a plain training loop needs, plus the distillation-weight schedule.
+
+The distiller runs student and frozen teacher, captures the input of each classifier head
+(the penultimate feature), and returns CE + KD + CRCD (feature element, optionally gradient
+element) as a dict of named loss components.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import kd_loss
+from .gradients import student_gradient_element, teacher_gradient_element
+from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
+from .loss import CRCDLoss
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DistillSchedule", "CRCDDistiller"]
+
+ScheduleKind = Literal["step", "linear", "constant"]
+_SCHEDULE_KINDS: Tuple[str, ...] = ("step", "linear", "constant")
+
+
+class DistillSchedule(nn.Module):
+    """Distillation weight ``w(t)`` that multiplies the KD and CRCD terms (never the task CE).
+
+    - ``"step"`` (reference): ``w = 1`` while ``t < until * total_steps``, then ``0``; the last
+      4% of training fine-tunes on CE alone.
+    - ``"linear"``: ``w = 1`` until ``start * total_steps``, then linear down to ``0`` at
+      ``until * total_steps``.
+    - ``"constant"``: ``w = 1``.
+
+    ``t`` counts whatever unit ``total_steps`` counts (epochs or optimizer steps). The current
+    ``t`` lives in the ``progress`` buffer, so it is saved in and resumed from a ``state_dict``.
+
+    Args:
+        total_steps: Length of training, in the unit of ``t``.
+        kind: ``"step"``, ``"linear"`` or ``"constant"``.
+        until: Fraction of training at which ``w`` reaches 0.
+        start: For ``"linear"``, fraction of training at which the decay starts.
+
+    Example:
+        >>> schedule = DistillSchedule(total_steps=250, kind="step", until=0.96)
+        >>> float(schedule(239)), float(schedule(240))
+        (1.0, 0.0)
+        >>> schedule.set_progress(100); float(schedule())
+        1.0
+    """
+
+    progress: torch.Tensor
+
+    def __init__(
+        self, total_steps: int, kind: ScheduleKind = "step", until: float = 0.96, start: float = 0.0
+    ) -> None:
+        super().__init__()
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        if kind not in _SCHEDULE_KINDS:
+            raise ValueError(f"kind must be one of {_SCHEDULE_KINDS}, got {kind!r}")
+        if not 0.0 <= start < until <= 1.0:
+            raise ValueError(f"expected 0 <= start < until <= 1, got start={start!r}, until={until!r}")
+        self.total_steps = total_steps
+        self.kind = kind
+        self.until = float(until)
+        self.start = float(start)
+        self.register_buffer("progress", torch.zeros((), dtype=torch.long))
+
+    def set_progress(self, step: int) -> None:
+        """Set the current ``t`` (e.g. the epoch or global step about to run)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.progress.fill_(step)
+
+    def forward(self, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
+        """Weight at ``step`` (default: the stored progress), as a 0-dim float tensor (no host sync).
+
+        Args:
+            step: Optional ``t`` to evaluate instead of the stored progress.
+
+        Returns:
+            ``w(t)`` in ``[0, 1]``, on the buffer's device.
+        """
+        t = self.progress if step is None else torch.as_tensor(step, device=self.progress.device)
+        fraction = t.float() / self.total_steps
+        if self.kind == "constant":
+            return torch.ones_like(fraction)
+        if self.kind == "step":
+            return (fraction < self.until).float()
+        return ((self.until - fraction) / (self.until - self.start)).clamp(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"total_steps={self.total_steps}, kind={self.kind!r}, until={self.until}, start={self.start}"
+
+
+def _check_weight(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return float(value)
+
+
+class CRCDDistiller(nn.Module):
+    """Student + frozen teacher + CRCD losses, for a plain training loop.
+
+    The distilled feature is the *input* of each classifier head (``student_head`` /
+    ``teacher_head``, dotted module paths), captured by hooks without editing the models. The
+    total loss is::
+
+        loss = gamma * CE + w(t) * (alpha * KD + beta * CRCD_feature + gradient_weight * CRCD_gradient)
+
+    Negatives: with ``num_samples`` (dataset size) the CRCD losses use a per-sample memory bank
+    (the reference; ``forward`` then needs the dataset ``index`` of each sample); without it they
+    use a FIFO queue of ``queue_size`` past embeddings and need no index. ``crcd_options`` overrides
+    either choice and is forwarded to every :class:`~crcd_plugin.loss.CRCDLoss`; the gradient
+    element gets its own ``CRCDLoss`` (own heads and memory).
+
+    The teacher is frozen (``requires_grad=False``), run under ``torch.no_grad()``, and kept in
+    eval mode whatever ``train()`` is called with. Export the student with
+    :meth:`student_state_dict`; ``distiller.state_dict()`` is for resuming (it holds the CRCD
+    heads, memories and schedule progress, besides both models).
+
+    Dimensions come from ``nn.Linear`` heads (``in_features``), else from a dry run on
+    ``example_input``, else from the first ``forward``; in the last case create the optimizer
+    *after* that first call, since the CRCD heads have parameters too.
+
+    Args:
+        student: Student model, ``student(x)`` returns logits (or see ``output_select``).
+        teacher: Trained teacher model.
+        student_head: Dotted path of the student's classifier head module.
+        teacher_head: Dotted path of the teacher's classifier head module.
+        gamma: Weight of the task cross-entropy.
+        alpha: Weight of Hinton KD (0 disables it). Reference: 0.9.
+        beta: Weight of the CRCD feature element (0 disables it). Reference: 1.0.
+        kd_temperature: KD temperature ``T``; the KL is scaled by ``T^2``.
+        gradient_element: Also distil relations between the CE gradients w.r.t. the features.
+        gradient_weight: Weight of the CRCD gradient element.
+        label_smoothing: Label smoothing of the task CE (and of the CE whose gradient is taken).
+        num_samples: Dataset size; selects the memory-bank negatives (needs ``index``).
+        queue_size: Queue length when ``num_samples`` is not given.
+        crcd_options: Extra keyword arguments for ``CRCDLoss`` (``embed_dim``, ``temperature``,
+            ``negatives``, ``objective``, ...), overriding the defaults above.
+        schedule: Distillation weight ``w(t)``; ``None`` means ``w = 1`` throughout.
+        feature_pool: How to reduce a captured head input that is not ``[B, D]`` (see
+            :func:`~crcd_plugin.hooks.pool_feature`); ``None`` flattens it.
+        output_select: How to get logits from the models' outputs when they are not tensors
+            (int index, str key/attribute, or callable); ``None`` accepts a tensor or ``.logits``.
+        example_input: Optional batch for a dry run (eval mode, no grad) that fixes dimensions.
+
+    Example:
+        >>> student = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> teacher = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+        >>> distiller = CRCDDistiller(student, teacher, student_head="2", teacher_head="2",
+        ...                           crcd_options={"queue_size": 64})
+        >>> out = distiller(torch.randn(8, 10), torch.randint(0, 3, (8,)))
+        >>> sorted(out)
+        ['crcd_feature_loss', 'crcd_gradient_loss', 'kd_loss', 'logits', 'loss', 'task_loss']
+        >>> out["loss"].backward()
+    """
+
+    crcd_feature: Optional[CRCDLoss]
+    crcd_gradient: Optional[CRCDLoss]
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        student_head: str = "fc",
+        teacher_head: str = "fc",
+        *,
+        gamma: float = 1.0,
+        alpha: float = 0.9,
+        beta: float = 1.0,
+        kd_temperature: float = 4.0,
+        gradient_element: bool = False,
+        gradient_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        num_samples: Optional[int] = None,
+        queue_size: int = 4096,
+        crcd_options: Optional[Mapping[str, Any]] = None,
+        schedule: Optional[DistillSchedule] = None,
+        feature_pool: Optional[PoolMode] = None,
+        output_select: Optional[Selector] = None,
+        example_input: Optional[torch.Tensor] = None,
+    ) -> None:
+        super().__init__()
+        for name, model in (("student", student), ("teacher", teacher)):
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+        if unwrap_model(student) is unwrap_model(teacher):
+            raise ValueError("student and teacher must be different modules")
+        self.gamma = _check_weight("gamma", gamma)
+        self.alpha = _check_weight("alpha", alpha)
+        self.beta = _check_weight("beta", beta)
+        self.gradient_weight = _check_weight("gradient_weight", gradient_weight)
+        if not isinstance(kd_temperature, (int, float)) or not kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be > 0, got {kd_temperature!r}")
+        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0):
+            raise ValueError(f"num_samples must be None or a positive int (the dataset size), got {num_samples!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size <= 0:
+            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+        if crcd_options is not None and not isinstance(crcd_options, Mapping):
+            raise TypeError(f"crcd_options must be a dict of CRCDLoss keyword arguments, got {type(crcd_options).__name__}")
+        if schedule is not None and not isinstance(schedule, DistillSchedule):
+            raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
+        if feature_pool is not None:
+            pool_feature(torch.zeros(1, 1), feature_pool)  # validates the name
+
+        self.student = student
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        # Resolve now so a wrong path fails at construction, not at the first step.
+        student_head_module = resolve_module(student, student_head)
+        teacher_head_module = resolve_module(teacher, teacher_head)
+        self.student_head = student_head
+        self.teacher_head = teacher_head
+        self.kd_temperature = float(kd_temperature)
+        self.gradient_element = bool(gradient_element)
+        self.label_smoothing = float(label_smoothing)
+        self.feature_pool = feature_pool
+        self.output_select = output_select
+        self.schedule = schedule
+        self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options)
+        self.crcd_feature = None
+        self.crcd_gradient = None
+
+        if example_input is not None:
+            self.build(example_input)
+        elif (
+            type(student_head_module) is nn.Linear
+            and type(teacher_head_module) is nn.Linear
+            and feature_pool != "flatten"
+        ):
+            self._build_losses(student_head_module.in_features, teacher_head_module.in_features)
+
+    @staticmethod
+    def _crcd_kwargs(num_samples: Optional[int], queue_size: int, crcd_options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        options = dict(crcd_options or {})
+        negatives = options.setdefault("negatives", "bank" if num_samples is not None else "queue")
+        if negatives == "bank":
+            options.setdefault("num_samples", num_samples)
+            if options["num_samples"] is None:
+                raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
+        elif negatives == "queue":
+            options.setdefault("queue_size", queue_size)
+        return options
+
+    @property
+    def built(self) -> bool:
+        """Whether the CRCD losses (and so all trainable parameters) exist yet."""
+        return self.crcd_feature is not None or self.crcd_gradient is not None or not (self.beta or self.gradient_element)
+
+    def _build_losses(self, student_dim: int, teacher_dim: int, device: Optional[torch.device] = None) -> None:
+        # Parameters created inside inference_mode would be unusable for training later.
+        with torch.inference_mode(False):
+            if self.beta > 0:
+                self.crcd_feature = CRCDLoss(student_dim, teacher_dim, **self.crcd_kwargs).to(device)
+            if self.gradient_element:
+                self.crcd_gradient = CRCDLoss(student_dim, teacher_dim, **self.crcd_kwargs).to(device)
+        for loss in (self.crcd_feature, self.crcd_gradient):
+            if loss is not None:
+                loss.train(self.training)
+        _logger.debug("built CRCD losses for student_dim=%d, teacher_dim=%d", student_dim, teacher_dim)
+
+    def build(self, example_input: torch.Tensor) -> "CRCDDistiller":
+        """Fix dimensions with a dry run (eval mode, no grad, models' state untouched).
+
+        Args:
+            example_input: A batch the models accept (any batch size).
+
+        Returns:
+            ``self``.
+        """
+        was_training = unwrap_model(self.student).training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                f_s, _, _ = self._run(self.student, self.student_head, example_input, "student")
+                f_t, _, _ = self._run(self.teacher, self.teacher_head, example_input, "teacher")
+        finally:
+            self.student.train(was_training)
+        self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+        return self
+
+    def train(self, mode: bool = True) -> "CRCDDistiller":
+        """Set train/eval mode on everything except the teacher, which stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def student_state_dict(self) -> Dict[str, Any]:
+        """The student's own ``state_dict`` (no wrapper prefixes, no teacher, no CRCD state): what to export."""
+        return unwrap_model(self.student).state_dict()
+
+    def crcd_state_dict(self) -> Dict[str, Any]:
+        """State of the CRCD heads, memories and schedule (everything but the two models)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+    def _logits(self, output: Any) -> torch.Tensor:
+        if self.output_select is not None:
+            return select_tensor(output, self.output_select)
+        if isinstance(output, torch.Tensor):
+            return output
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"model output is a {type(output).__name__} without a .logits tensor; "
+                "pass output_select= (int index, str key/attribute or callable)"
+            )
+        return logits
+
+    def _run(self, model: nn.Module, head: str, x: torch.Tensor, role: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward ``model`` once; return (head input, head output, model logits)."""
+        with FeatureCapture(model) as capture:
+            capture.add(head, io="input", name="feature").add(head, io="output", name="head_logits")
+            output = model(x)
+            captured = capture.pop()
+        if len(captured) != 2:
+            raise ValueError(f"the {role} head {head!r} did not run during the {role}'s forward")
+        return captured["feature"], captured["head_logits"], self._logits(output)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, *] -> [B, D]`` for the CRCD loss."""
+        if self.feature_pool is not None:
+            x = pool_feature(x, self.feature_pool)
+        return x.flatten(1) if x.dim() > 2 else x
+
+    def set_progress(self, step: int) -> None:
+        """Advance the distillation schedule to ``step`` (no-op without a schedule)."""
+        if self.schedule is not None:
+            self.schedule.set_progress(step)
+
+    def _check_batch(self, x: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}")
+        if index is not None and not isinstance(index, torch.Tensor):
+            raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
+        batch = x.shape[0] if isinstance(x, torch.Tensor) else None
+        if batch is not None and target.shape[0] != batch:
+            raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
+        if index is None and self.crcd_kwargs.get("negatives") == "bank" and (self.beta or self.gradient_element):
+            raise ValueError(
+                "index (dataset indices of the batch, LongTensor [B]) is required with memory-bank negatives "
+                "(num_samples was given); drop num_samples to use a queue instead"
+            )
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """One distillation step's losses.
+
+        Args:
+            input: Model input batch ``[B, ...]``.
+            target: Class indices ``[B]`` (or probabilities ``[B, C]``).
+            index: Dataset indices ``[B]`` of the samples; required for memory-bank negatives.
+
+        Returns:
+            ``loss`` (what to backpropagate), ``task_loss``, ``kd_loss``, ``crcd_feature_loss``,
+            ``crcd_gradient_loss`` (all scalars; unused terms are zeros on the logits' device) and
+            ``logits`` (student logits ``[B, C]``). Under ``torch.no_grad()`` the gradient element
+            is skipped and ``crcd_gradient_loss`` is zero.
+        """
+        self._check_batch(input, target, index)
+        if self.teacher.training:
+            self.teacher.eval()
+        f_s, head_logits_s, logits_s = self._run(self.student, self.student_head, input, "student")
+        with torch.no_grad():
+            f_t, head_logits_t, logits_t = self._run(self.teacher, self.teacher_head, input, "teacher")
+        if not self.built:
+            _logger.warning(
+                "CRCD heads were built on the first forward; create the optimizer after this call, "
+                "or pass example_input= to CRCDDistiller"
+            )
+            self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+
+        zero = logits_s.new_zeros((), dtype=torch.float32)
+        task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
+        kd = kd_loss(logits_s, logits_t, self.kd_temperature) if self.alpha > 0 else zero
+        feature_loss = zero
+        if self.crcd_feature is not None:
+            feature_loss = self.crcd_feature(self._reduce(f_s), self._reduce(f_t), index)
+        gradient_loss = zero
+        if self.crcd_gradient is not None:
+            if head_logits_s.dim() != 2:
+                raise ValueError(f"the gradient element needs head logits shaped [B, C], got {tuple(head_logits_s.shape)}")
+            g_s = student_gradient_element(
+                resolve_module(self.student, self.student_head), f_s, target,
+                logits=head_logits_s, label_smoothing=self.label_smoothing,
+            )
+            if g_s is not None:
+                g_t = teacher_gradient_element(
+                    resolve_module(self.teacher, self.teacher_head), f_t, target,
+                    logits=head_logits_t, label_smoothing=self.label_smoothing,
+                )
+                gradient_loss = self.crcd_gradient(self._reduce(g_s), self._reduce(g_t), index)
+
+        weight = self.schedule() if self.schedule is not None else 1.0
+        distill = self.alpha * kd + self.beta * feature_loss + self.gradient_weight * gradient_loss
+        loss = self.gamma * task_loss + weight * distill
+        return {
+            "loss": loss,
+            "task_loss": task_loss,
+            "kd_loss": kd,
+            "crcd_feature_loss": feature_loss,
+            "crcd_gradient_loss": gradient_loss,
+            "logits": logits_s,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"student_head={self.student_head!r}, teacher_head={self.teacher_head!r}, gamma={self.gamma}, "
+            f"alpha={self.alpha}, beta={self.beta}, gradient_element={self.gradient_element}, "
+            f"gradient_weight={self.gradient_weight}, kd_temperature={self.kd_temperature}"
+        )

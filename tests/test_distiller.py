@@ -1,0 +1,284 @@
+"""Specification of CRCDDistiller and DistillSchedule (crcd_plugin.distiller)."""
+
+import copy
+import os
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+from crcd_plugin.functional import kd_loss
+
+IN_DIM, NUM_CLASSES, BATCH = 8, 3, 8
+SMALL_QUEUE = {"queue_size": 32, "embed_dim": 16}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models: two intra-op threads only add contention (10-30x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    """An MLP with BatchNorm, so that train/eval mode and running buffers matter."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(IN_DIM, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.fc = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+class MLPHeadNet(nn.Module):
+    """A model whose classifier head is not an nn.Linear, so dimensions cannot be read off it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(IN_DIM, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(width, 8), nn.Tanh(), nn.Linear(8, NUM_CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def make_distiller(**options) -> CRCDDistiller:
+    torch.manual_seed(0)
+    options.setdefault("crcd_options", SMALL_QUEUE)
+    return CRCDDistiller(TinyNet(6), TinyNet(12), **options)
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, IN_DIM, generator=g), torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)
+
+
+def test_forward_returns_named_scalar_losses_and_student_logits():
+    distiller = make_distiller(gradient_element=True)
+    x, y = batch()
+    out = distiller(x, y)
+    assert set(out) == {"loss", "task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss", "logits"}
+    assert out["logits"].shape == (BATCH, NUM_CLASSES)
+    for key in ("loss", "task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss"):
+        assert out[key].shape == () and torch.isfinite(out[key]), key
+        assert out[key] > 0, key
+
+
+def test_disabled_components_are_zero_tensors_not_none():
+    distiller = make_distiller(alpha=0.0, beta=0.0, gradient_element=False)
+    out = distiller(*batch())
+    for key in ("kd_loss", "crcd_feature_loss", "crcd_gradient_loss"):
+        assert isinstance(out[key], torch.Tensor) and out[key] == 0 and out[key].device == out["logits"].device
+    assert torch.equal(out["loss"], out["task_loss"])
+    assert distiller.crcd_feature is None and distiller.crcd_gradient is None
+
+
+def test_total_loss_is_the_weighted_sum_of_components():
+    distiller = make_distiller(gamma=0.5, alpha=0.9, beta=2.0, gradient_element=True, gradient_weight=3.0,
+                               label_smoothing=0.1)
+    x, y = batch()
+    out = distiller(x, y)
+    expected = (0.5 * out["task_loss"] + 0.9 * out["kd_loss"] + 2.0 * out["crcd_feature_loss"]
+                + 3.0 * out["crcd_gradient_loss"])
+    assert torch.allclose(out["loss"], expected)
+    assert torch.allclose(out["task_loss"], F.cross_entropy(out["logits"], y, label_smoothing=0.1))
+    with torch.no_grad():
+        teacher_logits = distiller.teacher(x)
+    assert torch.allclose(out["kd_loss"], kd_loss(out["logits"], teacher_logits, 4.0))
+
+
+def test_teacher_parameters_and_batchnorm_buffers_are_bitwise_unchanged_after_training_steps():
+    distiller = make_distiller(gradient_element=True)
+    before = copy.deepcopy(distiller.teacher.state_dict())
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    distiller.train()
+    for step in range(5):
+        optimizer.zero_grad()
+        distiller(*batch(step))["loss"].backward()
+        optimizer.step()
+    after = distiller.teacher.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert after["body.1.num_batches_tracked"] == before["body.1.num_batches_tracked"]
+
+
+def test_gradients_reach_the_student_and_embedding_heads_and_never_the_teacher():
+    distiller = make_distiller(gradient_element=True)
+    distiller(*batch())["loss"].backward()
+    for name, p in distiller.student.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for loss_name in ("crcd_feature", "crcd_gradient"):
+        heads = getattr(distiller, loss_name)
+        for name, p in heads.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{loss_name}.{name}"
+    assert all(not p.requires_grad and p.grad is None for p in distiller.teacher.parameters())
+
+
+def test_gradient_element_alone_trains_the_student_head_through_the_closed_form():
+    distiller = make_distiller(gradient_element=True)
+    distiller(*batch())["crcd_gradient_loss"].backward()
+    assert distiller.student.fc.weight.grad.abs().sum() > 0
+    assert distiller.student.body[0].weight.grad.abs().sum() > 0
+
+
+def test_train_never_puts_the_teacher_in_train_mode():
+    distiller = make_distiller()
+    distiller.train()
+    assert distiller.student.training and distiller.crcd_feature.training
+    assert not any(m.training for m in distiller.teacher.modules())
+    distiller.teacher.train()  # a user mistake: corrected on the next forward
+    distiller(*batch())
+    assert not distiller.teacher.training
+
+
+def test_step_under_no_grad_runs_and_skips_the_gradient_element():
+    distiller = make_distiller(gradient_element=True)
+    x, y = batch()
+    with torch.no_grad():
+        out = distiller(x, y)
+    assert out["crcd_gradient_loss"] == 0 and torch.isfinite(out["loss"])
+    distiller.eval()
+    with torch.inference_mode():
+        out = distiller(x, y)
+    assert out["crcd_gradient_loss"] == 0 and torch.isfinite(out["loss"])
+
+
+def test_memory_bank_negatives_need_the_dataset_index():
+    distiller = make_distiller(num_samples=100, crcd_options={"embed_dim": 16, "num_negatives": 20})
+    assert distiller.crcd_feature.negatives == "bank"
+    x, y = batch()
+    with pytest.raises(ValueError, match="index"):
+        distiller(x, y)
+    out = distiller(x, y, index=torch.arange(BATCH))
+    assert out["crcd_feature_loss"] > 0
+
+
+def test_without_num_samples_the_losses_use_a_queue_and_no_index():
+    distiller = make_distiller(gradient_element=True, crcd_options=None, queue_size=64)
+    assert distiller.crcd_feature.negatives == "queue" and distiller.crcd_gradient.negatives == "queue"
+    assert distiller.crcd_feature is not distiller.crcd_gradient
+    assert distiller.crcd_feature.memory_teacher.size == 64
+
+
+def test_step_schedule_turns_distillation_off_at_96_percent():
+    schedule = DistillSchedule(total_steps=250, kind="step", until=0.96)
+    assert schedule(0) == 1 and schedule(239) == 1 and schedule(240) == 0 and schedule(249) == 0
+    distiller = make_distiller(schedule=DistillSchedule(100), gradient_element=True)
+    x, y = batch()
+    distiller.set_progress(95)
+    assert distiller(x, y)["loss"] > distiller(x, y)["task_loss"]
+    distiller.set_progress(96)
+    out = distiller(x, y)
+    assert out["kd_loss"] > 0 and torch.equal(out["loss"], out["task_loss"])
+
+
+def test_linear_and_constant_schedules():
+    linear = DistillSchedule(total_steps=100, kind="linear", start=0.5, until=0.9)
+    assert [round(float(linear(t)), 4) for t in (0, 50, 70, 90, 99)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert DistillSchedule(10, kind="constant")(10) == 1
+
+
+def test_schedule_progress_resumes_from_a_checkpoint():
+    distiller = make_distiller(schedule=DistillSchedule(100))
+    distiller.set_progress(97)
+    resumed = make_distiller(schedule=DistillSchedule(100))
+    resumed.load_state_dict(distiller.state_dict())
+    assert resumed.schedule.progress == 97 and resumed.schedule() == 0
+
+
+def test_student_state_dict_is_only_the_student_and_crcd_state_is_separate():
+    distiller = make_distiller(gradient_element=True)
+    assert distiller.student_state_dict().keys() == TinyNet(6).state_dict().keys()
+    crcd_keys = distiller.crcd_state_dict().keys()
+    assert crcd_keys and all(k.startswith(("crcd_feature.", "crcd_gradient.")) for k in crcd_keys)
+    assert any("memory" in k for k in crcd_keys)
+
+
+def test_linear_heads_build_the_losses_at_construction():
+    distiller = make_distiller()
+    assert distiller.built
+    assert distiller.crcd_feature.student_dim == 6 and distiller.crcd_feature.teacher_dim == 12
+
+
+def test_non_linear_heads_build_from_a_dry_run_without_touching_student_statistics():
+    torch.manual_seed(0)
+    student = MLPHeadNet(6)
+    stats = copy.deepcopy(student.state_dict())
+    distiller = CRCDDistiller(student, MLPHeadNet(12), "head", "head", gradient_element=True,
+                              crcd_options=SMALL_QUEUE, example_input=batch()[0])
+    assert distiller.built and distiller.crcd_gradient.student_dim == 6
+    assert student.training
+    assert all(torch.equal(stats[k], v) for k, v in student.state_dict().items())
+    distiller(*batch())["loss"].backward()
+    assert student.head[0].weight.grad.abs().sum() > 0
+
+
+def test_non_linear_heads_without_example_input_build_on_the_first_forward(caplog):
+    torch.manual_seed(0)
+    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", crcd_options=SMALL_QUEUE)
+    assert not distiller.built
+    with caplog.at_level("WARNING"):
+        out = distiller(*batch())
+    assert distiller.built and out["crcd_feature_loss"] > 0
+    assert "optimizer" in caplog.text
+
+
+def test_student_wrapped_in_data_parallel_resolves_the_head():
+    torch.manual_seed(0)
+    student = nn.DataParallel(TinyNet(6))
+    distiller = CRCDDistiller(student, TinyNet(12), crcd_options=SMALL_QUEUE)
+    assert distiller(*batch())["crcd_feature_loss"] > 0
+    assert distiller.student_state_dict().keys() == TinyNet(6).state_dict().keys()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="fcc"):
+        CRCDDistiller(TinyNet(6), TinyNet(12), student_head="fcc")
+    with pytest.raises(ValueError, match="alpha"):
+        make_distiller(alpha=-1.0)
+    with pytest.raises(TypeError, match="schedule"):
+        make_distiller(schedule=lambda step: 1.0)
+    with pytest.raises(TypeError, match="student"):
+        CRCDDistiller("resnet18", TinyNet(12))
+    with pytest.raises(ValueError, match="different"):
+        net = TinyNet(6)
+        CRCDDistiller(net, net)
+    with pytest.raises(ValueError, match="batch size"):
+        make_distiller()(torch.randn(BATCH, IN_DIM), torch.zeros(BATCH + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="total_steps"):
+        DistillSchedule(0)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_rss_does_not_grow_over_2000_training_steps():
+    torch.manual_seed(0)
+    distiller = make_distiller(gradient_element=True, crcd_options={"negatives": "batch", "embed_dim": 16})
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.01)
+    x, y = batch()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        distiller(x, y)["loss"].backward()
+        optimizer.step()
+
+    for _ in range(100):
+        step()
+    start = _rss_mb()
+    for _ in range(2000):
+        step()
+    growth = _rss_mb() - start
+    assert growth < 8.0, f"RSS grew by {growth:.1f} MB over 2000 steps"
