@@ -57,7 +57,8 @@ class Recipe:
     weight_decay: float = 5e-4
     gamma: float = 1.0  # cross-entropy weight
     alpha: float = 0.9  # KD weight
-    beta: float = 1.0  # CRCD weight
+    beta: float = 1.0  # CRCD feature-element weight
+    gradient_weight: float = 1.0  # CRCD gradient-element weight
     kd_temperature: float = 4.0
     crcd_temperature: float = 0.05
     num_negatives: int = 500
@@ -215,6 +216,7 @@ def build_distiller(
         beta=recipe.beta,
         kd_temperature=recipe.kd_temperature,
         gradient_element=recipe.gradient_element,
+        gradient_weight=recipe.gradient_weight,
         num_samples=num_samples,
         crcd_options=dict(
             embed_dim=recipe.embed_dim,
@@ -234,6 +236,7 @@ def trainable_parameters(objective: nn.Module) -> List[nn.Parameter]:
 
 
 def make_optimizer(objective: nn.Module, recipe: Recipe) -> torch.optim.SGD:
+    """SGD with the recipe's learning rate, momentum and weight decay over the trainable parameters."""
     return torch.optim.SGD(
         trainable_parameters(objective),
         lr=recipe.lr,
@@ -322,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--gamma", type=float, default=defaults.gamma, help="cross-entropy weight")
     parser.add_argument("--alpha", type=float, default=defaults.alpha, help="KD weight")
-    parser.add_argument("--beta", type=float, default=defaults.beta, help="CRCD weight")
+    parser.add_argument("--beta", type=float, default=defaults.beta, help="CRCD feature-element weight")
+    parser.add_argument("--gradient-weight", type=float, default=defaults.gradient_weight,
+                        help="CRCD gradient-element weight")
     parser.add_argument("--kd-temperature", type=float, default=defaults.kd_temperature)
     parser.add_argument("--crcd-temperature", type=float, default=defaults.crcd_temperature)
     parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives)
@@ -345,6 +350,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         gamma=args.gamma,
         alpha=args.alpha,
         beta=args.beta,
+        gradient_weight=args.gradient_weight,
         kd_temperature=args.kd_temperature,
         crcd_temperature=args.crcd_temperature,
         num_negatives=args.num_negatives,
