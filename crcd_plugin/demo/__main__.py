@@ -1,0 +1,154 @@
+"""Command line of the demo: ``crcd-demo`` / ``python -m crcd_plugin.demo``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger("crcd_plugin.demo")
+
+
+def default_cache_dir() -> Path:
+    """``$CRCD_CACHE`` or ``~/.cache/crcd-plugin``: generated datasets and trained teachers."""
+    return Path(os.environ.get("CRCD_CACHE", Path.home() / ".cache" / "crcd-plugin"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's argument parser (shared with ``--tune``)."""
+    from crcd_plugin.demo.train import METHODS
+
+    p = argparse.ArgumentParser(
+        prog="crcd-demo",
+        description="Distil a 1-D CNN teacher into an MLP student with CE, KD, CRD, CRCD and CRCD+gradient, "
+        "offline on MNIST-1D (generated) or scikit-learn digits, over several seeds.",
+    )
+    p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 3")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: tuned value)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list out of {','.join(METHODS)}")
+    p.add_argument("--out", type=Path, default=Path("crcd-demo-results"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="a short run (fewer epochs), under ~90 s")
+    p.add_argument("--num-train", type=int, default=None, help="training samples (MNIST-1D: generated)")
+    p.add_argument("--num-test", type=int, default=None, help="test samples")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="shared student learning rate")
+    p.add_argument("--hidden", default=None, help="student hidden widths, e.g. 100,100")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: $CRCD_CACHE or ~/.cache/crcd-plugin")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the dataset/teacher cache")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--tune", action="store_true", help="run the tuning grid instead (python -m crcd_plugin.demo.tune)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
+    return p
+
+
+def _configs(args: argparse.Namespace):
+    from crcd_plugin.demo import config
+    from crcd_plugin.demo.train import METHODS
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods must be a comma list out of {METHODS}, got {args.methods!r}")
+    if any(m != "ce" for m in methods) is False and not methods:
+        raise ValueError("no methods selected")
+    data_cfg = config.DEFAULT_DATA[args.dataset]
+    if args.num_train is not None or args.num_test is not None:
+        data_cfg = dataclasses.replace(
+            data_cfg,
+            num_train=args.num_train if args.num_train is not None else data_cfg.num_train,
+            num_test=args.num_test if args.num_test is not None else data_cfg.num_test,
+        )
+    train = config.DEFAULT_TRAIN
+    epochs = args.epochs if args.epochs is not None else (config.QUICK_EPOCHS if args.quick else train.epochs)
+    overrides = {"epochs": epochs}
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.hidden is not None:
+        overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+    train = dataclasses.replace(train, **overrides)
+    seeds = args.seeds if args.seeds is not None else config.DEFAULT_SEEDS
+    if seeds < 1 or train.epochs < 1:
+        raise ValueError(f"--seeds and --epochs must be >= 1, got {seeds} and {train.epochs}")
+    return data_cfg, train, methods, tuple(range(seeds))
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Run the demo described by parsed ``args``; writes results.json and results.png to ``args.out``.
+
+    Returns:
+        The results dictionary that was written.
+    """
+    import torch
+
+    from crcd_plugin.demo import config, report
+    from crcd_plugin.demo.experiment import prepare, run_methods, summarize
+
+    data_cfg, train, methods, seeds = _configs(args)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    args.out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    started = time.perf_counter()
+    data, teacher = prepare(data_cfg, config.DEFAULT_TEACHER, cache_dir, progress=progress)
+    prepared = time.perf_counter() - started
+    print(f"{data_cfg.name}: {len(data.y_train)} train / {len(data.y_test)} test, teacher test acc {teacher.acc:.4f} "
+          f"({prepared:.1f} s for data + teacher)", flush=True)
+    runs = run_methods(data, teacher, train, config.DEFAULT_SETTINGS, methods, seeds, progress=progress)
+    summary = summarize(runs)
+    results = {
+        "dataset": data_cfg.name,
+        "teacher": {"arch": teacher.arch, "acc": teacher.acc},
+        "students": summary["students"],
+        "paired_differences": summary["paired_differences"],
+        "config": {
+            "data": dataclasses.asdict(data_cfg),
+            "teacher": dataclasses.asdict(config.DEFAULT_TEACHER),
+            "train": dataclasses.asdict(train),
+            "student_arch": f"mlp {data.input_dim}-{'-'.join(map(str, train.hidden))}-{data.num_classes}",
+            "methods": {m: dataclasses.asdict(config.DEFAULT_SETTINGS[m]) for m in methods},
+            "seeds": list(seeds),
+            "threads": torch.get_num_threads(),
+            "teacher_outputs": "precomputed once over the training set (teacher frozen); relation terms via "
+            "CRCDLoss and crcd_plugin.gradients",
+        },
+        "wall_time_s": time.perf_counter() - started,
+    }
+    print(report.format_table(results))
+    json_path = report.write_json(results, args.out)
+    png_path = report.plot(results, args.out)
+    print(f"wrote {json_path} and {png_path} ({results['wall_time_s']:.1f} s in all)")
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``crcd-demo``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    # Denormal floats slow CPU kernels down by orders of magnitude; the relation loss can produce them.
+    torch.set_flush_denormal(True)
+    try:
+        if args.tune:
+            from crcd_plugin.demo.tune import run_tuning
+
+            run_tuning(args)
+        else:
+            run_demo(args)
+    except ValueError as error:
+        print(f"crcd-demo: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
