@@ -45,15 +45,15 @@ def gram_relation_logits(
     equals or nearly equals an anchor, which CRCD does by construction (the positive of sample
     ``i`` is the memory row that also serves as anchor ``i``). So every candidate is re-centred
     on its nearest anchor ``p``: ``c - a_j + eps = r + P[p, j]`` with ``r = c - a_p`` and
-    ``P[p, j] = a_p - a_j + eps``, both exact differences. The entry ``j = p`` itself, where the
-    relation can be as short as ``eps``, is computed directly from ``r + eps``; the other entries
-    come from Gram products that only ever multiply ``r``, so their absolute error scales with
-    ``|r|`` instead of with ``|c| |a|``. Because the ``j = p`` entries never enter the Gram
-    products, their large gradients (``~1 / |r + eps|``) never cancel against others in backward.
+    ``P[p, j] = a_p - a_j + eps``, both exact differences. All Gram products multiply ``r``, which
+    is small exactly where precision matters, so their absolute error scales with ``|r|`` instead
+    of with ``|c| |a|``. The entry ``j = p`` itself, where the relation can be as short as ``eps``,
+    is assembled from ``r``-only terms (``|r + eps|^2 = |r|^2 + 2 eps sum(r) + D eps^2``), so its
+    large gradient (``~1 / |r + eps|``) never meets the ``a_p - a_j`` terms that would cancel.
     The identity holds for any ``p``: the nearest-anchor search only decides where precision goes.
 
-    Cost: three ``[B, K+1, D] x [D, A]`` products forward (one of them without gradient), a few
-    ``[B, K+1, D]`` element-wise passes, and ``[A, A, D]`` / ``[B, A, A]`` side tensors.
+    Cost: three ``[B, K+1, D] x [D, A]`` products forward (one of them without gradient), one
+    ``[B, K+1, D]`` residual, ``[A, A, D]`` / ``[B, A, A]`` side tensors and ``[B, A, K+1]`` scores.
 
     Shape:
         student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]`` -> ``[B, A, K+1]``.
@@ -69,36 +69,34 @@ def gram_relation_logits(
     nearest = proximity.argmax(-1)  # [B, K+1]
     gather_index = nearest[:, None, :].expand(batch, num_anchors, num_candidates)  # [B, A, K+1]
 
-    residual = candidates - anchors[nearest]  # [B, K+1, D]
-
-    # Entries j = p, straight from the exact difference r + eps.
-    near_rel = residual + eps
-    near_student = torch.gather(
-        student_rel, 1, nearest[:, :, None].expand(batch, num_candidates, student_rel.shape[-1])
-    )  # [B, K+1, D]: s_{b, p(b, k)}
-    near_logits = (near_rel * near_student).sum(-1) * torch.rsqrt(
-        (near_rel * near_rel).sum(-1).clamp_min(_MIN_NORM_SQ)
-    )  # [B, K+1]
-
-    # Entries j != p, through Gram products of the residual.
-    anchor_diff = anchors[:, None, :] - anchors[None, :, :] + eps  # [A(p), A(j), D]
-    anchor_diff_sq = rearrange((anchor_diff * anchor_diff).sum(-1), "p j -> j p")
-    anchor_term = torch.einsum("pjd,bjd->bjp", anchor_diff, student_rel)  # [B, A(j), A(p)]
+    residual = candidates - anchors[nearest]  # [B, K+1, D], the only tensor of that size we make
     residual_t = rearrange(residual, "b k d -> b d k")
     res_anchor = torch.matmul(anchors, residual_t)  # [B, A, K+1]: <r_bk, a_j>
     res_student = torch.bmm(student_rel, residual_t)  # [B, A, K+1]: <r_bk, s_bj>
-    res_near = torch.gather(res_anchor, 1, nearest[:, None, :])  # [B, 1, K+1]: <r_bk, a_p>
-    res_sq = (residual * residual).sum(-1)[:, None, :]  # [B, 1, K+1]
-    res_shift = eps * residual.sum(-1)[:, None, :]  # [B, 1, K+1]
+    res_sq = torch.linalg.vector_norm(residual, dim=-1).square()[:, None, :]  # [B, 1, K+1]
+    res_sum = residual.sum(-1)[:, None, :]  # [B, 1, K+1]
+
+    # Entries j = p, from the exact difference r + eps: no term of these sums cancels.
+    near_index = nearest[:, None, :]  # [B, 1, K+1]
+    student_sum = student_rel.sum(-1)  # [B, A]
+    near_dot = torch.gather(res_student, 1, near_index) + eps * torch.gather(student_sum, 1, nearest)[:, None, :]
+    near_sq = res_sq + 2.0 * eps * res_sum + student.shape[-1] * eps * eps
+    near_logits = near_dot * torch.rsqrt(near_sq.clamp_min(_MIN_NORM_SQ))  # [B, 1, K+1]
+
+    # Entries j != p, through the Gram products of the residual.
+    anchor_diff = anchors[:, None, :] - anchors[None, :, :] + eps  # [A(p), A(j), D]
+    anchor_diff_sq = rearrange((anchor_diff * anchor_diff).sum(-1), "p j -> j p")
+    anchor_term = torch.einsum("pjd,bjd->bjp", anchor_diff, student_rel)  # [B, A(j), A(p)]
+    res_near = torch.gather(res_anchor, 1, near_index)  # [B, 1, K+1]: <r_bk, a_p>
     diff_sq = torch.gather(anchor_diff_sq.expand(batch, num_anchors, num_anchors), 2, gather_index)
     # |c - a_j + eps|^2 = |r|^2 + 2 <r, P[p, j]> + |P[p, j]|^2
-    cand_sq = res_sq + 2.0 * (res_near + res_shift - res_anchor) + diff_sq
+    cand_sq = res_sq + 2.0 * (res_near + eps * res_sum - res_anchor) + diff_sq
     # <c - a_j + eps, s_bj> = <r, s_bj> + <P[p, j], s_bj>
     dot = res_student + torch.gather(anchor_term, 2, gather_index)
     gram_logits = dot * torch.rsqrt(cand_sq.clamp_min(_MIN_NORM_SQ))
 
     anchor_ids = torch.arange(num_anchors, device=nearest.device)[None, :, None]
-    logits = torch.where(anchor_ids == nearest[:, None, :], near_logits[:, None, :], gram_logits)
+    logits = torch.where(anchor_ids == near_index, near_logits, gram_logits)
     return logits / temperature
 
 
