@@ -19,7 +19,7 @@ DEFAULT_SEEDS = 3
 QUICK_EPOCHS = 8
 
 # TUNED-BEGIN (rewritten by hand from the tuning run's output; see docs/demo.md)
-DEFAULT_TRAIN = TrainConfig(hidden=(100, 100), epochs=30, batch_size=128, lr=3e-3, weight_decay=1e-4)
+DEFAULT_TRAIN = TrainConfig(hidden=(100, 100), epochs=40, batch_size=256, lr=1e-2, weight_decay=1e-4)
 DEFAULT_SETTINGS: dict[str, MethodSettings] = {
     "ce": MethodSettings(),
     "kd": MethodSettings(alpha=1.0, kd_temperature=4.0),

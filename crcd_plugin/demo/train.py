@@ -141,8 +141,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=generator)
-    # Drop a tiny last batch: the relation loss wants a few anchors and the NCE constant a full batch.
-    return [perm[i : i + batch_size] for i in range(0, n - batch_size // 2, batch_size)]
+    # Drop a last batch under half size (the relation loss wants a few anchors), but keep at least one.
+    return [perm[i : i + batch_size] for i in range(0, max(n - batch_size // 2, 1), batch_size)]
 
 
 def train_teacher(

@@ -1,0 +1,80 @@
+"""The crcd-demo command, end to end on a tiny offline setting, plus the guarantees it relies on."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mnist1d")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from crcd_plugin.demo.__main__ import main  # noqa: E402
+from crcd_plugin.demo.data import DataConfig, load_dataset  # noqa: E402
+from crcd_plugin.demo.train import (  # noqa: E402
+    METHODS,
+    MethodSettings,
+    TeacherOutputs,
+    TrainConfig,
+    train_student,
+)
+
+TINY = ["--num-train", "400", "--num-test", "200", "--epochs", "2", "--seeds", "2", "--no-progress"]
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo must not open network connections")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_demo_writes_results_json_and_png_offline(tmp_path: Path, no_network: None) -> None:
+    out = tmp_path / "out"
+    assert main([*TINY, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == "mnist1d"
+    assert isinstance(results["teacher"]["arch"], str)
+    assert 0.0 <= results["teacher"]["acc"] <= 1.0
+    assert set(results["students"]) == set(METHODS)
+    for row in results["students"].values():
+        assert len(row["accs"]) == 2 and all(0.0 <= a <= 1.0 for a in row["accs"])
+        assert row["mean"] == pytest.approx(sum(row["accs"]) / 2)
+        assert row["std"] >= 0.0 and row["time_per_epoch_s"] > 0.0
+    assert isinstance(results["config"], dict)
+    assert {"crcd-crd", "crd-kd", "crcd-kd", "crcd_grad-kd"} <= set(results["paired_differences"])
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_teacher_is_cached_and_reused(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = [*TINY, "--methods", "ce", "--seeds", "1", "--cache-dir", str(cache)]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    teachers = sorted(cache.glob("teacher-*.pt"))
+    assert len(teachers) == 1
+    stamp = teachers[0].stat().st_mtime_ns
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert teachers[0].stat().st_mtime_ns == stamp
+    acc = [json.loads((tmp_path / d / "results.json").read_text())["teacher"]["acc"] for d in "ab"]
+    assert acc[0] == acc[1]
+
+
+def test_methods_share_initialisation_and_data_order(tmp_path: Path) -> None:
+    # KD with weight 0 is CE: equal accuracy curves mean equal init and equal batches for a seed.
+    data = load_dataset(DataConfig(num_train=300, num_test=100), tmp_path)
+    train = TrainConfig(epochs=2, batch_size=64)
+    ce = train_student("ce", data, None, train, MethodSettings(), seed=3)
+    fake = TeacherOutputs(torch.randn(300, 10), torch.randn(300, 8), torch.randn(10, 8), 0.0, "fake")
+    kd = train_student("kd", data, fake, train, MethodSettings(alpha=0.0), seed=3)
+    assert ce.curve == kd.curve
+
+
+def test_unknown_method_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([*TINY, "--methods", "ce,dkd", "--out", str(tmp_path)]) == 2
+    assert "--methods" in capsys.readouterr().err
