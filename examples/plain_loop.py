@@ -1,6 +1,6 @@
 """CRCD in a plain PyTorch loop: train a small teacher, then distil it into a smaller student.
 
-Synthetic data generated on the spot (no download), CPU, well under a minute:
+Synthetic data generated on the spot (no download); CPU, under a minute on 2 cores:
 
     python examples/plain_loop.py
 
