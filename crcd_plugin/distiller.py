@@ -202,12 +202,16 @@ class CRCDDistiller(nn.Module):
             raise ValueError(f"kd_temperature must be > 0, got {kd_temperature!r}")
         if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0):
+        if num_samples is not None and (
+            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0
+        ):
             raise ValueError(f"num_samples must be None or a positive int (the dataset size), got {num_samples!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size <= 0:
             raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
         if crcd_options is not None and not isinstance(crcd_options, Mapping):
-            raise TypeError(f"crcd_options must be a dict of CRCDLoss keyword arguments, got {type(crcd_options).__name__}")
+            raise TypeError(
+                f"crcd_options must be a dict of CRCDLoss keyword arguments, got {type(crcd_options).__name__}"
+            )
         if schedule is not None and not isinstance(schedule, DistillSchedule):
             raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
         if feature_pool is not None:
@@ -242,7 +246,9 @@ class CRCDDistiller(nn.Module):
             self._build_losses(student_head_module.in_features, teacher_head_module.in_features)
 
     @staticmethod
-    def _crcd_kwargs(num_samples: Optional[int], queue_size: int, crcd_options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    def _crcd_kwargs(
+        num_samples: Optional[int], queue_size: int, crcd_options: Optional[Mapping[str, Any]]
+    ) -> Dict[str, Any]:
         options = dict(crcd_options or {})
         negatives = options.setdefault("negatives", "bank" if num_samples is not None else "queue")
         if negatives == "bank":
@@ -256,7 +262,9 @@ class CRCDDistiller(nn.Module):
     @property
     def built(self) -> bool:
         """Whether the CRCD losses (and so all trainable parameters) exist yet."""
-        return self.crcd_feature is not None or self.crcd_gradient is not None or not (self.beta or self.gradient_element)
+        if not (self.beta or self.gradient_element):
+            return True  # nothing to build: CE and KD only
+        return self.crcd_feature is not None or self.crcd_gradient is not None
 
     def _build_losses(self, student_dim: int, teacher_dim: int, device: Optional[torch.device] = None) -> None:
         # Parameters created inside inference_mode would be unusable for training later.
@@ -317,7 +325,9 @@ class CRCDDistiller(nn.Module):
             )
         return logits
 
-    def _run(self, model: nn.Module, head: str, x: torch.Tensor, role: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(
+        self, model: nn.Module, head: str, x: torch.Tensor, role: str
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward ``model`` once; return (head input, head output, model logits)."""
         with FeatureCapture(model) as capture:
             capture.add(head, io="input", name="feature").add(head, io="output", name="head_logits")
@@ -340,7 +350,9 @@ class CRCDDistiller(nn.Module):
 
     def _check_batch(self, x: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
         if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}")
+            raise TypeError(
+                f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}"
+            )
         if index is not None and not isinstance(index, torch.Tensor):
             raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
         batch = x.shape[0] if isinstance(x, torch.Tensor) else None
@@ -390,7 +402,9 @@ class CRCDDistiller(nn.Module):
         gradient_loss = zero
         if self.crcd_gradient is not None:
             if head_logits_s.dim() != 2:
-                raise ValueError(f"the gradient element needs head logits shaped [B, C], got {tuple(head_logits_s.shape)}")
+                raise ValueError(
+                    f"the gradient element needs head logits shaped [B, C], got {tuple(head_logits_s.shape)}"
+                )
             g_s = student_gradient_element(
                 resolve_module(self.student, self.student_head), f_s, target,
                 logits=head_logits_s, label_smoothing=self.label_smoothing,

@@ -7,14 +7,11 @@ builds a graph through the teacher. A linear head with cross-entropy uses the ex
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-_logger = logging.getLogger(__name__)
 
 __all__ = [
     "cross_entropy_targets",

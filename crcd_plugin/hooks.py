@@ -22,15 +22,12 @@ Example:
 from __future__ import annotations
 
 import difflib
-import logging
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-
-_logger = logging.getLogger(__name__)
 
 __all__ = [
     "FeatureCapture",
