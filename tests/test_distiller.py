@@ -239,6 +239,41 @@ def test_student_wrapped_in_data_parallel_resolves_the_head():
     assert distiller.student_state_dict().keys() == TinyNet(6).state_dict().keys()
 
 
+def _num_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_no_hooks_remain_after_a_step_or_after_a_failing_forward():
+    distiller = make_distiller(gradient_element=True)
+    distiller(*batch())
+    assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
+    with pytest.raises(RuntimeError):
+        distiller(torch.randn(BATCH, IN_DIM + 1), torch.zeros(BATCH, dtype=torch.long))
+    assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
+
+
+class DictOutputNet(TinyNet):
+    def forward(self, x: torch.Tensor):
+        return {"features": self.body(x), "logits": self.fc(self.body(x))}
+
+
+def test_logits_come_from_dict_outputs_or_output_select():
+    torch.manual_seed(0)
+    distiller = CRCDDistiller(DictOutputNet(6), DictOutputNet(12), crcd_options=SMALL_QUEUE)
+    x, y = batch()
+    out = distiller(x, y)
+    assert torch.allclose(out["logits"], distiller.student.fc(distiller.student.body(x)))
+
+    class TupleNet(TinyNet):
+        def forward(self, x: torch.Tensor):
+            return self.body(x), self.fc(self.body(x))
+
+    with pytest.raises(TypeError, match="output_select"):
+        CRCDDistiller(TupleNet(6), TupleNet(12), crcd_options=SMALL_QUEUE)(x, y)
+    selected = CRCDDistiller(TupleNet(6), TupleNet(12), crcd_options=SMALL_QUEUE, output_select=1)
+    assert selected(x, y)["logits"].shape == (BATCH, NUM_CLASSES)
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="fcc"):
         CRCDDistiller(TinyNet(6), TinyNet(12), student_head="fcc")
