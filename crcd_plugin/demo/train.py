@@ -2,8 +2,9 @@
 
 Students train on precomputed teacher outputs: the teacher is frozen, so its logits and
 penultimate features over the training set are computed once, and a student step costs only the
-student and the loss terms. The relation terms use ``CRCDLoss`` and ``crcd_plugin.gradients``
-directly (the same pieces ``CRCDDistiller`` combines), which avoids a teacher forward per step.
+student and the loss terms. The loss terms are the library's own pieces, ``functional.kd_loss``,
+``CRCDLoss`` and ``gradients`` (what ``CRCDDistiller`` combines), used directly on the precomputed
+teacher outputs so that no step pays for a teacher forward.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin.demo.data import DataConfig, Dataset
+from crcd_plugin.functional import kd_loss
 from crcd_plugin.demo.models import StudentMLP, TeacherCNN1d
 
 logger = logging.getLogger(__name__)
@@ -216,13 +218,6 @@ def teacher_outputs(teacher: TeacherCNN1d, data: Dataset, acc: float) -> Teacher
         acc=acc,
         arch=TeacherCNN1d.arch,
     )
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD: ``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, batch mean."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 def _relation_loss(student_dim: int, teacher_dim: int, num_samples: int, cfg: MethodSettings, anchored: bool) -> nn.Module:

@@ -35,11 +35,15 @@ class _Search:
     def __init__(self, data, teacher, train: TrainConfig, seeds: Sequence[int], progress: bool) -> None:
         self.data, self.teacher, self.train, self.seeds, self.progress = data, teacher, train, seeds, progress
         self.log: list[dict] = []
+        self.cache: dict[tuple, float] = {}
 
     def score(self, stage: str, method: str, settings: MethodSettings, train: Optional[TrainConfig] = None) -> float:
         from crcd_plugin.demo.train import train_student
 
         train = train or self.train
+        key = (method, settings, train)
+        if key in self.cache:  # a stage may re-offer an earlier winner; runs are deterministic
+            return self.cache[key]
         runs = [train_student(method, self.data, self.teacher, train, settings, s) for s in self.seeds]
         acc = statistics.fmean(r.acc for r in runs)
         entry = {
@@ -52,6 +56,7 @@ class _Search:
             "settings": dataclasses.asdict(settings),
         }
         self.log.append(entry)
+        self.cache[key] = acc
         logger.info("%s %s lr=%g %s -> %.4f", stage, method, train.lr, settings, acc)
         return acc
 
