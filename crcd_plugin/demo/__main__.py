@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "offline on MNIST-1D (generated) or scikit-learn digits, over several seeds.",
     )
     p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 3")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 5, --quick 3")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: tuned value)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list out of {','.join(METHODS)}")
     p.add_argument("--out", type=Path, default=Path("crcd-demo-results"), help="output folder")
@@ -73,7 +73,7 @@ def _configs(args: argparse.Namespace):
     if args.hidden is not None:
         overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
     train = dataclasses.replace(train, **overrides)
-    seeds = args.seeds if args.seeds is not None else config.DEFAULT_SEEDS
+    seeds = args.seeds if args.seeds is not None else (config.QUICK_SEEDS if args.quick else config.DEFAULT_SEEDS)
     if seeds < 1 or train.epochs < 1:
         raise ValueError(f"--seeds and --epochs must be >= 1, got {seeds} and {train.epochs}")
     return data_cfg, train, methods, tuple(range(seeds))

@@ -15,8 +15,9 @@ DEFAULT_DATA = {
     "digits": DataConfig(name="digits", num_train=1297, num_test=500, seed=42),
 }
 DEFAULT_TEACHER = TeacherConfig()
-DEFAULT_SEEDS = 3
-QUICK_EPOCHS = 8
+DEFAULT_SEEDS = 5
+QUICK_SEEDS = 3
+QUICK_EPOCHS = 12
 
 # Chosen by the tuning run of 2026-11-26 on this project's 2-core CPU box (806 s):
 #   python -m crcd_plugin.demo.tune --out /tmp/tune-run --cache-dir /tmp/crcdcache --no-progress -v
