@@ -16,15 +16,17 @@ class TeacherCNN1d(nn.Module):
         num_classes: Number of classes.
         channels: Channels of the first two convolutions (the third has twice as many).
         feat_dim: Size of the penultimate feature that the relation loss sees.
+        pool_positions: Positions left after max pooling; 1 (global) for MNIST-1D, 8 for the
+            flattened 8x8 digits, where position carries the class (one pooled value per image row).
 
     Shape:
         input [B, L] -> logits [B, num_classes]; ``features`` gives [B, feat_dim].
     """
 
-    arch = "cnn1d(32-32-64,k5-5-3,maxpool)-128-10"
-
-    def __init__(self, num_classes: int = 10, channels: int = 32, feat_dim: int = 128) -> None:
+    def __init__(self, num_classes: int = 10, channels: int = 32, feat_dim: int = 128, pool_positions: int = 1) -> None:
         super().__init__()
+        pool = "maxpool" if pool_positions == 1 else f"maxpool{pool_positions}"
+        self.arch = f"cnn1d({channels}-{channels}-{2 * channels},k5-5-3,{pool})-{feat_dim}-{num_classes}"
         self.body = nn.Sequential(
             nn.Conv1d(1, channels, 5, padding=2),
             nn.ReLU(),
@@ -32,9 +34,9 @@ class TeacherCNN1d(nn.Module):
             nn.ReLU(),
             nn.Conv1d(channels, 2 * channels, 3, padding=1),
             nn.ReLU(),
-            nn.AdaptiveMaxPool1d(1),
+            nn.AdaptiveMaxPool1d(pool_positions),
             nn.Flatten(),
-            nn.Linear(2 * channels, feat_dim),
+            nn.Linear(2 * channels * pool_positions, feat_dim),
             nn.ReLU(),
         )
         self.fc = nn.Linear(feat_dim, num_classes)
