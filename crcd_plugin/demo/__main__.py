@@ -9,7 +9,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:
+    from crcd_plugin.demo.data import DataConfig
+    from crcd_plugin.demo.train import TrainConfig
 
 logger = logging.getLogger("crcd_plugin.demo")
 
@@ -48,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _configs(args: argparse.Namespace):
+def _configs(args: argparse.Namespace) -> tuple["DataConfig", "TrainConfig", tuple[str, ...], tuple[int, ...]]:
+    """Dataset, shared training config, methods and seeds from the defaults and the flags."""
     from crcd_plugin.demo import config
     from crcd_plugin.demo.train import METHODS
 
@@ -71,11 +76,18 @@ def _configs(args: argparse.Namespace):
     if args.lr is not None:
         overrides["lr"] = args.lr
     if args.hidden is not None:
-        overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+        try:
+            overrides["hidden"] = tuple(int(h) for h in args.hidden.split(","))
+        except ValueError:
+            raise ValueError(f"--hidden must be comma-separated widths such as 100,100, got {args.hidden!r}") from None
     train = dataclasses.replace(train, **overrides)
     seeds = args.seeds if args.seeds is not None else (config.QUICK_SEEDS if args.quick else config.DEFAULT_SEEDS)
-    if seeds < 1 or train.epochs < 1:
-        raise ValueError(f"--seeds and --epochs must be >= 1, got {seeds} and {train.epochs}")
+    if seeds < 1 or train.epochs < 1 or train.batch_size < 1:
+        raise ValueError(
+            f"--seeds, --epochs and --batch-size must be >= 1, got {seeds}, {train.epochs} and {train.batch_size}"
+        )
+    if not train.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {train.lr}")
     return data_cfg, train, methods, tuple(range(seeds))
 
 
