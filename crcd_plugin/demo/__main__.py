@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "offline on MNIST-1D (generated) or scikit-learn digits, over several seeds.",
     )
     p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default 5, --quick 3")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds; default 5, --quick 3")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run from here (e.g. for a fresh replication)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: tuned value)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list out of {','.join(METHODS)}")
     p.add_argument("--out", type=Path, default=Path("crcd-demo-results"), help="output folder")
@@ -88,7 +89,7 @@ def _configs(args: argparse.Namespace) -> tuple["DataConfig", "TrainConfig", tup
         )
     if not train.lr > 0:
         raise ValueError(f"--lr must be > 0, got {train.lr}")
-    return data_cfg, train, methods, tuple(range(seeds))
+    return data_cfg, train, methods, tuple(range(args.first_seed, args.first_seed + seeds))
 
 
 def run_demo(args: argparse.Namespace) -> dict:
