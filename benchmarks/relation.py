@@ -233,8 +233,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu-memory-gib", type=float, default=16.0, help="skip CPU configs estimated above this")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory probes run in subprocesses
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"relation_{torch.device(args.device).type}"
