@@ -184,9 +184,12 @@ class CRCDLoss(nn.Module):
         """
         index = self._check_inputs(student_feat, teacher_feat, index)
         device = self.log_z.device
+        # Heads and loss core run outside autocast, in the module's dtype (fp32 unless converted):
+        # fp16/bf16 features from an autocast forward are upcast here.
+        dtype = self.log_z.dtype
         with torch.autocast(device_type=device.type, enabled=False):
-            query_student = self.embed_student(student_feat)  # [B, d]
-            query_teacher = self.embed_teacher(teacher_feat.detach())  # [B, d]
+            query_student = self.embed_student(student_feat.to(dtype))  # [B, d]
+            query_teacher = self.embed_teacher(teacher_feat.detach().to(dtype))  # [B, d]
         finite = torch.isfinite(query_student).all(-1) & torch.isfinite(query_teacher).all(-1)  # [B]
         self._check_values(finite, index)
 

@@ -280,3 +280,17 @@ def test_batch_larger_than_queue_is_rejected():
 def test_bad_options_raise_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
         CRCDLoss(DS, DT, **options)
+
+
+def test_loss_core_runs_in_fp32_under_autocast():
+    crcd = _bank_loss()
+    student_feat, teacher_feat = _feats()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        mixed = crcd(student_feat.bfloat16(), teacher_feat.bfloat16(), torch.arange(B), return_parts=True)
+    crcd_fp32 = _bank_loss()
+    torch.manual_seed(4)
+    exact = crcd_fp32(student_feat.bfloat16().float(), teacher_feat.bfloat16().float(), torch.arange(B))
+    assert mixed["loss"].dtype == torch.float32
+    # bf16 features are upcast, and heads and core run in fp32 despite autocast: same loss.
+    torch.testing.assert_close(mixed["loss"], exact, rtol=1e-5, atol=1e-5)
