@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from crcd_plugin.kernels import run_relation_loss_core
 
-IMPLEMENTATIONS = ("naive", "eager", "compile")
+IMPLEMENTATIONS = ("naive", "eager", "compile", "chunked")
+DEFAULT_IMPLEMENTATIONS = ("naive", "eager", "compile")
+CHUNK_SIZE = 512  # candidates per chunk of the "chunked" implementation (eager kernels)
 
 
 def make_inputs(batch: int, num_negatives: int, dim: int, device: torch.device, seed: int = 0):
@@ -45,8 +47,9 @@ def step_fn(impl: str, query, anchors, candidates) -> Callable[[], None]:
 
     def step() -> None:
         loss, _ = run_relation_loss_core(
-            impl, query, anchors, candidates, log_z, z_ready, None,
+            "eager" if impl == "chunked" else impl, query, anchors, candidates, log_z, z_ready, None,
             temperature=0.05, eps=1e-6, objective="nce", num_samples=50000,
+            chunk_size=CHUNK_SIZE if impl == "chunked" else None,
         )
         loss.backward()
         query.grad = None
@@ -123,6 +126,8 @@ def cpu_peak_probe(impl: str, batch: int, num_negatives: int, dim: int) -> int:
 def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int) -> float:
     """A rough upper bound used only to skip configurations that cannot fit."""
     scores = batch * batch * (num_negatives + 1) * 4
+    if impl == "chunked":
+        return scores * 2 + batch * (num_negatives + 1) * dim * 4 * 4
     return scores * dim * 3 if impl == "naive" else scores * 14
 
 
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> Dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             naive = row.get("naive", {})
-            for impl in ("eager", "compile"):
+            for impl in ("eager", "compile", "chunked"):
                 ours = row.get(impl, {})
                 if naive.get("status") == "ok" and ours.get("status") == "ok":
                     ours["speedup_vs_naive"] = naive["ms"] / ours["ms"]
@@ -201,11 +206,12 @@ def plot(results: Dict, path: Path) -> None:
     rows = results["rows"]
     labels = [f"B={r['B']}\nK={r['K']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4.2))
-    width = 0.8 / len(IMPLEMENTATIONS)
-    for i, impl in enumerate(IMPLEMENTATIONS):
+    impls = [impl for impl in IMPLEMENTATIONS if any(impl in row for row in rows)]
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
         for ax, key in zip(axes, ("ms", "peak_mib")):
             kept = [(j, r[impl][key]) for j, r in enumerate(rows) if r.get(impl, {}).get(key) is not None]
-            xs = [j + (i - 1) * width for j, _ in kept]
+            xs = [j + (i - (len(impls) - 1) / 2) * width for j, _ in kept]
             ys = [value for _, value in kept]
             ax.bar(xs, ys, width, label=impl)
     for ax, title in zip(axes, ("time per forward+backward (ms)", "peak memory (MiB)")):
@@ -230,7 +236,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--negatives", type=int, nargs="+", default=[500, 4096])
     parser.add_argument("--full", action="store_true", help="B in {32, 64, 256} x K in {500, 4096, 16384}")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument(
+        "--impl", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+        help=f"implementations to run; chunked = eager kernels over chunks of {CHUNK_SIZE} candidates",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu-memory-gib", type=float, default=16.0, help="skip CPU configs estimated above this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

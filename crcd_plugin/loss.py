@@ -73,6 +73,10 @@ class CRCDLoss(nn.Module):
             one sync with ``on_nonfinite="raise"``). With both off, ``forward`` never syncs.
         backend: Relation kernel: ``"auto"`` (compiled on CUDA, eager elsewhere), ``"eager"``,
             ``"compile"`` or ``"naive"`` (the reference formulation, for checks only).
+        chunk_size: Score the ``K+1`` candidates in chunks of this many, recomputing each chunk in
+            backward: peak memory ``O(B * A * chunk_size)`` instead of ``O(B * A * (K+1))`` for
+            about one more forward of time (two with NCE). Runs the eager kernels. ``None``: one
+            chunk.
 
     Shape:
         student_feat ``[B, Ds]``, teacher_feat ``[B, Dt]``, index ``[B]`` -> scalar (the sum of
@@ -108,6 +112,7 @@ class CRCDLoss(nn.Module):
         on_nonfinite: Literal["raise", "skip"] = "raise",
         check_index: bool = True,
         backend: str = "auto",
+        chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         _check_choice("negatives", negatives, NEGATIVE_MODES)
@@ -121,12 +126,15 @@ class CRCDLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if num_anchors is not None:
             _check_positive_int("num_anchors", num_anchors)
+        if chunk_size is not None:
+            _check_positive_int("chunk_size", chunk_size)
 
         self.student_dim, self.teacher_dim, self.embed_dim = student_dim, teacher_dim, embed_dim
         self.negatives, self.objective, self.self_anchor = negatives, objective, self_anchor
         self.temperature, self.eps, self.num_anchors = float(temperature), float(eps), num_anchors
         self.symmetric, self.anchored = symmetric, anchored
         self.on_nonfinite, self.check_index, self.backend = on_nonfinite, check_index, backend
+        self.chunk_size = chunk_size
 
         self.embed_student = EmbedHead(student_dim, embed_dim, head, head_hidden_dim)
         self.embed_teacher = EmbedHead(teacher_dim, embed_dim, head, head_hidden_dim)
@@ -220,6 +228,7 @@ class CRCDLoss(nn.Module):
                     eps=self.eps,
                     objective=self.objective,
                     num_samples=self.noise_size,
+                    chunk_size=self.chunk_size,
                 )
             losses.append(loss)
             new_log_z.append(log_z)

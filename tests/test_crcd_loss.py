@@ -294,3 +294,15 @@ def test_loss_core_runs_in_fp32_under_autocast():
     assert mixed["loss"].dtype == torch.float32
     # bf16 features are upcast, and heads and core run in fp32 despite autocast: same loss.
     torch.testing.assert_close(mixed["loss"], exact, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_equals_unchunked_and_updates_the_same_state():
+    whole, chunked = _bank_loss(), _bank_loss(chunk_size=3)  # K + 1 = 8 candidates: chunks 3, 3, 2
+    for seed in range(2):  # the first call fixes Z, the second uses it
+        student_feat, teacher_feat = _feats(seed)
+        torch.manual_seed(seed)
+        expected = whole(student_feat, teacher_feat, torch.arange(B) + seed)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(chunked(student_feat, teacher_feat, torch.arange(B) + seed), expected)
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(chunked.state_dict()[name], value)

@@ -128,3 +128,55 @@ def test_eager_and_naive_backends_agree(objective):
         results.append((loss, s.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["nce", "infonce"])
+@pytest.mark.parametrize("anchored", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_core_equals_unchunked(objective, anchored, masked):
+    student, anchors, candidates = _bank_like_inputs()
+    mask = None
+    if masked:
+        mask = torch.zeros(B, A if anchored else 1, K + 1, dtype=torch.bool)
+        mask[0, 0, 0] = True  # a dropped row
+        mask[:, :, 7] = True  # a masked negative
+    results = []
+    for chunk_size in (None, 10):  # 64 candidates in chunks of 10: the last chunk is short
+        s = student.detach().clone().requires_grad_()
+        loss, log_z = run_relation_loss_core(
+            "eager", s, anchors if anchored else None, candidates, torch.zeros(()), torch.tensor(False), mask,
+            temperature=0.05, eps=1e-6, objective=objective, num_samples=1000, chunk_size=chunk_size,
+        )
+        loss.backward()
+        results.append((loss, log_z, s.grad))
+    (loss0, z0, g0), (loss1, z1, g1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z1, z0, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+def _largest_tensor_of_core(chunk_size):
+    # Scores dominate here: [B, A, K+1] = 16 * 16 * 256 against candidates [B, K+1, D] = 16 * 256 * 4.
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(16, 4, generator=g).requires_grad_()
+    anchors, candidates = torch.randn(16, 4, generator=g), torch.randn(16, 256, 4, generator=g)
+    with _LargestTensor() as mode:
+        loss, _ = run_relation_loss_core(
+            "eager", student, anchors, candidates, torch.zeros(()), torch.tensor(False), None,
+            temperature=0.05, eps=1e-6, objective="nce", num_samples=1000, chunk_size=chunk_size,
+        )
+        loss.backward()
+    return mode.largest
+
+
+def test_chunked_core_never_holds_all_scores():
+    scores = 16 * 16 * 256
+    assert _largest_tensor_of_core(None) >= scores  # the probe sees the scores when unchunked
+    assert _largest_tensor_of_core(16) <= scores // 4
+
+
+def test_crcd_loss_chunk_size_is_validated():
+    from crcd_plugin import CRCDLoss
+
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        CRCDLoss(4, 4, negatives="batch", chunk_size=0)

@@ -7,11 +7,22 @@ Fusing the objective with the scores lets the compiler merge the element-wise ta
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from crcd_plugin.kernels.objectives import infonce_loss, nce_log_normalizer, nce_loss
+from torch.utils.checkpoint import checkpoint
+
+from crcd_plugin.kernels.objectives import (
+    infonce_loss,
+    masked_negatives,
+    masked_row_mean,
+    nce_log_normalizer,
+    nce_loss,
+    nce_row_sums,
+    nce_shift,
+)
 from crcd_plugin.kernels.relation import anchor_free_logits, gram_relation_logits, naive_relation_logits
 
 logger = logging.getLogger(__name__)
@@ -41,17 +52,74 @@ def relation_loss_core(
         query ``[B, D]``, anchors ``[A, D]`` or None, candidates ``[B, K+1, D]``,
         mask ``[B, A, K+1]`` (``A = 1`` without anchors) or None -> two scalars.
     """
-    if anchors is None:
-        logits = anchor_free_logits(query, candidates, temperature)
-    elif naive:
-        logits = naive_relation_logits(query, anchors, candidates, temperature, eps)
-    else:
-        logits = gram_relation_logits(query, anchors, candidates, temperature, eps)
+    logits = _scores(query, anchors, candidates, temperature, eps, naive)
     if objective == "infonce":
         return infonce_loss(logits, mask), log_z
     fresh = nce_log_normalizer(logits, num_samples)
     log_z = torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh)
     return nce_loss(logits, log_z, num_samples, mask), log_z
+
+
+def _scores(query, anchors, candidates, temperature, eps, naive=False) -> torch.Tensor:
+    if anchors is None:
+        return anchor_free_logits(query, candidates, temperature)
+    kernel = naive_relation_logits if naive else gram_relation_logits
+    return kernel(query, anchors, candidates, temperature, eps)
+
+
+def chunked_relation_loss_core(
+    query: torch.Tensor,
+    anchors: Optional[torch.Tensor],
+    candidates: torch.Tensor,
+    log_z: torch.Tensor,
+    z_ready: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    temperature: float,
+    eps: float,
+    objective: str,
+    num_samples: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`relation_loss_core` over chunks of ``chunk_size`` candidates, recomputed in backward.
+
+    Each chunk's scores are reduced to per-row sums (NCE) or log-sum-exps (InfoNCE) at once, under
+    activation checkpointing, so peak memory is ``O(B * A * chunk_size)`` instead of
+    ``O(B * A * (K+1))``, for about one extra forward of time. NCE's first-batch constant needs all
+    scores before any loss term, so it costs one more forward without gradient (a detached
+    log-sum-exp over the chunks). Values and gradients equal the unchunked core.
+    """
+    num_candidates = candidates.shape[1]
+    starts = range(0, num_candidates, chunk_size)
+
+    def chunk_mask(start: int) -> Optional[torch.Tensor]:
+        return None if mask is None else mask[..., start : start + chunk_size]
+
+    def chunk_scores(start: int) -> torch.Tensor:
+        return _scores(query, anchors, candidates[:, start : start + chunk_size], temperature, eps)
+
+    if objective == "infonce":
+
+        def chunk_lse(start: int) -> torch.Tensor:
+            scores = chunk_scores(start)
+            return torch.logsumexp(masked_negatives(scores, chunk_mask(start), start == 0), -1), scores[..., 0]
+
+        parts = [checkpoint(chunk_lse, start, use_reentrant=False) for start in starts]
+        lse = torch.logsumexp(torch.stack([part[0] for part in parts]), 0)  # [B, A]
+        return masked_row_mean(lse - parts[0][1], mask), log_z
+
+    with torch.no_grad():
+        chunk_lses = torch.stack([torch.logsumexp(chunk_scores(start).reshape(-1), 0) for start in starts])
+        rows = query.shape[0] * (1 if anchors is None else anchors.shape[0])
+        fresh = torch.logsumexp(chunk_lses, 0) - math.log(rows * num_candidates) + math.log(num_samples)
+    log_z = torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh)
+    # K is the total number of negatives, whatever the chunk.
+    shift = nce_shift(log_z, num_candidates - 1, num_samples)
+
+    def chunk_sums(start: int) -> torch.Tensor:
+        return nce_row_sums(chunk_scores(start), shift, chunk_mask(start), start == 0)
+
+    per_row = sum(checkpoint(chunk_sums, start, use_reentrant=False) for start in starts)
+    return masked_row_mean(per_row, mask), log_z
 
 
 _compiled: Dict[tuple, Callable] = {}
@@ -104,13 +172,18 @@ def run_relation_loss_core(
     eps: float,
     objective: str,
     num_samples: int,
+    chunk_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs :func:`relation_loss_core` with a concrete backend (see :func:`resolve_backend`).
 
-    ``"compile"`` falls back to eager, with one warning, when compilation is unavailable.
+    ``"compile"`` falls back to eager, with one warning, when compilation is unavailable. With
+    ``chunk_size`` smaller than ``K+1``, the chunked core runs instead (eager kernels; ``"naive"``
+    is not chunked).
     """
     tensors = (query, anchors, candidates, log_z, z_ready, mask)
     options = (float(temperature), float(eps), objective, int(num_samples))
+    if chunk_size is not None and chunk_size < candidates.shape[1] and backend != "naive":
+        return chunked_relation_loss_core(*tensors, *options, chunk_size)
     if backend == "compile" and not _compile_failure:
         try:
             with torch._dynamo.config.patch(specialize_float=True):

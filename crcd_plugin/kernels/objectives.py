@@ -30,7 +30,35 @@ def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
     return peak + torch.log(torch.exp(flat - peak).mean()) + math.log(num_samples)
 
 
-def _masked_row_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def nce_shift(log_z: torch.Tensor, num_negatives: int, num_samples: int) -> torch.Tensor:
+    """``log(Z K / N)``, what NCE subtracts from every score."""
+    # log K as a tensor op: K = B - 1 for in-batch negatives, and compile must not specialise on B.
+    return log_z + torch.log(log_z.new_full((), num_negatives)) - math.log(num_samples)
+
+
+def nce_row_sums(
+    logits: torch.Tensor, shift: torch.Tensor, mask: Optional[torch.Tensor] = None, has_positive: bool = True
+) -> torch.Tensor:
+    """Per-row NCE sums ``softplus(-l0) + sum_k softplus(lk)``, ``l = logit - shift``.
+
+    ``has_positive=False`` treats every column as a negative (a later chunk of a row's candidates).
+
+    Shape:
+        logits ``[..., k]``, mask like logits -> ``[...]``.
+    """
+    shifted = at_least_fp32(logits) - shift
+    # One softplus over all entries, the positive's sign flipped with where(), rather than separate
+    # terms for the [..., 0] and [..., 1:] slices: with the slices, torch 2.13's inductor produced
+    # a backward through the relation kernel 0.3% off eager (both agree with this form).
+    is_positive = (torch.arange(logits.shape[-1], device=logits.device) == 0) & has_positive
+    terms = F.softplus(torch.where(is_positive, -shifted, shifted))
+    if mask is not None:
+        terms = terms.masked_fill(mask & ~is_positive, 0.0)
+    return terms.sum(-1)
+
+
+def masked_row_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over rows, leaving out rows whose positive (``mask[..., 0]``) is masked."""
     if mask is None:
         return per_row.mean()
     keep = ~mask[..., 0]
@@ -52,18 +80,17 @@ def nce_loss(
         logits ``[..., K+1]``; log_z scalar; mask like logits -> scalar (sum over entries of a row,
         mean over kept rows).
     """
-    logits = at_least_fp32(logits)
-    # log K as a tensor op: K = B - 1 for in-batch negatives, and compile must not specialise on B.
-    log_num_negatives = torch.log(logits.new_full((), logits.shape[-1] - 1))
-    shifted = logits - (log_z + log_num_negatives - math.log(num_samples))
-    # One softplus over all entries, the positive's sign flipped with where(), rather than separate
-    # terms for the [..., 0] and [..., 1:] slices: with the slices, torch 2.13's inductor produced
-    # a backward through the relation kernel 0.3% off eager (both agree with this form).
-    is_positive = torch.arange(logits.shape[-1], device=logits.device) == 0
-    terms = F.softplus(torch.where(is_positive, -shifted, shifted))
-    if mask is not None:
-        terms = terms.masked_fill(mask & ~is_positive, 0.0)
-    return _masked_row_mean(terms.sum(-1), mask)
+    shift = nce_shift(log_z.to(at_least_fp32(logits).dtype), logits.shape[-1] - 1, num_samples)
+    return masked_row_mean(nce_row_sums(logits, shift, mask), mask)
+
+
+def masked_negatives(logits: torch.Tensor, mask: Optional[torch.Tensor], has_positive: bool = True) -> torch.Tensor:
+    """``logits`` with masked negatives at ``-inf``; the positive column stays, so that a dropped
+    row never becomes all ``-inf``."""
+    if mask is None:
+        return logits
+    is_positive = (torch.arange(logits.shape[-1], device=logits.device) == 0) & has_positive
+    return logits.masked_fill(mask & ~is_positive, float("-inf"))
 
 
 def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -73,11 +100,5 @@ def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> t
         logits ``[..., K+1]``; mask like logits -> scalar.
     """
     logits = at_least_fp32(logits)
-    if mask is not None:
-        # The positive stays in the normaliser so that a dropped row never holds an all -inf row.
-        negatives_masked = torch.cat([torch.zeros_like(mask[..., :1]), mask[..., 1:]], dim=-1)
-        logits_in = logits.masked_fill(negatives_masked, float("-inf"))
-    else:
-        logits_in = logits
-    per_row = torch.logsumexp(logits_in, dim=-1) - logits[..., 0]
-    return _masked_row_mean(per_row, mask)
+    per_row = torch.logsumexp(masked_negatives(logits, mask), dim=-1) - logits[..., 0]
+    return masked_row_mean(per_row, mask)
