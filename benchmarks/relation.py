@@ -127,7 +127,8 @@ def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int) -> floa
     """A rough upper bound used only to skip configurations that cannot fit."""
     scores = batch * batch * (num_negatives + 1) * 4
     if impl == "chunked":
-        return scores * 2 + batch * (num_negatives + 1) * dim * 4 * 4
+        chunk_scores = batch * batch * min(CHUNK_SIZE, num_negatives + 1) * 4
+        return chunk_scores * 14 + batch * (num_negatives + 1) * dim * 4 * 3
     return scores * dim * 3 if impl == "naive" else scores * 14
 
 
