@@ -71,6 +71,17 @@ def test_forward_returns_named_scalar_losses_and_student_logits():
         assert out[key] > 0, key
 
 
+def test_step_under_bf16_autocast_keeps_the_losses_in_fp32_and_trains():
+    distiller = make_distiller(gradient_element=True)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distiller(x, y)
+    for key in ("loss", "crcd_feature_loss", "crcd_gradient_loss"):
+        assert out[key].dtype == torch.float32 and torch.isfinite(out[key]), key
+    out["loss"].backward()
+    assert distiller.crcd_gradient.embed_student.proj.weight.grad.abs().sum() > 0
+
+
 def test_disabled_components_are_zero_tensors_not_none():
     distiller = make_distiller(alpha=0.0, beta=0.0, gradient_element=False)
     out = distiller(*batch())
