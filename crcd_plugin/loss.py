@@ -7,6 +7,7 @@ from typing import Dict, Literal, Optional, Union
 import torch
 from torch import nn
 
+from crcd_plugin.distributed import average, gather_rows, world_size
 from crcd_plugin.heads import EmbedHead
 from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core
 from crcd_plugin.memory import FeatureQueue, MemoryBank, in_batch_candidate_index
@@ -39,6 +40,8 @@ class CRCDLoss(nn.Module):
     - ``"batch"``: no state; anchors as for the queue, negatives the other ``B - 1`` samples.
 
     The memory and queue are updated, and the NCE constant ``Z`` is fixed, in training mode only.
+    Under ``torch.distributed`` every rank applies the rows of all ranks (gathered) and the mean
+    ``Z``, so the state stays identical on every rank; batches must have the same size on all ranks.
     The teacher feature is always treated as a constant (detached); gradients reach the student
     feature and both embedding heads. The loss core runs in fp32, also under autocast.
 
@@ -295,15 +298,18 @@ class CRCDLoss(nn.Module):
         finite: torch.Tensor,
         new_log_z: list,
     ) -> None:
+        # Under DDP every rank applies every rank's rows, so the state stays identical everywhere.
         if self.negatives == "bank":
+            student_emb, teacher_emb, index, finite = gather_rows(student_emb, teacher_emb, index, finite)
             self.memory_student.update(index, student_emb, finite)
             self.memory_teacher.update(index, teacher_emb, finite)
         elif self.negatives == "queue":
+            student_emb, teacher_emb, finite = gather_rows(student_emb, teacher_emb, finite)
             self.memory_student.enqueue(student_emb, finite)
             self.memory_teacher.enqueue(teacher_emb, finite)
         if self.objective == "nce":
             sides = len(new_log_z)
-            self.log_z[:sides].copy_(torch.stack(new_log_z))
+            self.log_z[:sides].copy_(average(torch.stack(new_log_z)))
             self.z_ready[:sides] |= torch.isfinite(self.log_z[:sides])
 
     # ------------------------------------------------------------------ checks
@@ -328,8 +334,11 @@ class CRCDLoss(nn.Module):
             )
         if batch < 2 and (self.anchored or self.negatives == "batch"):
             raise ValueError(f"relations need at least two samples per batch, got a batch of {batch}")
-        if self.negatives == "queue" and batch > self.memory_teacher.size:
-            raise ValueError(f"a batch of {batch} does not fit a queue of queue_size={self.memory_teacher.size}")
+        if self.negatives == "queue" and batch * world_size() > self.memory_teacher.size:
+            raise ValueError(
+                f"a batch of {batch} on each of {world_size()} rank(s) does not fit a queue of "
+                f"queue_size={self.memory_teacher.size}"
+            )
         if self.negatives != "bank":
             return None
         if index is None:

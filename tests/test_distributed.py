@@ -1,0 +1,59 @@
+"""Under torch.distributed (gloo, 2 CPU processes) the memory, queue and Z stay identical on every rank."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from crcd_plugin import CRCDLoss
+
+B, DS, DT, EMBED, N = 4, 6, 8, 8, 32
+WORLD = 2
+
+
+def _make(negatives):
+    torch.manual_seed(0)  # identical heads and memories on every rank, as DDP would broadcast
+    options = {"num_samples": N, "num_negatives": 5} if negatives == "bank" else {"queue_size": 16}
+    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives=negatives, **options)
+
+
+def _rank_batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(B, DS, generator=g), torch.randn(B, DT, generator=g), torch.arange(B) + rank * B
+
+
+def _worker(rank, init_file, out_dir, negatives):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        crcd = _make(negatives)
+        student_feat, teacher_feat, index = _rank_batch(rank)
+        torch.manual_seed(rank)  # ranks draw different negatives, as they would
+        crcd(student_feat, teacher_feat, index if negatives == "bank" else None).backward()
+        torch.save(crcd.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("negatives", ["bank", "queue"])
+def test_state_is_identical_on_all_ranks_and_holds_every_ranks_rows(tmp_path, negatives):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), negatives), nprocs=WORLD, join=True)
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+
+    reference = _make(negatives)
+    batches = [_rank_batch(rank) for rank in range(WORLD)]
+    student_rows = torch.cat([reference.embed_student(s) for s, _, _ in batches]).detach()
+    if negatives == "bank":
+        index = torch.cat([i for _, _, i in batches])
+        old = reference.memory_student.weight[index]
+        expected = F.normalize(0.5 * old + 0.5 * student_rows, dim=1)
+        torch.testing.assert_close(states[0]["memory_student.weight"][index], expected)
+    else:
+        torch.testing.assert_close(states[0]["memory_student.weight"][: WORLD * B], student_rows)
+        assert int(states[0]["memory_student.pointer"]) == WORLD * B
+    assert bool(states[0]["z_ready"].all())
