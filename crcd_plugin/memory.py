@@ -57,12 +57,16 @@ class MemoryBank(nn.Module):
         """Momentum update of rows ``index [B]`` with ``values [B, d]``; rows where ``valid [B]`` is
         False keep their old content (used to keep non-finite features out of the memory).
 
-        With repeated indices in one batch, one of the updates wins (as in the reference).
+        With repeated indices (a sample twice in a batch, or on two ranks), the last occurrence wins.
+        Every duplicate writes that same row, so the result does not depend on the order in which
+        the device applies the writes, and ranks stay identical.
         """
+        positions = torch.arange(index.shape[0], device=index.device)
+        last = torch.where(index[:, None] == index[None, :], positions, -1).amax(1)  # [B]
         old = self.weight[index]
-        new = F.normalize(self.momentum * old + (1.0 - self.momentum) * values.to(old.dtype), dim=-1)
+        new = F.normalize(self.momentum * old + (1.0 - self.momentum) * values.to(old.dtype), dim=-1)[last]
         if valid is not None:
-            new = torch.where(valid[:, None], new, old)
+            new = torch.where(valid[last][:, None], new, old)
         self.weight.index_copy_(0, index, new)
 
 

@@ -306,3 +306,15 @@ def test_chunked_loss_equals_unchunked_and_updates_the_same_state():
         torch.testing.assert_close(chunked(student_feat, teacher_feat, torch.arange(B) + seed), expected)
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(chunked.state_dict()[name], value)
+
+
+def test_repeated_indices_in_a_batch_take_the_last_occurrence():
+    from crcd_plugin import MemoryBank
+
+    torch.manual_seed(0)
+    bank = MemoryBank(10, 4, momentum=0.5)
+    before = bank.weight.clone()
+    values = torch.randn(3, 4)
+    bank.update(torch.tensor([7, 2, 7]), values)
+    torch.testing.assert_close(bank.weight[7], F.normalize(0.5 * before[7] + 0.5 * values[2], dim=0))
+    torch.testing.assert_close(bank.weight[2], F.normalize(0.5 * before[2] + 0.5 * values[1], dim=0))
