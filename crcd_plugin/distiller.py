@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_choice, check_positive_int
 from .functional import kd_loss
 from .gradients import student_gradient_element, teacher_gradient_element
 from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
@@ -60,10 +61,8 @@ class DistillSchedule(nn.Module):
         self, total_steps: int, kind: ScheduleKind = "step", until: float = 0.96, start: float = 0.0
     ) -> None:
         super().__init__()
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-        if kind not in _SCHEDULE_KINDS:
-            raise ValueError(f"kind must be one of {_SCHEDULE_KINDS}, got {kind!r}")
+        check_positive_int("total_steps", total_steps)
+        check_choice("kind", kind, _SCHEDULE_KINDS)
         if not 0.0 <= start < until <= 1.0:
             raise ValueError(f"expected 0 <= start < until <= 1, got start={start!r}, until={until!r}")
         self.total_steps = total_steps
@@ -206,8 +205,7 @@ class CRCDDistiller(nn.Module):
             isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0
         ):
             raise ValueError(f"num_samples must be None or a positive int (the dataset size), got {num_samples!r}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size <= 0:
-            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+        check_positive_int("queue_size", queue_size)
         if crcd_options is not None and not isinstance(crcd_options, Mapping):
             raise TypeError(
                 f"crcd_options must be a dict of CRCDLoss keyword arguments, got {type(crcd_options).__name__}"

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from crcd_plugin._checks import check_positive_int
 from crcd_plugin.kernels.objectives import at_least_fp32
 from crcd_plugin.kernels.objectives import infonce_loss as _infonce_loss
 from crcd_plugin.kernels.objectives import nce_log_normalizer as _nce_log_normalizer
@@ -62,7 +63,7 @@ def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
 
     ``CRCDLoss`` fixes it from the first training batch and keeps it in a buffer.
     """
-    _check_num_samples(num_samples)
+    check_positive_int("num_samples", num_samples)
     return _nce_log_normalizer(logits, num_samples)
 
 
@@ -87,7 +88,7 @@ def nce_loss(
     Returns:
         Scalar loss: sum over a row's entries, mean over (kept) rows.
     """
-    _check_num_samples(num_samples)
+    check_positive_int("num_samples", num_samples)
     _check_objective_inputs(logits, mask)
     return _nce_loss(logits, torch.as_tensor(log_z, device=logits.device), num_samples, mask)
 
@@ -155,8 +156,3 @@ def _check_objective_inputs(logits: torch.Tensor, mask: Optional[torch.Tensor]) 
         raise ValueError(f"logits need a positive and at least one negative in the last dim, got {list(logits.shape)}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != logits.shape):
         raise ValueError(f"mask must be a bool tensor of shape {list(logits.shape)}, got {mask.dtype} {list(mask.shape)}")
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")

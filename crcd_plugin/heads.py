@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crcd_plugin._checks import check_choice
 from crcd_plugin.kernels.objectives import at_least_fp32
 
 HEAD_KINDS = ("linear", "mlp", "identity")
@@ -30,8 +31,7 @@ class EmbedHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden_dim: Optional[int] = None) -> None:
         super().__init__()
-        if kind not in HEAD_KINDS:
-            raise ValueError(f"head must be one of {HEAD_KINDS}, got {kind!r}")
+        check_choice("head", kind, HEAD_KINDS)
         if kind == "identity" and in_dim != out_dim:
             raise ValueError(
                 f'head="identity" needs the feature size to equal embed_dim, got {in_dim} and {out_dim}'

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from crcd_plugin._checks import check_choice
+
 __all__ = [
     "FeatureCapture",
     "Selector",
@@ -276,8 +278,7 @@ class FeatureCapture:
         Raises:
             ValueError: If the path does not exist, ``io``/``pool`` is unknown or ``name`` is taken.
         """
-        if io not in _IO_KINDS:
-            raise ValueError(f"io must be one of {_IO_KINDS}, got {io!r}")
+        check_choice("io", io, _IO_KINDS)
         if pool is not None and pool not in POOL_MODES:
             raise ValueError(f"pool must be None or one of {POOL_MODES}, got {pool!r}")
         key = path if name is None else name

@@ -7,6 +7,7 @@ from typing import Dict, Literal, Optional, Union
 import torch
 from torch import nn
 
+from crcd_plugin._checks import check_choice, check_positive_int
 from crcd_plugin.distributed import average, gather_rows, world_size
 from crcd_plugin.heads import EmbedHead
 from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core
@@ -118,19 +119,19 @@ class CRCDLoss(nn.Module):
         chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_choice("negatives", negatives, NEGATIVE_MODES)
-        _check_choice("objective", objective, OBJECTIVES)
-        _check_choice("self_anchor", self_anchor, SELF_ANCHOR_MODES)
-        _check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
-        _check_choice("backend", backend, BACKENDS)
+        check_choice("negatives", negatives, NEGATIVE_MODES)
+        check_choice("objective", objective, OBJECTIVES)
+        check_choice("self_anchor", self_anchor, SELF_ANCHOR_MODES)
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
+        check_choice("backend", backend, BACKENDS)
         for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("embed_dim", embed_dim)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if num_anchors is not None:
-            _check_positive_int("num_anchors", num_anchors)
+            check_positive_int("num_anchors", num_anchors)
         if chunk_size is not None:
-            _check_positive_int("chunk_size", chunk_size)
+            check_positive_int("chunk_size", chunk_size)
 
         self.student_dim, self.teacher_dim, self.embed_dim = student_dim, teacher_dim, embed_dim
         self.negatives, self.objective, self.self_anchor = negatives, objective, self_anchor
@@ -147,18 +148,18 @@ class CRCDLoss(nn.Module):
         if negatives == "bank":
             if num_samples is None:
                 raise ValueError('negatives="bank" needs num_samples (the training-set size)')
-            _check_positive_int("num_samples", num_samples)
+            check_positive_int("num_samples", num_samples)
             self.num_negatives: Optional[int] = DEFAULT_BANK_NEGATIVES if num_negatives is None else num_negatives
-            _check_positive_int("num_negatives", self.num_negatives)
+            check_positive_int("num_negatives", self.num_negatives)
             self.memory_student = MemoryBank(num_samples, embed_dim, momentum)
             self.memory_teacher = MemoryBank(num_samples, embed_dim, momentum)
             self.noise_size = num_samples
         elif negatives == "queue":
             if queue_size is None:
                 raise ValueError('negatives="queue" needs queue_size')
-            _check_positive_int("queue_size", queue_size)
+            check_positive_int("queue_size", queue_size)
             if num_negatives is not None:
-                _check_positive_int("num_negatives", num_negatives)
+                check_positive_int("num_negatives", num_negatives)
             self.num_negatives = num_negatives
             self.memory_student = FeatureQueue(queue_size, embed_dim)
             self.memory_teacher = FeatureQueue(queue_size, embed_dim)
@@ -381,12 +382,3 @@ class CRCDLoss(nn.Module):
             f"temperature={self.temperature}, anchored={self.anchored}, self_anchor={self.self_anchor!r}"
         )
 
-
-def _check_choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crcd_plugin._checks import check_positive_int
+
 
 def _random_unit_rows(rows: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim), dim=-1)
@@ -37,8 +39,7 @@ class MemoryBank(nn.Module):
 
     def __init__(self, num_samples: int, dim: int, momentum: float = 0.5) -> None:
         super().__init__()
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples}")
+        check_positive_int("num_samples", num_samples)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
@@ -88,8 +89,7 @@ class FeatureQueue(nn.Module):
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
-        if size < 1:
-            raise ValueError(f"queue_size must be a positive int, got {size}")
+        check_positive_int("queue_size", size)
         self.register_buffer("weight", _random_unit_rows(size, dim))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
 

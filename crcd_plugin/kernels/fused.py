@@ -14,6 +14,7 @@ import torch
 
 from torch.utils.checkpoint import checkpoint
 
+from crcd_plugin._checks import check_choice
 from crcd_plugin.kernels.objectives import (
     infonce_loss,
     masked_negatives,
@@ -152,8 +153,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     On CPU the first compile of each shape family costs tens of seconds, which would dominate short
     runs, so ``"auto"`` stays eager there; ask for ``"compile"`` explicitly for long CPU runs.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         return "compile" if device.type == "cuda" else "eager"
     return backend
