@@ -6,7 +6,7 @@ the penultimate feature that CRCD distils is exactly ``fc``'s input.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,25 @@ def _init_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.01)
             nn.init.zeros_(module.bias)
+
+
+def _three_stages(
+    block: Callable[[int, int, int], nn.Module], widths: Sequence[int], blocks_per_stage: int
+) -> Tuple[nn.Sequential, int]:
+    """Three stages of ``blocks_per_stage`` blocks, widths ``widths[1:]``, strides 1, 2, 2.
+
+    Returns:
+        The stages as one ``nn.Sequential`` and the output channel count.
+    """
+    stages: List[nn.Module] = []
+    in_channels = widths[0]
+    for out_channels, stride in zip(widths[1:], (1, 2, 2)):
+        blocks = []
+        for index in range(blocks_per_stage):
+            blocks.append(block(in_channels, out_channels, stride if index == 0 else 1))
+            in_channels = out_channels
+        stages.append(nn.Sequential(*blocks))
+    return nn.Sequential(*stages), in_channels
 
 
 class _BasicBlock(nn.Module):
@@ -85,15 +104,7 @@ class CifarResNet(nn.Module):
         self.stem = nn.Sequential(
             _conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
-        stages: List[nn.Module] = []
-        in_channels = widths[0]
-        for out_channels, stride in zip(widths[1:], (1, 2, 2)):
-            blocks = []
-            for block in range(blocks_per_stage):
-                blocks.append(_BasicBlock(in_channels, out_channels, stride if block == 0 else 1))
-                in_channels = out_channels
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
+        self.stages, in_channels = _three_stages(_BasicBlock, widths, blocks_per_stage)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
         _init_weights(self)
@@ -146,15 +157,7 @@ class WideResNet(nn.Module):
         blocks_per_stage = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = _conv3x3(3, widths[0])
-        stages: List[nn.Module] = []
-        in_channels = widths[0]
-        for out_channels, stride in zip(widths[1:], (1, 2, 2)):
-            blocks = []
-            for block in range(blocks_per_stage):
-                blocks.append(_WideBlock(in_channels, out_channels, stride if block == 0 else 1))
-                in_channels = out_channels
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
+        self.stages, in_channels = _three_stages(_WideBlock, widths, blocks_per_stage)
         self.final = nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
