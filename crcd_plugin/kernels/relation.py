@@ -47,57 +47,59 @@ def gram_relation_logits(
     on its nearest anchor ``p``: ``c - a_j + eps = r + P[p, j]`` with ``r = c - a_p`` and
     ``P[p, j] = a_p - a_j + eps``, both exact differences. All Gram products multiply ``r``, which
     is small exactly where precision matters, so their absolute error scales with ``|r|`` instead
-    of with ``|c| |a|``. The entry ``j = p`` itself, where the relation can be as short as ``eps``,
-    is assembled from ``r``-only terms (``|r + eps|^2 = |r|^2 + 2 eps sum(r) + D eps^2``), so its
+    of with ``|c| |a|``. The squared norm at ``j = p``, which can be as small as ``eps^2``, is
+    assembled from ``r``-only terms (``|r + eps|^2 = |r|^2 + 2 eps sum(r) + D eps^2``), so its
     large gradient (``~1 / |r + eps|``) never meets the ``a_p - a_j`` terms that would cancel.
     The identity holds for any ``p``: the nearest-anchor search only decides where precision goes.
 
-    Cost: three ``[B, K+1, D] x [D, A]`` products forward (one of them without gradient), one
-    ``[B, K+1, D]`` residual, ``[A, A, D]`` / ``[B, A, A]`` side tensors and ``[B, A, K+1]`` scores.
+    The work is laid out as ``[B, K+1, A]`` (a row of anchors per candidate): per-candidate terms
+    broadcast along rows, table look-ups by ``p`` read whole rows, the two Gram products take
+    their additive terms in place (``addmm`` / ``baddbmm``), and ``1 / tau`` is folded into the
+    ``[B, A, D]`` student side. The result is returned as a ``[B, A, K+1]`` view of that layout.
+
+    Cost: three ``[B, K+1, D] x [D, A]`` products forward (one only to find ``p``, without
+    gradient), one ``[B, K+1, D]`` residual, ``[A, A, D]`` / ``[B, A, A]`` side tensors and a few
+    ``[B, K+1, A]`` score-sized tensors.
 
     Shape:
         student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]`` -> ``[B, A, K+1]``.
     """
     batch, num_anchors = student.shape[0], anchors.shape[0]
-    num_candidates = candidates.shape[1]
+    num_candidates, dim = candidates.shape[1], candidates.shape[2]
 
-    student_rel = F.normalize(student[:, None, :] - anchors[None, :, :] + eps, dim=-1)  # [B, A, D]
+    student_rel = F.normalize(student[:, None, :] - anchors[None, :, :] + eps, dim=-1) / temperature  # [B, A, D]
 
     # Nearest anchor of every candidate: an index choice only, so no gradient flows through it.
     anchors_d = anchors.detach()
-    proximity = candidates.detach() @ anchors_d.T - 0.5 * (anchors_d * anchors_d).sum(-1)
+    proximity = candidates.detach() @ anchors_d.T - 0.5 * (anchors_d * anchors_d).sum(-1)  # [B, K+1, A]
     nearest = proximity.argmax(-1)  # [B, K+1]
-    gather_index = nearest[:, None, :].expand(batch, num_anchors, num_candidates)  # [B, A, K+1]
 
-    residual = candidates - anchors[nearest]  # [B, K+1, D], the only tensor of that size we make
-    residual_t = rearrange(residual, "b k d -> b d k")
-    res_anchor = torch.matmul(anchors, residual_t)  # [B, A, K+1]: <r_bk, a_j>
-    res_student = torch.bmm(student_rel, residual_t)  # [B, A, K+1]: <r_bk, s_bj>
-    res_sq = torch.linalg.vector_norm(residual, dim=-1).square()[:, None, :]  # [B, 1, K+1]
-    res_sum = residual.sum(-1)[:, None, :]  # [B, 1, K+1]
+    near_anchor = F.embedding(nearest, anchors)  # [B, K+1, D]: a_p
+    residual = candidates - near_anchor  # [B, K+1, D], the only tensor of that size we make
+    res_sq = torch.linalg.vector_norm(residual, dim=-1, keepdim=True).square()  # [B, K+1, 1]
+    res_eps = 2.0 * eps * residual.sum(-1, keepdim=True)  # [B, K+1, 1]
+    res_near = (residual * near_anchor).sum(-1, keepdim=True)  # [B, K+1, 1]: <r, a_p>
 
-    # Entries j = p, from the exact difference r + eps: no term of these sums cancels.
-    near_index = nearest[:, None, :]  # [B, 1, K+1]
-    student_sum = student_rel.sum(-1)  # [B, A]
-    near_dot = torch.gather(res_student, 1, near_index) + eps * torch.gather(student_sum, 1, nearest)[:, None, :]
-    near_sq = res_sq + 2.0 * eps * res_sum + student.shape[-1] * eps * eps
-    near_logits = near_dot * torch.rsqrt(near_sq.clamp_min(_MIN_NORM_SQ))  # [B, 1, K+1]
+    anchor_diff = anchors[:, None, :] - anchors[None, :, :] + eps  # [A(p), A(j), D]: P[p, j]
+    anchor_diff_sq = (anchor_diff * anchor_diff).sum(-1)  # [A(p), A(j)]
+    anchor_term = torch.einsum("pjd,bjd->bpj", anchor_diff, student_rel)  # [B, A(p), A(j)]
 
-    # Entries j != p, through the Gram products of the residual.
-    anchor_diff = anchors[:, None, :] - anchors[None, :, :] + eps  # [A(p), A(j), D]
-    anchor_diff_sq = rearrange((anchor_diff * anchor_diff).sum(-1), "p j -> j p")
-    anchor_term = torch.einsum("pjd,bjd->bjp", anchor_diff, student_rel)  # [B, A(j), A(p)]
-    res_near = torch.gather(res_anchor, 1, near_index)  # [B, 1, K+1]: <r_bk, a_p>
-    diff_sq = torch.gather(anchor_diff_sq.expand(batch, num_anchors, num_anchors), 2, gather_index)
-    # |c - a_j + eps|^2 = |r|^2 + 2 <r, P[p, j]> + |P[p, j]|^2
-    cand_sq = res_sq + 2.0 * (res_near + eps * res_sum - res_anchor) + diff_sq
-    # <c - a_j + eps, s_bj> = <r, s_bj> + <P[p, j], s_bj>
-    dot = res_student + torch.gather(anchor_term, 2, gather_index)
-    gram_logits = dot * torch.rsqrt(cand_sq.clamp_min(_MIN_NORM_SQ))
-
-    anchor_ids = torch.arange(num_anchors, device=nearest.device)[None, :, None]
-    logits = torch.where(anchor_ids == near_index, near_logits, gram_logits)
-    return logits / temperature
+    # <c - a_j + eps, s_bj> / tau = <r, s_bj / tau> + <P[p, j], s_bj / tau>
+    rows_of_p = nearest[:, :, None].expand(batch, num_candidates, num_anchors)
+    dot = torch.baddbmm(torch.gather(anchor_term, 1, rows_of_p), residual, student_rel.transpose(1, 2))
+    # |c - a_j + eps|^2 = |r|^2 + 2 <r, a_p - a_j + eps> + |P[p, j]|^2, for j != p
+    per_candidate = res_sq + res_eps + 2.0 * res_near  # [B, K+1, 1]
+    far_sq = torch.addmm(
+        (anchor_diff_sq[nearest] + per_candidate).reshape(-1, num_anchors),
+        residual.reshape(-1, dim),
+        anchors.T,
+        alpha=-2.0,
+    ).view(batch, num_candidates, num_anchors)
+    near_sq = res_sq + res_eps + dim * eps * eps  # [B, K+1, 1]: j = p, from r alone
+    is_near = torch.arange(num_anchors, device=nearest.device) == nearest[:, :, None]  # [B, K+1, A]
+    cand_sq = torch.where(is_near, near_sq, far_sq)
+    logits = dot * torch.rsqrt(cand_sq.clamp_min(_MIN_NORM_SQ))  # [B, K+1, A]
+    return rearrange(logits, "b k a -> b a k")
 
 
 def anchor_free_logits(student: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
