@@ -23,11 +23,13 @@ def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
 
     Computed in log space, so no ``exp(1 / tau)`` overflow; returned detached (Z is a constant).
     """
-    flat = at_least_fp32(logits.detach()).reshape(-1)
+    # No reshape: the scores may be a permuted view, and flattening it would copy it (eager) or
+    # make the compiled reduction walk it against its memory order.
+    scores = at_least_fp32(logits.detach())
     # log(mean(exp(x))) through mean() rather than logsumexp - log(numel), so that torch.compile
     # does not specialise on the number of scores.
-    peak = flat.max()
-    return peak + torch.log(torch.exp(flat - peak).mean()) + math.log(num_samples)
+    peak = scores.amax()
+    return peak + torch.log(torch.exp(scores - peak).mean()) + math.log(num_samples)
 
 
 def nce_shift(log_z: torch.Tensor, num_negatives: int, num_samples: int) -> torch.Tensor:
