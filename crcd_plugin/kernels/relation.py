@@ -7,6 +7,8 @@ laid out as ``[B, A, K+1]``. Only the naive one builds the ``[B, A, K+1, D]`` te
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -64,9 +66,53 @@ def gram_relation_logits(
     Shape:
         student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]`` -> ``[B, A, K+1]``.
     """
-    batch, num_anchors = student.shape[0], anchors.shape[0]
-    num_candidates, dim = candidates.shape[1], candidates.shape[2]
+    terms = relation_terms(student, anchors, candidates, temperature, eps)
+    batch, num_candidates, num_anchors = terms.nearest.shape + (anchors.shape[0],)
+    residual = terms.residual
+    # <c - a_j + eps, s_bj> / tau = <r, s_bj / tau> + <P[p, j], s_bj / tau>
+    rows_of_p = terms.nearest[:, :, None].expand(batch, num_candidates, num_anchors)
+    dot = torch.baddbmm(torch.gather(terms.anchor_term, 1, rows_of_p), residual, terms.student_rel.transpose(1, 2))
+    # |c - a_j + eps|^2 = |r|^2 + 2 <r, a_p - a_j + eps> + |P[p, j]|^2, for j != p
+    far_sq = torch.addmm(
+        (terms.anchor_diff_sq[terms.nearest] + terms.per_candidate).reshape(-1, num_anchors),
+        residual.reshape(-1, residual.shape[-1]),
+        anchors.T,
+        alpha=-2.0,
+    ).view(batch, num_candidates, num_anchors)
+    is_near = torch.arange(num_anchors, device=anchors.device) == terms.nearest[:, :, None]  # [B, K+1, A]
+    cand_sq = torch.where(is_near, terms.near_sq, far_sq)
+    logits = dot * torch.rsqrt(cand_sq.clamp_min(_MIN_NORM_SQ))  # [B, K+1, A]
+    return rearrange(logits, "b k a -> b a k")
 
+
+class RelationTerms(NamedTuple):
+    """The pieces of the exact relation scores that are not Gram products with the residual.
+
+    Shared by :func:`gram_relation_logits` and the Triton kernel; see the former for the algebra.
+    """
+
+    student_rel: torch.Tensor  # [B, A, D]: normalize(s_b - a_j + eps) / tau
+    residual: torch.Tensor  # [B, K+1, D]: r = c - a_p
+    nearest: torch.Tensor  # [B, K+1]: p, the candidate's nearest anchor
+    per_candidate: torch.Tensor  # [B, K+1, 1]: |r|^2 + 2 eps sum(r) + 2 <r, a_p>
+    near_sq: torch.Tensor  # [B, K+1, 1]: |r + eps|^2, the squared norm at j = p
+    anchor_diff_sq: torch.Tensor  # [A(p), A(j)]: |P[p, j]|^2
+    anchor_term: torch.Tensor  # [B, A(p), A(j)]: <P[p, j], s_bj> / tau
+
+
+def relation_terms(
+    student: torch.Tensor,
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float,
+    eps: float = 1e-6,
+) -> RelationTerms:
+    """Nearest anchors, residuals and the small tables of :func:`gram_relation_logits`.
+
+    Shape:
+        student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]``; see :class:`RelationTerms`.
+    """
+    dim = candidates.shape[-1]
     student_rel = F.normalize(student[:, None, :] - anchors[None, :, :] + eps, dim=-1) / temperature  # [B, A, D]
 
     # Nearest anchor of every candidate: an index choice only, so no gradient flows through it.
@@ -81,25 +127,15 @@ def gram_relation_logits(
     res_near = (residual * near_anchor).sum(-1, keepdim=True)  # [B, K+1, 1]: <r, a_p>
 
     anchor_diff = anchors[:, None, :] - anchors[None, :, :] + eps  # [A(p), A(j), D]: P[p, j]
-    anchor_diff_sq = (anchor_diff * anchor_diff).sum(-1)  # [A(p), A(j)]
-    anchor_term = torch.einsum("pjd,bjd->bpj", anchor_diff, student_rel)  # [B, A(p), A(j)]
-
-    # <c - a_j + eps, s_bj> / tau = <r, s_bj / tau> + <P[p, j], s_bj / tau>
-    rows_of_p = nearest[:, :, None].expand(batch, num_candidates, num_anchors)
-    dot = torch.baddbmm(torch.gather(anchor_term, 1, rows_of_p), residual, student_rel.transpose(1, 2))
-    # |c - a_j + eps|^2 = |r|^2 + 2 <r, a_p - a_j + eps> + |P[p, j]|^2, for j != p
-    per_candidate = res_sq + res_eps + 2.0 * res_near  # [B, K+1, 1]
-    far_sq = torch.addmm(
-        (anchor_diff_sq[nearest] + per_candidate).reshape(-1, num_anchors),
-        residual.reshape(-1, dim),
-        anchors.T,
-        alpha=-2.0,
-    ).view(batch, num_candidates, num_anchors)
-    near_sq = res_sq + res_eps + dim * eps * eps  # [B, K+1, 1]: j = p, from r alone
-    is_near = torch.arange(num_anchors, device=nearest.device) == nearest[:, :, None]  # [B, K+1, A]
-    cand_sq = torch.where(is_near, near_sq, far_sq)
-    logits = dot * torch.rsqrt(cand_sq.clamp_min(_MIN_NORM_SQ))  # [B, K+1, A]
-    return rearrange(logits, "b k a -> b a k")
+    return RelationTerms(
+        student_rel=student_rel,
+        residual=residual,
+        nearest=nearest,
+        per_candidate=res_sq + res_eps + 2.0 * res_near,
+        near_sq=res_sq + res_eps + dim * eps * eps,
+        anchor_diff_sq=(anchor_diff * anchor_diff).sum(-1),
+        anchor_term=torch.einsum("pjd,bjd->bpj", anchor_diff, student_rel),
+    )
 
 
 def anchor_free_logits(student: torch.Tensor, candidates: torch.Tensor, temperature: float) -> torch.Tensor:
