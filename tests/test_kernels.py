@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from naive import naive_nce, naive_relations, naive_z
-from torch.utils._python_dispatch import TorchDispatchMode
+from probes import LargestTensor
 
 from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits, relation_loss_core, run_relation_loss_core
 
@@ -24,24 +24,9 @@ def _bank_like_inputs(batch=B, seed=0):
     return student, anchors, candidates
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op returns (forward and backward run inside the mode)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
 def _largest_tensor(kernel):
     student, anchors, candidates = _bank_like_inputs()
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         kernel(student, anchors, candidates, 0.05).logsumexp(-1).sum().backward()
     return mode.largest
 
@@ -160,7 +145,7 @@ def _largest_tensor_of_core(chunk_size):
     g = torch.Generator().manual_seed(0)
     student = torch.randn(16, 4, generator=g).requires_grad_()
     anchors, candidates = torch.randn(16, 4, generator=g), torch.randn(16, 256, 4, generator=g)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         loss, _ = run_relation_loss_core(
             "eager", student, anchors, candidates, torch.zeros(()), torch.tensor(False), None,
             temperature=0.05, eps=1e-6, objective="nce", num_samples=1000, chunk_size=chunk_size,

@@ -28,7 +28,7 @@ from crcd_plugin.kernels.relation import anchor_free_logits, gram_relation_logit
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "eager", "compile", "naive")
+BACKENDS = ("auto", "eager", "compile", "naive", "triton")
 
 
 def relation_loss_core(
@@ -125,6 +125,7 @@ def chunked_relation_loss_core(
 
 _compiled: Dict[tuple, Callable] = {}
 _compile_failure: Dict[str, Exception] = {}
+_triton_refusals: set = set()
 
 
 def _compiled_core(temperature: float, eps: float, objective: str, num_samples: int) -> Callable:
@@ -152,6 +153,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
     On CPU the first compile of each shape family costs tens of seconds, which would dominate short
     runs, so ``"auto"`` stays eager there; ask for ``"compile"`` explicitly for long CPU runs.
+    ``"auto"`` never picks ``"triton"``: that kernel is checked for exactness (under Triton's
+    interpreter) but has no GPU timing yet to show that it beats ``"compile"``.
     """
     check_choice("backend", backend, BACKENDS)
     if backend == "auto":
@@ -178,10 +181,21 @@ def run_relation_loss_core(
 
     ``"compile"`` falls back to eager, with one warning, when compilation is unavailable. With
     ``chunk_size`` smaller than ``K+1``, the chunked core runs instead (eager kernels; ``"naive"``
-    is not chunked).
+    is not chunked). ``"triton"`` never stores the scores, so it ignores ``chunk_size``; where it
+    cannot run (see :func:`triton_unsupported_reason`) it falls back to the eager or chunked core,
+    with one warning per reason.
     """
     tensors = (query, anchors, candidates, log_z, z_ready, mask)
     options = (float(temperature), float(eps), objective, int(num_samples))
+    if backend == "triton":
+        reason = triton_unsupported_reason(query, anchors, candidates, mask)
+        if reason is None:
+            from crcd_plugin.kernels.triton_relation import triton_relation_loss_core
+
+            return triton_relation_loss_core(query, anchors, candidates, log_z, z_ready, *options)
+        if reason not in _triton_refusals:
+            _triton_refusals.add(reason)
+            logger.warning("backend='triton' cannot run %s; running the eager kernels instead", reason)
     if chunk_size is not None and chunk_size < candidates.shape[1] and backend != "naive":
         return chunked_relation_loss_core(*tensors, *options, chunk_size)
     if backend == "compile" and not _compile_failure:
@@ -192,3 +206,14 @@ def run_relation_loss_core(
             _compile_failure["error"] = error
             logger.warning("torch.compile of the CRCD loss core failed, running eager: %s", error)
     return relation_loss_core(*tensors, *options, naive=backend == "naive")
+
+
+def triton_unsupported_reason(
+    query: torch.Tensor, anchors: Optional[torch.Tensor], candidates: torch.Tensor, mask: Optional[torch.Tensor]
+) -> Optional[str]:
+    """Why the Triton kernel cannot run these inputs (``None`` when it can), Triton missing included."""
+    try:
+        from crcd_plugin.kernels.triton_relation import unsupported_reason
+    except ImportError:
+        return "without the triton package"
+    return unsupported_reason(query, anchors, candidates, mask)

@@ -7,7 +7,7 @@ laid out as ``[B, A, K+1]``. Only the naive one builds the ``[B, A, K+1, D]`` te
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +106,12 @@ def relation_terms(
     candidates: torch.Tensor,
     temperature: float,
     eps: float = 1e-6,
+    search_chunk: Optional[int] = None,
 ) -> RelationTerms:
     """Nearest anchors, residuals and the small tables of :func:`gram_relation_logits`.
+
+    The nearest-anchor search makes a ``[B, K+1, A]`` tensor; kernels that never store the
+    scores pass ``search_chunk`` to make it ``search_chunk`` candidates at a time instead.
 
     Shape:
         student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]``; see :class:`RelationTerms`.
@@ -117,8 +121,9 @@ def relation_terms(
 
     # Nearest anchor of every candidate: an index choice only, so no gradient flows through it.
     anchors_d = anchors.detach()
-    proximity = candidates.detach() @ anchors_d.T - 0.5 * (anchors_d * anchors_d).sum(-1)  # [B, K+1, A]
-    nearest = proximity.argmax(-1)  # [B, K+1]
+    half_sq = 0.5 * (anchors_d * anchors_d).sum(-1)
+    chunks = candidates.detach().split(search_chunk or candidates.shape[1], dim=1)
+    nearest = torch.cat([(chunk @ anchors_d.T - half_sq).argmax(-1) for chunk in chunks], dim=1)  # [B, K+1]
 
     near_anchor = F.embedding(nearest, anchors)  # [B, K+1, D]: a_p
     residual = candidates - near_anchor  # [B, K+1, D], the only tensor of that size we make

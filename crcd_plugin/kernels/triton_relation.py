@@ -1,0 +1,266 @@
+"""Flash-style relation loss on Triton: scores are made tile by tile and reduced at once.
+
+The ``[B, A, K+1]`` scores are never stored, neither in forward nor in backward (which makes them
+again). The non-Gram pieces come from :func:`relation_terms`, so the result is as exact as the
+Gram kernel's; the two Gram products run as fp32 ``tl.dot`` with IEEE precision (no TF32).
+Imported only when ``backend="triton"`` is asked for; runs on CUDA, and on CPU under Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from crcd_plugin.kernels.objectives import nce_shift
+from crcd_plugin.kernels.relation import relation_terms
+
+MODE_NCE, MODE_INFONCE, MODE_STATS = 0, 1, 2
+_MAX_DIM = 256  # one [BLOCK_K, D] residual tile per step; larger D would need a loop over D
+# The nearest-anchor search runs over chunks of candidates of at most this many [B, chunk, A]
+# entries (64 MiB in fp32), so that no tensor of the scores' size exists at any time.
+SEARCH_ENTRIES = 2**24
+
+
+def unsupported_reason(
+    query: torch.Tensor, anchors: Optional[torch.Tensor], candidates: torch.Tensor, mask: Optional[torch.Tensor]
+) -> Optional[str]:
+    """Why the Triton kernel cannot run these inputs, or ``None`` when it can."""
+    if anchors is None:
+        return "anchored=False (no anchors)"
+    if mask is not None:
+        return "masked scores (self_anchor='mask')"
+    if anchors.requires_grad or candidates.requires_grad:
+        return "gradients for anchors or candidates (only the query may require grad)"
+    if any(x.dtype != torch.float32 for x in (query, anchors, candidates)):
+        return "dtypes other than float32"
+    if candidates.shape[-1] > _MAX_DIM:
+        return f"embedding dims above {_MAX_DIM}"
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"on device {query.device.type} (it needs CUDA, or CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+@triton.jit
+def _tile_logits(
+    b, j, jm, d, dm, k0, s, a,
+    res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr,
+    A, K1, D,
+    BLOCK_K: tl.constexpr,
+):
+    """Scores of candidates ``k0 .. k0+BLOCK_K`` against the program's anchors: ``[BLOCK_K, BLOCK_A]``."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    km = k < K1
+    r = tl.load(res_ptr + b * K1 * D + k[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    p = tl.load(near_ptr + b * K1 + k, mask=km, other=0)
+    valid = km[:, None] & jm[None, :]
+    # <c - a_j + eps, s_bj> / tau = <r, s_bj / tau> + <P[p, j], s_bj / tau>
+    dot = tl.dot(r, tl.trans(s), input_precision="ieee")
+    dot += tl.load(term_ptr + b * A * A + p[:, None] * A + j[None, :], mask=valid, other=0.0)
+    # |c - a_j + eps|^2: from the Gram product for j != p, from r alone for j = p
+    far = tl.load(perc_ptr + b * K1 + k, mask=km, other=0.0)[:, None]
+    far += tl.load(dsq_ptr + p[:, None] * A + j[None, :], mask=valid, other=0.0)
+    far -= 2.0 * tl.dot(r, tl.trans(a), input_precision="ieee")
+    near = tl.load(nsq_ptr + b * K1 + k, mask=km, other=1.0)[:, None]
+    sq = tl.where(p[:, None] == j[None, :], near, far)
+    rsq = 1.0 / tl.sqrt(tl.maximum(sq, 1e-24))
+    return dot * rsq, rsq, r, p, k, valid
+
+
+@triton.jit
+def _softplus(x):
+    # max(x, 0) + log1p(exp(-|x|)), with log1p(t) = log(u) t / (u - 1), u = 1 + t, accurate to
+    # an ulp where log(1 + t) alone would lose t's low digits (no log1p in Triton's core language).
+    t = tl.exp(-tl.abs(x))
+    u = 1.0 + t
+    return tl.maximum(x, 0.0) + tl.where(u == 1.0, t, tl.log(u) * t / tl.where(u == 1.0, 1.0, u - 1.0))
+
+
+@triton.jit
+def _rows_forward(
+    srel_ptr, term_ptr, anc_ptr, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, shift_ptr, skip_ptr,
+    out_ptr, lse_ptr,
+    A, K1, D,
+    MODE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per row ``(b, j)``: NCE sum, or InfoNCE ``lse - positive``, or (stats) the scores' ``lse``."""
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    jm = j < A
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    s = tl.load(srel_ptr + b * A * D + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    a = tl.load(anc_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    shift = tl.load(shift_ptr)
+    # The stats pass only matters before NCE's constant is fixed; afterwards it does no work.
+    num_candidates = tl.where(tl.load(skip_ptr) != 0, 0, K1)
+
+    acc = tl.zeros([BLOCK_A], dtype=tl.float32)
+    run_max = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_A], dtype=tl.float32)
+    for k0 in range(0, num_candidates, BLOCK_K):
+        logits, rsq, r, p, k, valid = _tile_logits(
+            b, j, jm, d, dm, k0, s, a, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr, A, K1, D, BLOCK_K
+        )
+        is_positive = (k == 0)[:, None]
+        if MODE == 0:
+            x = logits - shift
+            acc += tl.sum(tl.where(valid, _softplus(tl.where(is_positive, -x, x)), 0.0), 0)
+        else:
+            if MODE == 1:
+                acc += tl.sum(tl.where(valid & is_positive, logits, 0.0), 0)
+            masked = tl.where(valid, logits, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(masked, 0))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(tl.exp(masked - safe_max[None, :]), 0)
+            run_max = new_max
+    lse = tl.where(run_sum > 0, run_max + tl.log(tl.maximum(run_sum, 1e-30)), float("-inf"))
+    if MODE == 1:
+        acc = lse - acc
+    tl.store(out_ptr + b * A + j, acc, mask=jm)
+    tl.store(lse_ptr + b * A + j, lse, mask=jm)
+
+
+@triton.jit
+def _rows_backward(
+    srel_ptr, term_ptr, anc_ptr, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, shift_ptr, lse_ptr, grow_ptr,
+    gsrel_ptr, gterm_ptr,
+    A, K1, D,
+    MODE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Gradients of the row values for ``student_rel [B, A, D]`` and ``anchor_term [B, A, A]``.
+
+    Each program owns rows ``(b, j-block)``, so it writes its outputs alone: no atomics, and the
+    per-anchor sums for ``anchor_term`` are a one-hot product, deterministic on any device.
+    """
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    jm = j < A
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    s = tl.load(srel_ptr + b * A * D + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    a = tl.load(anc_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    shift = tl.load(shift_ptr)
+    lse = tl.load(lse_ptr + b * A + j, mask=jm, other=0.0)
+    grad_row = tl.load(grow_ptr + b * A + j, mask=jm, other=0.0)
+    pid = tl.arange(0, BLOCK_P)
+
+    grad_s = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    grad_t = tl.zeros([BLOCK_P, BLOCK_A], dtype=tl.float32)
+    for k0 in range(0, K1, BLOCK_K):
+        logits, rsq, r, p, k, valid = _tile_logits(
+            b, j, jm, d, dm, k0, s, a, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr, A, K1, D, BLOCK_K
+        )
+        is_positive = (k == 0)[:, None]
+        if MODE == 0:
+            # d softplus(-x) / dx = -sigmoid(-x); d softplus(x) / dx = sigmoid(x)
+            x = logits - shift
+            sig = 1.0 / (1.0 + tl.exp(-tl.where(is_positive, -x, x)))
+            d_logits = tl.where(is_positive, -sig, sig)
+        else:
+            d_logits = tl.exp(logits - lse[None, :]) - tl.where(is_positive, 1.0, 0.0)
+        d_dot = tl.where(valid, d_logits * grad_row[None, :] * rsq, 0.0)  # [BLOCK_K, BLOCK_A]
+        grad_s += tl.dot(tl.trans(d_dot), r, input_precision="ieee")
+        one_hot = tl.where((p[:, None] == pid[None, :]) & (k < K1)[:, None], 1.0, 0.0)  # [BLOCK_K, BLOCK_P]
+        grad_t += tl.dot(tl.trans(one_hot), d_dot, input_precision="ieee")
+    tl.store(gsrel_ptr + b * A * D + j[:, None] * D + d[None, :], grad_s, mask=jm[:, None] & dm[None, :])
+    tl.store(gterm_ptr + b * A * A + pid[:, None] * A + j[None, :], grad_t, mask=(pid < A)[:, None] & jm[None, :])
+
+
+def _blocks(num_anchors: int, dim: int) -> dict:
+    # Untuned defaults (tl.dot needs every side >= 16); the backward's one-hot accumulator is
+    # [BLOCK_P, BLOCK_A], so BLOCK_A shrinks as the anchor count grows.
+    block_p = max(16, triton.next_power_of_2(num_anchors))
+    return {
+        "BLOCK_A": max(16, min(64, block_p, 8192 // block_p)),
+        "BLOCK_K": 64,
+        "BLOCK_D": max(16, triton.next_power_of_2(dim)),
+    }
+
+
+def _launch_rows(mode: int, tables: tuple, shift: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    student_rel, anchor_term, anchors, residual = tables[:4]
+    batch, num_anchors, dim = student_rel.shape
+    rows = student_rel.new_empty(batch, num_anchors)
+    lse = student_rel.new_empty(batch, num_anchors)
+    blocks = _blocks(num_anchors, dim)
+    grid = (batch, triton.cdiv(num_anchors, blocks["BLOCK_A"]))
+    _rows_forward[grid](*tables, shift, skip, rows, lse, num_anchors, residual.shape[1], dim, MODE=mode, **blocks)
+    return rows, lse
+
+
+class _RelationRows(torch.autograd.Function):
+    """Row values of the objective; differentiable in ``student_rel`` and ``anchor_term``."""
+
+    @staticmethod
+    def forward(ctx, student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq, shift, mode):
+        tables = (student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq)
+        rows, lse = _launch_rows(mode, tables, shift, torch.zeros((), dtype=torch.int32, device=shift.device))
+        ctx.save_for_backward(*tables, shift, lse)
+        ctx.mode = mode
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        *tables, shift, lse = ctx.saved_tensors
+        student_rel, anchor_term = tables[:2]
+        batch, num_anchors, dim = student_rel.shape
+        grad_srel = torch.empty_like(student_rel)
+        grad_term = torch.empty_like(anchor_term)
+        blocks = _blocks(num_anchors, dim)
+        grid = (batch, triton.cdiv(num_anchors, blocks["BLOCK_A"]))
+        _rows_backward[grid](
+            *tables, shift, lse, grad_rows.contiguous(), grad_srel, grad_term,
+            num_anchors, tables[3].shape[1], dim,
+            MODE=ctx.mode, BLOCK_P=max(16, triton.next_power_of_2(num_anchors)), **blocks,
+        )
+        return grad_srel, grad_term, *([None] * 8)
+
+
+def triton_relation_loss_core(
+    query: torch.Tensor,
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    log_z: torch.Tensor,
+    z_ready: torch.Tensor,
+    temperature: float,
+    eps: float,
+    objective: str,
+    num_samples: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The relation loss core of one side on Triton; same contract as ``relation_loss_core``.
+
+    For NCE before its constant is fixed, one extra pass without gradient reduces all scores to
+    ``log Z`` first (it is skipped on the device, with no host sync, once ``z_ready`` is set).
+
+    Shape:
+        query ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]`` -> two scalars.
+    """
+    search_chunk = max(1, SEARCH_ENTRIES // (query.shape[0] * anchors.shape[0]))
+    terms = relation_terms(query, anchors, candidates.contiguous(), temperature, eps, search_chunk)
+    constants = tuple(
+        x.detach().contiguous()
+        for x in (anchors, terms.residual, terms.nearest, terms.per_candidate, terms.near_sq, terms.anchor_diff_sq)
+    )
+    differentiable = (terms.student_rel.contiguous(), terms.anchor_term.contiguous())
+    num_candidates = candidates.shape[1]
+    if objective == "infonce":
+        shift = log_z.detach().float().contiguous()  # unused by InfoNCE
+        rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_INFONCE)
+        return rows.mean(), log_z
+
+    with torch.no_grad():
+        tables = tuple(x.detach() for x in differentiable) + constants
+        _, row_lse = _launch_rows(MODE_STATS, tables, log_z.detach().float(), z_ready.to(torch.int32))
+        fresh = torch.logsumexp(row_lse.reshape(-1), 0) - math.log(row_lse.numel() * num_candidates)
+        fresh = fresh + math.log(num_samples)
+    log_z = torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh.to(log_z.dtype))
+    shift = nce_shift(log_z.float(), num_candidates - 1, num_samples).contiguous()
+    rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_NCE)
+    return rows.mean(), log_z
