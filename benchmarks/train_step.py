@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crcd_plugin.kernels import BACKENDS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
     "crcd_cifar100_models", os.path.join(REPO, "examples", "cifar100", "models.py")
@@ -81,7 +83,9 @@ class PlainObjective(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def build_objective(config: str, student: nn.Module, teacher: nn.Module, num_negatives: int) -> nn.Module:
+def build_objective(
+    config: str, student: nn.Module, teacher: nn.Module, num_negatives: int, backend: str = "auto"
+) -> nn.Module:
     if config == "ce":
         return PlainObjective(student, None)
     if config == "kd":
@@ -106,6 +110,7 @@ def build_objective(config: str, student: nn.Module, teacher: nn.Module, num_neg
             temperature=0.05,
             objective="nce",
             momentum=0.5,
+            backend=backend,
         ),
     )
 
@@ -116,14 +121,14 @@ def current_rss_bytes() -> int:
 
 
 def measure(config: str, device: torch.device, batch_size: int, num_negatives: int,
-            steps: int, warmup: int, seed: int = 0) -> Dict[str, Any]:
+            steps: int, warmup: int, seed: int = 0, backend: str = "auto") -> Dict[str, Any]:
     """Time ``steps`` training steps of one configuration after ``warmup`` untimed ones."""
     torch.manual_seed(seed)
     teacher = create_model("resnet32x4").to(device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     student = create_model("resnet8x4").to(device)
-    objective = build_objective(config, student, teacher, num_negatives).to(device)
+    objective = build_objective(config, student, teacher, num_negatives, backend).to(device)
     objective.train()
     optimizer = torch.optim.SGD(
         [p for p in objective.parameters() if p.requires_grad], lr=0.05, momentum=0.9, weight_decay=5e-4
@@ -180,7 +185,7 @@ def run_isolated(config: str, args: argparse.Namespace) -> Dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--configs", config, "--no-isolate",
                "--device", args.device, "--batch-size", str(args.batch_size),
                "--num-negatives", str(args.num_negatives), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--json", path, "--quiet"]
+               "--warmup", str(args.warmup), "--backend", args.backend, "--json", path, "--quiet"]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     subprocess.run(command, check=True)
@@ -253,6 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         help="repeat all configurations this many times, interleaved")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="CRCDLoss relation kernel (auto: compiled on CUDA, eager on CPU)")
     parser.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                         help="one subprocess per configuration (default on CPU, for honest peak RSS)")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false")
@@ -276,7 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if isolate:
                 result = run_isolated(config, args)
             else:
-                result = measure(config, device, args.batch_size, args.num_negatives, args.steps, args.warmup)
+                result = measure(config, device, args.batch_size, args.num_negatives, args.steps, args.warmup,
+                                 backend=args.backend)
             per_config[config].append(result)
             if not args.quiet:
                 print(f"round {round_index + 1}/{args.rounds} {result['label']:32s} "
@@ -288,6 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "machine": machine_info(device),
         "setup": {"teacher": "resnet32x4", "student": "resnet8x4", "batch_size": args.batch_size,
                   "num_negatives": args.num_negatives, "input": "3x32x32 fp32", "steps": args.steps,
+                  "backend": args.backend,
                   "warmup": args.warmup, "rounds": args.rounds, "device": args.device,
                   "isolated": isolate, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "results": results,
