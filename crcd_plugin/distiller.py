@@ -70,12 +70,28 @@ class DistillSchedule(nn.Module):
         self.until = float(until)
         self.start = float(start)
         self.register_buffer("progress", torch.zeros((), dtype=torch.long))
+        # A host copy of ``progress``, so that ``distills()`` never reads the device buffer.
+        self._progress_host = 0
 
     def set_progress(self, step: int) -> None:
         """Set the current ``t`` (e.g. the epoch or global step about to run)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.progress.fill_(step)
+        self._progress_host = step
+
+    def distills(self) -> bool:
+        """Whether ``w > 0`` at the stored progress, without a host sync.
+
+        ``False`` from ``until * total_steps`` on (never for ``"constant"``); then
+        :class:`CRCDDistiller` skips the teacher and every distillation term. Reads the host copy
+        that :meth:`set_progress` and ``load_state_dict`` keep, so set the progress through them.
+        """
+        return self.kind == "constant" or self._progress_host / self.total_steps < self.until
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._progress_host = int(self.progress)  # one sync when a checkpoint is loaded, not per step
 
     def forward(self, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
         """Weight at ``step`` (default: the stored progress), as a 0-dim float tensor (no host sync).
@@ -376,12 +392,21 @@ class CRCDDistiller(nn.Module):
             ``loss`` (what to backpropagate), ``task_loss``, ``kd_loss``, ``crcd_feature_loss``,
             ``crcd_gradient_loss`` (all scalars; unused terms are zeros on the logits' device) and
             ``logits`` (student logits ``[B, C]``). Under ``torch.no_grad()`` the gradient element
-            is skipped and ``crcd_gradient_loss`` is zero.
+            is skipped and ``crcd_gradient_loss`` is zero. Once the schedule's weight is 0 for
+            good (:meth:`DistillSchedule.distills`), the teacher and all distillation terms are
+            skipped: ``loss = gamma * task_loss`` and the other terms are zero.
         """
         self._check_batch(input, target, index)
         if self.teacher.training:
             self.teacher.eval()
         f_s, head_logits_s, logits_s = self._run(self.student, self.student_head, input, "student")
+        if self.built and self.schedule is not None and not self.schedule.distills():
+            # w(t) = 0 from here on (the reference's last 4%): CE alone, as in the reference, but
+            # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
+            # they are: with w = 0 for the rest of training nothing reads them again.
+            zero = logits_s.new_zeros((), dtype=torch.float32)
+            task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
+            return self._losses(self.gamma * task_loss, task_loss, zero, zero, zero, logits_s)
         with torch.no_grad():
             f_t, head_logits_t, logits_t = self._run(self.teacher, self.teacher_head, input, "teacher")
         if not self.built:
@@ -417,13 +442,17 @@ class CRCDDistiller(nn.Module):
         weight = self.schedule() if self.schedule is not None else 1.0
         distill = self.alpha * kd + self.beta * feature_loss + self.gradient_weight * gradient_loss
         loss = self.gamma * task_loss + weight * distill
+        return self._losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
+
+    @staticmethod
+    def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[str, torch.Tensor]:
         return {
             "loss": loss,
             "task_loss": task_loss,
             "kd_loss": kd,
             "crcd_feature_loss": feature_loss,
             "crcd_gradient_loss": gradient_loss,
-            "logits": logits_s,
+            "logits": logits,
         }
 
     def extra_repr(self) -> str:

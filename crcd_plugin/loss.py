@@ -76,7 +76,9 @@ class CRCDLoss(nn.Module):
         check_index: Bank mode: check that ``index`` is within ``[0, num_samples)`` (shares the
             one sync with ``on_nonfinite="raise"``). With both off, ``forward`` never syncs.
         backend: Relation kernel: ``"auto"`` (compiled on CUDA, eager elsewhere), ``"eager"``,
-            ``"compile"`` or ``"naive"`` (the reference formulation, for checks only).
+            ``"compile"``, ``"naive"`` (the reference formulation, for checks only) or ``"triton"``
+            (flash-style, never stores the scores; CUDA, ``anchored=True``,
+            ``self_anchor="keep"``, fp32, ``D <= 256``, else eager with a warning).
         chunk_size: Score the ``K+1`` candidates in chunks of this many, recomputing each chunk in
             backward: peak memory ``O(B * A * chunk_size)`` instead of ``O(B * A * (K+1))`` for
             about one more forward of time (two with NCE). Runs the eager kernels. ``None``: one

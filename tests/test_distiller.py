@@ -188,13 +188,40 @@ def test_step_schedule_turns_distillation_off_at_96_percent():
     assert distiller(x, y)["loss"] > distiller(x, y)["task_loss"]
     distiller.set_progress(96)
     out = distiller(x, y)
-    assert out["kd_loss"] > 0 and torch.equal(out["loss"], out["task_loss"])
+    assert torch.equal(out["loss"], out["task_loss"])  # gamma = 1
+
+
+def test_once_the_weight_is_zero_for_good_the_teacher_and_crcd_terms_are_skipped():
+    distiller = make_distiller(schedule=DistillSchedule(100), gradient_element=True)
+    x, y = batch()
+    distiller(x, y)  # builds the heads
+    teacher_calls = []
+    distiller.teacher.register_forward_hook(lambda *args: teacher_calls.append(1))
+    distiller.set_progress(96)
+    state = copy.deepcopy(distiller.crcd_state_dict())
+    assert not distiller.schedule.distills()
+    out = distiller(x, y)
+    assert not teacher_calls
+    assert out["kd_loss"] == 0 and out["crcd_feature_loss"] == 0 and out["crcd_gradient_loss"] == 0
+    for name, value in distiller.crcd_state_dict().items():
+        assert torch.equal(value, state[name]), name
+    out["loss"].backward()
+    assert distiller.student.fc.weight.grad is not None
+    distiller.set_progress(95)  # back inside the distillation phase: the teacher runs again
+    assert distiller(x, y)["kd_loss"] > 0 and teacher_calls
 
 
 def test_linear_and_constant_schedules():
     linear = DistillSchedule(total_steps=100, kind="linear", start=0.5, until=0.9)
     assert [round(float(linear(t)), 4) for t in (0, 50, 70, 90, 99)] == [1.0, 1.0, 0.5, 0.0, 0.0]
     assert DistillSchedule(10, kind="constant")(10) == 1
+    linear.set_progress(89)
+    assert linear.distills()
+    linear.set_progress(90)
+    assert not linear.distills()
+    constant = DistillSchedule(10, kind="constant")
+    constant.set_progress(10)
+    assert constant.distills()
 
 
 def test_schedule_progress_resumes_from_a_checkpoint():
@@ -203,6 +230,7 @@ def test_schedule_progress_resumes_from_a_checkpoint():
     resumed = make_distiller(schedule=DistillSchedule(100))
     resumed.load_state_dict(distiller.state_dict())
     assert resumed.schedule.progress == 97 and resumed.schedule() == 0
+    assert not resumed.schedule.distills()
 
 
 def test_student_state_dict_is_only_the_student_and_crcd_state_is_separate():
