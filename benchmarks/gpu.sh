@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# Everything this project measures on a GPU, as one prepared run (about 10 minutes on an H100):
-# first every backend's correctness on CUDA (Triton has only run under its CPU interpreter before),
-# then the relation-loss grid and the training step. Run from the repository root:
+# Everything this project measures on a GPU, as one prepared run. Run from the repository root:
 #
-#     bash benchmarks/gpu.sh [out-dir]          # default: benchmarks/results
+#     bash benchmarks/gpu.sh [out-dir] [stage ...]      # default: benchmarks/results, all stages
+#
+# Stages, in order (rough H100 times, not yet measured: a device session should pick what fits):
+#   check          every backend against float64 naive on CUDA; exit 1 on a mismatch (1-2 min)
+#   relation       relation-loss grid B x K, naive/eager/compile/chunked/triton (3-5 min)
+#   train          training step CE / KD / CRCD feature / feature+gradient, backend auto (3-4 min)
+#   train_triton   KD and feature+gradient with backend="triton" (1-2 min)
+#   train_nochecks KD and feature+gradient without CRCDLoss's input checks (no host sync) (1-2 min)
 #
 # Needs torch with CUDA, triton, einops and matplotlib; uses the checkout without installing it.
 set -euo pipefail
 out="${1:-benchmarks/results}"
+shift || true
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(check relation train train_triton train_nochecks)
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_cuda.txt"
-python benchmarks/check_backends.py --device cuda | tee "$out/check_backends_cuda.txt"
-python benchmarks/relation.py --device cuda --full --impl naive eager compile chunked triton --out "$out"
-python benchmarks/train_step.py --device cuda --json "$out/train_step_cuda.json"
-python benchmarks/train_step.py --device cuda --backend triton --configs kd crcd_feature_gradient \
-    --json "$out/train_step_cuda_triton.json"
+for stage in "${stages[@]}"; do
+  echo "== $stage ($(date -u +%H:%M:%S))"
+  case "$stage" in
+    check) python benchmarks/check_backends.py --device cuda | tee "$out/check_backends_cuda.txt" ;;
+    relation) python benchmarks/relation.py --device cuda --full --impl naive eager compile chunked triton --out "$out" ;;
+    train) python benchmarks/train_step.py --device cuda --json "$out/train_step_cuda.json" ;;
+    train_triton) python benchmarks/train_step.py --device cuda --backend triton --configs kd crcd_feature_gradient \
+        --json "$out/train_step_cuda_triton.json" ;;
+    train_nochecks) python benchmarks/train_step.py --device cuda --no-checks --configs kd crcd_feature_gradient \
+        --json "$out/train_step_cuda_nochecks.json" ;;
+    *) echo "unknown stage: $stage" >&2; exit 2 ;;
+  esac
+done
