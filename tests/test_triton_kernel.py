@@ -123,7 +123,8 @@ def test_crcd_loss_with_the_triton_backend_trains_like_eager():
     losses = {"triton": make("triton"), "eager": make("eager")}
     for step in range(2):  # the first step fixes Z, the second uses it
         g = torch.Generator().manual_seed(step)
-        student, teacher, index = torch.randn(6, 10, generator=g), torch.randn(6, 14, generator=g), torch.arange(6) + step
+        student, teacher = torch.randn(6, 10, generator=g), torch.randn(6, 14, generator=g)
+        index = torch.arange(6) + step
         results = {}
         for name, crcd in losses.items():
             torch.manual_seed(step)  # same negatives

@@ -89,7 +89,7 @@ def _rows_forward(
     MODE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row ``(b, j)``: NCE sum, or InfoNCE ``lse - positive``, or (stats) the scores' ``lse``."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * K1 * D passes 2**31 at B = 1024, K = 16384, D = 128
     j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     jm = j < A
     d = tl.arange(0, BLOCK_D)
@@ -139,7 +139,7 @@ def _rows_backward(
     Each program owns rows ``(b, j-block)``, so it writes its outputs alone: no atomics, and the
     per-anchor sums for ``anchor_term`` are a one-hot product, deterministic on any device.
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # b * K1 * D passes 2**31 at B = 1024, K = 16384, D = 128
     j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     jm = j < A
     d = tl.arange(0, BLOCK_D)
@@ -184,7 +184,10 @@ def _blocks(num_anchors: int, dim: int) -> dict:
     }
 
 
-def _launch_rows(mode: int, tables: tuple, shift: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_rows(
+    mode: int, tables: tuple, shift: torch.Tensor, skip: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the forward kernel; returns per-row values and log-sum-exps, both ``[B, A]``."""
     student_rel, anchor_term, anchors, residual = tables[:4]
     batch, num_anchors, dim = student_rel.shape
     rows = student_rel.new_empty(batch, num_anchors)
@@ -199,7 +202,9 @@ class _RelationRows(torch.autograd.Function):
     """Row values of the objective; differentiable in ``student_rel`` and ``anchor_term``."""
 
     @staticmethod
-    def forward(ctx, student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq, shift, mode):
+    def forward(
+        ctx, student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq, shift, mode
+    ):
         tables = (student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq)
         rows, lse = _launch_rows(mode, tables, shift, torch.zeros((), dtype=torch.int32, device=shift.device))
         ctx.save_for_backward(*tables, shift, lse)
