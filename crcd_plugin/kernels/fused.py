@@ -7,7 +7,6 @@ Fusing the objective with the scores lets the compiler merge the element-wise ta
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -17,9 +16,11 @@ from torch.utils.checkpoint import checkpoint
 from crcd_plugin._checks import check_choice
 from crcd_plugin.kernels.objectives import (
     infonce_loss,
+    keep_or_fix_log_z,
     masked_negatives,
     masked_row_mean,
     nce_log_normalizer,
+    nce_log_normalizer_from_parts,
     nce_loss,
     nce_row_sums,
     nce_shift,
@@ -56,8 +57,7 @@ def relation_loss_core(
     logits = _scores(query, anchors, candidates, temperature, eps, naive)
     if objective == "infonce":
         return infonce_loss(logits, mask), log_z
-    fresh = nce_log_normalizer(logits, num_samples)
-    log_z = torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh)
+    log_z = keep_or_fix_log_z(log_z, z_ready, nce_log_normalizer(logits, num_samples))
     return nce_loss(logits, log_z, num_samples, mask), log_z
 
 
@@ -111,8 +111,8 @@ def chunked_relation_loss_core(
     with torch.no_grad():
         chunk_lses = torch.stack([torch.logsumexp(chunk_scores(start).reshape(-1), 0) for start in starts])
         rows = query.shape[0] * (1 if anchors is None else anchors.shape[0])
-        fresh = torch.logsumexp(chunk_lses, 0) - math.log(rows * num_candidates) + math.log(num_samples)
-    log_z = torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh)
+        fresh = nce_log_normalizer_from_parts(chunk_lses, rows * num_candidates, num_samples)
+    log_z = keep_or_fix_log_z(log_z, z_ready, fresh)
     # K is the total number of negatives, whatever the chunk.
     shift = nce_shift(log_z, num_candidates - 1, num_samples)
 

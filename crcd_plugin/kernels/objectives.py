@@ -32,6 +32,17 @@ def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
     return peak + torch.log(torch.exp(scores - peak).mean()) + math.log(num_samples)
 
 
+def nce_log_normalizer_from_parts(part_lse: torch.Tensor, num_scores: int, num_samples: int) -> torch.Tensor:
+    """``log Z`` as :func:`nce_log_normalizer` gives it, from the log-sum-exps of disjoint parts of
+    the scores (chunks of candidates, or rows), ``num_scores`` scores in all."""
+    return torch.logsumexp(part_lse.reshape(-1), 0) - math.log(num_scores) + math.log(num_samples)
+
+
+def keep_or_fix_log_z(log_z: torch.Tensor, z_ready: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """The stored ``log Z`` once it is fixed, else this batch's; a non-finite batch never fixes it."""
+    return torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh)
+
+
 def nce_shift(log_z: torch.Tensor, num_negatives: int, num_samples: int) -> torch.Tensor:
     """``log(Z K / N)``, what NCE subtracts from every score."""
     # log K as a tensor op: K = B - 1 for in-batch negatives, and compile must not specialise on B.

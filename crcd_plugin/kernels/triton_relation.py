@@ -9,7 +9,6 @@ interpreter (``TRITON_INTERPRET=1``), which is how the tests check it without a 
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -17,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crcd_plugin.kernels.objectives import nce_shift
+from crcd_plugin.kernels.objectives import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
 from crcd_plugin.kernels.relation import relation_terms
 
 MODE_NCE, MODE_INFONCE, MODE_STATS = 0, 1, 2
@@ -263,9 +262,8 @@ def triton_relation_loss_core(
     with torch.no_grad():
         tables = tuple(x.detach() for x in differentiable) + constants
         _, row_lse = _launch_rows(MODE_STATS, tables, log_z.detach().float(), z_ready.to(torch.int32))
-        fresh = torch.logsumexp(row_lse.reshape(-1), 0) - math.log(row_lse.numel() * num_candidates)
-        fresh = fresh + math.log(num_samples)
-    log_z = torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh.to(log_z.dtype))
+        fresh = nce_log_normalizer_from_parts(row_lse, row_lse.numel() * num_candidates, num_samples)
+    log_z = keep_or_fix_log_z(log_z, z_ready, fresh)
     shift = nce_shift(log_z.float(), num_candidates - 1, num_samples).contiguous()
     rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_NCE)
     return rows.mean(), log_z
