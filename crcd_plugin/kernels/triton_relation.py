@@ -46,6 +46,20 @@ def unsupported_reason(
 
 
 @triton.jit
+def _program_rows(srel_ptr, anc_ptr, A, D, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample ``b``, anchors ``j`` (mask ``jm``), dims ``d`` (mask ``dm``), and its
+    student relations ``s`` and anchors ``a``, both ``[BLOCK_A, BLOCK_D]``."""
+    b = tl.program_id(0).to(tl.int64)  # b * K1 * D passes 2**31 at B = 1024, K = 16384, D = 128
+    j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    jm = j < A
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    s = tl.load(srel_ptr + b * A * D + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    a = tl.load(anc_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    return b, j, jm, d, dm, s, a
+
+
+@triton.jit
 def _tile_logits(
     b, j, jm, d, dm, k0, s, a,
     res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr,
@@ -88,13 +102,7 @@ def _rows_forward(
     MODE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row ``(b, j)``: NCE sum, or InfoNCE ``lse - positive``, or (stats) the scores' ``lse``."""
-    b = tl.program_id(0).to(tl.int64)  # b * K1 * D passes 2**31 at B = 1024, K = 16384, D = 128
-    j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    jm = j < A
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    s = tl.load(srel_ptr + b * A * D + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-    a = tl.load(anc_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    b, j, jm, d, dm, s, a = _program_rows(srel_ptr, anc_ptr, A, D, BLOCK_A, BLOCK_D)
     shift = tl.load(shift_ptr)
     # The stats pass only matters before NCE's constant is fixed; afterwards it does no work.
     num_candidates = tl.where(tl.load(skip_ptr) != 0, 0, K1)
@@ -138,13 +146,7 @@ def _rows_backward(
     Each program owns rows ``(b, j-block)``, so it writes its outputs alone: no atomics, and the
     per-anchor sums for ``anchor_term`` are a one-hot product, deterministic on any device.
     """
-    b = tl.program_id(0).to(tl.int64)  # b * K1 * D passes 2**31 at B = 1024, K = 16384, D = 128
-    j = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    jm = j < A
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    s = tl.load(srel_ptr + b * A * D + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-    a = tl.load(anc_ptr + j[:, None] * D + d[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+    b, j, jm, d, dm, s, a = _program_rows(srel_ptr, anc_ptr, A, D, BLOCK_A, BLOCK_D)
     shift = tl.load(shift_ptr)
     lse = tl.load(lse_ptr + b * A + j, mask=jm, other=0.0)
     grad_row = tl.load(grow_ptr + b * A + j, mask=jm, other=0.0)
@@ -172,27 +174,34 @@ def _rows_backward(
     tl.store(gterm_ptr + b * A * A + pid[:, None] * A + j[None, :], grad_t, mask=(pid < A)[:, None] & jm[None, :])
 
 
-def _blocks(num_anchors: int, dim: int) -> dict:
+def _one_hot_width(num_anchors: int) -> int:
+    """``BLOCK_P``: every anchor index fits one one-hot row (``tl.dot`` needs sides >= 16)."""
+    return max(16, triton.next_power_of_2(num_anchors))
+
+
+def _blocks_and_grid(student_rel: torch.Tensor) -> tuple[dict, tuple[int, int]]:
+    """Block sizes and the grid (one program per sample and block of anchors) for ``[B, A, D]``."""
+    batch, num_anchors, dim = student_rel.shape
     # Untuned defaults (tl.dot needs every side >= 16); the backward's one-hot accumulator is
     # [BLOCK_P, BLOCK_A], so BLOCK_A shrinks as the anchor count grows.
-    block_p = max(16, triton.next_power_of_2(num_anchors))
-    return {
+    block_p = _one_hot_width(num_anchors)
+    blocks = {
         "BLOCK_A": max(16, min(64, block_p, 8192 // block_p)),
         "BLOCK_K": 64,
         "BLOCK_D": max(16, triton.next_power_of_2(dim)),
     }
+    return blocks, (batch, triton.cdiv(num_anchors, blocks["BLOCK_A"]))
 
 
 def _launch_rows(
     mode: int, tables: tuple, shift: torch.Tensor, skip: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the forward kernel; returns per-row values and log-sum-exps, both ``[B, A]``."""
-    student_rel, anchor_term, anchors, residual = tables[:4]
+    student_rel, residual = tables[0], tables[3]
     batch, num_anchors, dim = student_rel.shape
     rows = student_rel.new_empty(batch, num_anchors)
     lse = student_rel.new_empty(batch, num_anchors)
-    blocks = _blocks(num_anchors, dim)
-    grid = (batch, triton.cdiv(num_anchors, blocks["BLOCK_A"]))
+    blocks, grid = _blocks_and_grid(student_rel)
     _rows_forward[grid](*tables, shift, skip, rows, lse, num_anchors, residual.shape[1], dim, MODE=mode, **blocks)
     return rows, lse
 
@@ -214,15 +223,14 @@ class _RelationRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         *tables, shift, lse = ctx.saved_tensors
         student_rel, anchor_term = tables[:2]
-        batch, num_anchors, dim = student_rel.shape
+        _, num_anchors, dim = student_rel.shape
         grad_srel = torch.empty_like(student_rel)
         grad_term = torch.empty_like(anchor_term)
-        blocks = _blocks(num_anchors, dim)
-        grid = (batch, triton.cdiv(num_anchors, blocks["BLOCK_A"]))
+        blocks, grid = _blocks_and_grid(student_rel)
         _rows_backward[grid](
             *tables, shift, lse, grad_rows.contiguous(), grad_srel, grad_term,
             num_anchors, tables[3].shape[1], dim,
-            MODE=ctx.mode, BLOCK_P=max(16, triton.next_power_of_2(num_anchors)), **blocks,
+            MODE=ctx.mode, BLOCK_P=_one_hot_width(num_anchors), **blocks,
         )
         return grad_srel, grad_term, *([None] * 8)
 
