@@ -400,12 +400,12 @@ class CRCDDistiller(nn.Module):
         if self.teacher.training:
             self.teacher.eval()
         f_s, head_logits_s, logits_s = self._run(self.student, self.student_head, input, "student")
+        zero = logits_s.new_zeros((), dtype=torch.float32)
+        task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
         if self.built and self.schedule is not None and not self.schedule.distills():
             # w(t) = 0 from here on (the reference's last 4%): CE alone, as in the reference, but
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
-            zero = logits_s.new_zeros((), dtype=torch.float32)
-            task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
             return self._losses(self.gamma * task_loss, task_loss, zero, zero, zero, logits_s)
         with torch.no_grad():
             f_t, head_logits_t, logits_t = self._run(self.teacher, self.teacher_head, input, "teacher")
@@ -416,8 +416,6 @@ class CRCDDistiller(nn.Module):
             )
             self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
 
-        zero = logits_s.new_zeros((), dtype=torch.float32)
-        task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
         kd = kd_loss(logits_s, logits_t, self.kd_temperature) if self.alpha > 0 else zero
         feature_loss = zero
         if self.crcd_feature is not None:

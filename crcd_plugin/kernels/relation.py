@@ -67,7 +67,8 @@ def gram_relation_logits(
         student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]`` -> ``[B, A, K+1]``.
     """
     terms = relation_terms(student, anchors, candidates, temperature, eps)
-    batch, num_candidates, num_anchors = terms.nearest.shape + (anchors.shape[0],)
+    batch, num_candidates = terms.nearest.shape
+    num_anchors = anchors.shape[0]
     residual = terms.residual
     # <c - a_j + eps, s_bj> / tau = <r, s_bj / tau> + <P[p, j], s_bj / tau>
     rows_of_p = terms.nearest[:, :, None].expand(batch, num_candidates, num_anchors)
