@@ -8,7 +8,7 @@ equal sizes by default).
 
 from __future__ import annotations
 
-from typing import List
+from typing import Iterable, List
 
 import torch
 import torch.distributed as dist
@@ -47,3 +47,24 @@ def average(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.clone()
     dist.all_reduce(total)
     return total / world_size()
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` of ``parameters`` over ranks, in place (no-op when not distributed).
+
+    For trainable modules that live outside the DDP-wrapped model (the CRCD embedding heads: the
+    frozen teacher must not be wrapped, and heads are not part of the student's checkpoint). Call
+    it after every ``backward()`` and before ``optimizer.step()``. Under gradient accumulation it
+    may run after each micro-batch: averaging is linear, so the sum of averaged micro-batch
+    gradients equals the average of the summed ones. Every rank must call it with the same
+    parameters in the same order; parameters without a gradient on this rank contribute zeros.
+    """
+    if world_size() == 1:
+        return
+    for param in parameters:
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad.div_(world_size())

@@ -57,3 +57,26 @@ def test_state_is_identical_on_all_ranks_and_holds_every_ranks_rows(tmp_path, ne
         torch.testing.assert_close(states[0]["memory_student.weight"][: WORLD * B], student_rows)
         assert int(states[0]["memory_student.pointer"]) == WORLD * B
     assert bool(states[0]["z_ready"].all())
+
+
+def _grad_worker(rank, init_file, out_dir):
+    from crcd_plugin.distributed import average_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        layer, unused = torch.nn.Linear(3, 2), torch.nn.Linear(1, 1)
+        layer.weight.grad = torch.full_like(layer.weight, float(rank + 1))
+        layer.bias.grad = torch.full_like(layer.bias, 10.0 * rank)
+        average_gradients([layer.weight, layer.bias, unused.weight])
+        torch.save([layer.weight.grad, layer.bias.grad, unused.weight.grad], os.path.join(out_dir, f"g{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_gradients_gives_every_rank_the_mean_and_zero_fills_missing_grads(tmp_path):
+    mp.spawn(_grad_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        weight, bias, unused = torch.load(tmp_path / f"g{rank}.pt")
+        assert torch.equal(weight, torch.full((2, 3), 1.5))
+        assert torch.equal(bias, torch.full((2,), 5.0))
+        assert torch.equal(unused, torch.zeros(1, 1))
