@@ -84,7 +84,7 @@ class MemoryBank(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("num_samples", num_samples)
-        check_choice("memory_init", init, MEMORY_INITS)
+        check_choice("init", init, MEMORY_INITS)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
