@@ -52,9 +52,9 @@ class CRCDLoss(nn.Module):
     feature and the student embedding head, and the teacher embedding head through the teacher-side
     loss (``symmetric=True``) or, with ``teacher_head_grad=True``, through the current teacher
     embeddings that the student-side loss reads. With ``symmetric=False`` and
-    ``teacher_head_grad=False`` (the defaults' second half), the teacher head gets no gradient: it
-    stays a fixed random projection of the teacher feature. The loss core runs in fp32, also under
-    autocast.
+    ``teacher_head_grad=False`` the teacher head gets no gradient: it stays a fixed random
+    projection of the teacher feature (measured on MNIST-1D, training it gave no gain; see
+    ``docs/method.md``). The loss core runs in fp32, also under autocast.
 
     Args:
         student_dim: Student feature size ``Ds``.

@@ -230,13 +230,13 @@ class MemoryBank(nn.Module):
             return
         self._pending_check = (host, event)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "seen"
         if key not in state_dict and prefix + "weight" in state_dict:
             # A checkpoint from before the seen flags: its bank was cold, every row was in use.
             _logger.info("%s: state dict without seen flags, treating every memory row as written", key)
             state_dict[key] = torch.ones_like(self.seen)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.init == "cold":
             self.seen.fill_(True)  # cold means every row is a sample, whatever the checkpoint says
         # One sync when a checkpoint is loaded, not per step.

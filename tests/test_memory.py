@@ -254,7 +254,8 @@ def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
     torch.manual_seed(0)
     student, teacher = _Net(6), _Net(9)
     distiller = CRCDDistiller(
-        student, teacher, num_samples=20, gradient_element=gradient_element, crcd_options={"embed_dim": 4, "num_negatives": 5}
+        student, teacher, num_samples=20, gradient_element=gradient_element,
+        crcd_options={"embed_dim": 4, "num_negatives": 5},
     )
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
     loader = [(x[i : i + 8], y[i : i + 8], torch.arange(i, min(i + 8, 20))) for i in range(0, 20, 8)]  # 8, 8, 4
@@ -273,13 +274,16 @@ def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
 # ---------------------------------------------------------------- teacher head
 
 
-@pytest.mark.parametrize("negatives, options", [("bank", {"num_samples": N}), ("queue", {"queue_size": 16}), ("batch", {})])
+@pytest.mark.parametrize(
+    "negatives, options", [("bank", {"num_samples": N}), ("queue", {"queue_size": 16}), ("batch", {})]
+)
 def test_teacher_head_trains_from_the_student_side_only_when_asked(negatives, options):
     grads = []
     for teacher_head_grad in (False, True):
         torch.manual_seed(0)
         crcd = CRCDLoss(
-            DS, DT, embed_dim=EMBED, negatives=negatives, symmetric=False, teacher_head_grad=teacher_head_grad, **options
+            DS, DT, embed_dim=EMBED, negatives=negatives, symmetric=False,
+            teacher_head_grad=teacher_head_grad, **options,
         )
         index = torch.arange(B) if negatives == "bank" else None
         crcd(*_feats(), index).backward()
