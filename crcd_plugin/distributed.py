@@ -9,6 +9,7 @@ memory bank fetches its rows from their owners with :func:`fetch_rows`.
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -43,7 +44,9 @@ def rank() -> int:
 
 # One gloo group per default group, for exchanging host integers (batch sizes) without a
 # device-to-host sync: on NCCL, reading sizes gathered on the GPU would wait for the device queue.
-_HOST_GROUPS: Dict[object, Optional[object]] = {}
+# Weakly keyed, so that no reference outlives ``destroy_process_group`` (a process group freed at
+# interpreter exit can abort the process).
+_HOST_GROUPS: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
 
 
 def _host_group() -> Optional[object]:
@@ -52,10 +55,11 @@ def _host_group() -> Optional[object]:
     Created on first use; every rank reaches that use at the same point of the same step, which
     ``new_group`` requires.
     """
+    if "gloo" in str(dist.get_backend()).lower():
+        return None
     world = dist.group.WORLD
     if world not in _HOST_GROUPS:
-        backend = str(dist.get_backend()).lower()
-        _HOST_GROUPS[world] = None if "gloo" in backend else dist.new_group(backend="gloo")
+        _HOST_GROUPS[world] = dist.new_group(backend="gloo")
     return _HOST_GROUPS[world]
 
 
