@@ -142,6 +142,11 @@ class CRCDDistiller(nn.Module):
     :meth:`student_state_dict`; ``distiller.state_dict()`` is for resuming (it holds the CRCD
     heads, memories and schedule progress, besides both models).
 
+    Under ``torch.distributed`` (``torchrun``, ``accelerate``): :meth:`prepare_distributed` wraps
+    only the student in DDP and gives every rank rank 0's CRCD state, :meth:`sync_gradients`
+    averages the CRCD heads' gradients before each optimizer step, and :meth:`no_sync` serves
+    gradient accumulation (docs/distributed.md).
+
     Dimensions come from ``nn.Linear`` heads (``in_features``), else from a dry run on
     ``example_input``, else from the first ``forward``; in the last case create the optimizer
     *after* that first call, since the CRCD heads have parameters too.

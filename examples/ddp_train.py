@@ -9,6 +9,7 @@ gradients are averaged by ``sync_gradients()``. Gradient accumulation over two m
 ``distiller.no_sync()``. At the end every rank checks that its CRCD state equals rank 0's.
 """
 
+import contextlib
 import os
 
 import torch
@@ -57,7 +58,7 @@ def main() -> None:
         for step, (x, y, index) in enumerate(loader):
             x, y, index = x.to(device), y.to(device), index.to(device)
             update = (step + 1) % ACCUMULATE == 0 or step + 1 == len(loader)
-            with distiller.no_sync() if not update else torch.enable_grad():
+            with distiller.no_sync() if not update else contextlib.nullcontext():
                 out = distiller(x, y, index)
                 (out["loss"] / ACCUMULATE).backward()
             if update:

@@ -1,5 +1,6 @@
 """CRCDDistiller under DDP (gloo, 2 CPU processes): identical state on every rank, accumulation with
-no_sync, an uneven last batch, and the 2-rank step against one process fed the concatenated batch.
+no_sync, an uneven last batch, the 2-rank step against one process fed the concatenated batch, and
+the sharded memory bank against the replicated one.
 
 Two processes are started once for the whole file (starting them costs seconds on a small machine);
 each scenario writes its results to a file and the tests below check one behaviour each.
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from crcd_plugin import CRCDDistiller
+from crcd_plugin import CRCDDistiller, CRCDLoss
 
 WORLD, N, DIN, CLASSES, B = 2, 40, 6, 3, 4
 
@@ -111,7 +112,44 @@ def scenario_concatenated(rank, out):
     torch.save({"parts": parts, "grads": grads, "state": distiller.crcd_state_dict()}, out("concatenated"))
 
 
-SCENARIOS = [scenario_ddp, scenario_accumulate, scenario_uneven, scenario_concatenated]
+def make_loss(shard_memory):
+    torch.manual_seed(0)
+    return CRCDLoss(5, 7, embed_dim=8, num_samples=N, num_negatives=9, shard_memory=shard_memory)
+
+
+# Per step, each rank's batch size; the last step is uneven and its indices overlap across ranks.
+SHARDED_SIZES = [(B, B), (B, B), (5, 3)]
+
+
+def sharded_batch(step, rank):
+    g = torch.Generator().manual_seed(500 + 10 * step + rank)
+    size = SHARDED_SIZES[step][rank]
+    index = torch.randperm(N, generator=g)[:size]
+    if step == len(SHARDED_SIZES) - 1:
+        index[0] = 3  # the same sample on both ranks: rank 1's row is the one that stays
+    return torch.randn(size, 5, generator=g), torch.randn(size, 7, generator=g), index
+
+
+def scenario_sharded(rank, out):
+    replicated, sharded = make_loss(False), make_loss(True)
+    sharded.load_state_dict(replicated.state_dict())  # each rank keeps its slice of the same rows
+    results = {"rows": (sharded.memory_student.start, sharded.memory_student.stop)}
+    for name, crcd in (("replicated", replicated), ("sharded", sharded)):
+        losses = []
+        for step in range(len(SHARDED_SIZES)):
+            torch.manual_seed(step * WORLD + rank)  # the same draws for both banks
+            loss = crcd(*sharded_batch(step, rank))
+            loss.backward()
+            losses.append(loss.detach())
+        results[name] = {
+            "losses": torch.stack(losses),
+            "grads": {k: p.grad for k, p in crcd.named_parameters()},
+            "state": crcd.state_dict(),
+        }
+    torch.save(results, out("sharded"))
+
+
+SCENARIOS = [scenario_ddp, scenario_accumulate, scenario_uneven, scenario_concatenated, scenario_sharded]
 
 
 def _worker(rank, init_file, out_dir):
@@ -203,3 +241,29 @@ def test_two_ranks_leave_the_memory_of_one_process(results):
     state = results("concatenated", 0)["state"]
     for key, value in distiller.crcd_state_dict().items():
         torch.testing.assert_close(state[key], value, msg=key)
+
+
+def test_sharded_bank_gives_the_replicated_banks_losses_for_the_same_draws(results):
+    for rank in range(WORLD):
+        run = results("sharded", rank)
+        torch.testing.assert_close(run["sharded"]["losses"], run["replicated"]["losses"], rtol=0, atol=0)
+
+
+def test_sharded_bank_gives_the_replicated_banks_head_gradients(results):
+    for rank in range(WORLD):
+        run = results("sharded", rank)
+        for name, grad in run["replicated"]["grads"].items():
+            torch.testing.assert_close(run["sharded"]["grads"][name], grad, msg=name)
+
+
+def test_sharded_bank_rows_put_together_equal_the_replicated_bank(results):
+    runs = [results("sharded", rank) for rank in range(WORLD)]
+    for side in ("memory_student", "memory_teacher"):
+        shards = torch.cat([run["sharded"]["state"][f"{side}.shard.weight"] for run in runs])
+        torch.testing.assert_close(shards, runs[0]["replicated"]["state"][f"{side}.weight"], rtol=0, atol=0)
+
+
+def test_sharded_bank_holds_its_share_of_the_rows_on_each_rank(results):
+    rows = [results("sharded", rank)["rows"] for rank in range(WORLD)]
+    assert rows == [(0, N // 2), (N // 2, N)]
+    assert results("sharded", 1)["sharded"]["state"]["memory_student.shard.weight"].shape == (N // 2, 8)
