@@ -10,7 +10,7 @@ memory bank fetches its rows from their owners with :func:`fetch_rows`.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -46,10 +46,10 @@ def rank() -> int:
 # device-to-host sync: on NCCL, reading sizes gathered on the GPU would wait for the device queue.
 # Weakly keyed, so that no reference outlives ``destroy_process_group`` (a process group freed at
 # interpreter exit can abort the process).
-_HOST_GROUPS: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
+_HOST_GROUPS: "weakref.WeakKeyDictionary[dist.ProcessGroup, dist.ProcessGroup]" = weakref.WeakKeyDictionary()
 
 
-def _host_group() -> Optional[object]:
+def _host_group() -> Optional[dist.ProcessGroup]:
     """Group that takes CPU tensors: ``None`` (the default group) when it runs gloo, else a gloo group.
 
     Created on first use; every rank reaches that use at the same point of the same step, which
@@ -57,10 +57,11 @@ def _host_group() -> Optional[object]:
     """
     if "gloo" in str(dist.get_backend()).lower():
         return None
-    world = dist.group.WORLD
-    if world not in _HOST_GROUPS:
-        _HOST_GROUPS[world] = dist.new_group(backend="gloo")
-    return _HOST_GROUPS[world]
+    world = cast(dist.ProcessGroup, dist.group.WORLD)
+    group = _HOST_GROUPS.get(world)
+    if group is None:
+        group = _HOST_GROUPS[world] = cast(dist.ProcessGroup, dist.new_group(backend="gloo"))
+    return group
 
 
 def batch_sizes(batch: int) -> List[int]:
@@ -186,7 +187,7 @@ def broadcast_state(module: nn.Module, src: int = 0) -> None:
     def kept(name: str) -> bool:
         return not any(name == prefix or name.startswith(prefix + ".") for prefix in skipped)
 
-    tensors = [t for name, t in module.named_parameters() if kept(name)]
+    tensors: List[torch.Tensor] = [t for name, t in module.named_parameters() if kept(name)]
     tensors += [t for name, t in module.named_buffers() if kept(name)]
     with torch.no_grad():
         for tensor in tensors:
@@ -230,10 +231,12 @@ def fetch_rows(shard: torch.Tensor, index: torch.Tensor, rows_per_rank: int) -> 
     # puts owned ones first keeps them grouped by requester, each group in its request order.
     mine = owner == me
     send_order = torch.argsort((~mine).to(torch.uint8), stable=True)
-    counts = torch.stack([
-        torch.bincount(requester[mine], minlength=ranks),  # rows this rank sends to each rank
-        torch.bincount(owner[requester == me], minlength=ranks),  # rows this rank receives from each
-    ])
+    counts = torch.stack(
+        [
+            torch.bincount(requester[mine], minlength=ranks),  # rows this rank sends to each rank
+            torch.bincount(owner[requester == me], minlength=ranks),  # rows this rank receives from each
+        ]
+    )
     send_counts, recv_counts = counts.tolist()  # the one host read
     outgoing = send_order[: int(sum(send_counts))]
     payload = shard[requests[outgoing] - me * rows_per_rank]  # [sum(send_counts), d]

@@ -7,7 +7,7 @@ of ``W`` ranks holds ``1/W`` of the rows and fetches the rows it reads from thei
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ class ShardedMemoryBank(nn.Module):
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Rows for global ``index`` of any shape: ``[*]`` -> ``[*, d]`` (collective)."""
         self._check_world()
-        return fetch_rows(self.shard.weight, index, self.rows_per_rank)
+        return fetch_rows(cast(torch.Tensor, self.shard.weight), index, self.rows_per_rank)
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
@@ -102,7 +102,9 @@ class ShardedMemoryBank(nn.Module):
             return
         self.shard.update(index[owned] - self.start, values[owned], None if valid is None else valid[owned])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # A replicated bank's checkpoint (``weight`` with all N rows): keep this rank's slice.
         full = state_dict.pop(prefix + "weight", None)
         if full is not None and full.dim() == 2 and full.shape[0] == self.total_rows:

@@ -1,6 +1,7 @@
 """CRCD distillation under Hugging Face ``accelerate`` (DDP on CPU processes or GPUs).
 
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no examples/accelerate_train.py
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no examples/accelerate_train.py
 
 No ``accelerate config`` file is needed (the last three flags only silence accelerate's warning
 about defaults). ``--multi_gpu`` is accelerate's launcher that starts one process per rank
@@ -15,9 +16,9 @@ an MPI hostfile is given. The same tiny problem as
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from toy_problem import accuracy, make_data, mlp, train_teacher  # next to this script
 
 from crcd_plugin import CRCDDistiller, DistillSchedule
-from toy_problem import accuracy, make_data, mlp, train_teacher  # next to this script
 
 EPOCHS, BATCH, ACCUMULATE = 3, 32, 2
 

@@ -15,9 +15,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
+from toy_problem import accuracy, make_data, mlp, train_teacher  # next to this script
 
 from crcd_plugin import CRCDDistiller, DistillSchedule
-from toy_problem import accuracy, make_data, mlp, train_teacher  # next to this script
 
 EPOCHS, BATCH, ACCUMULATE = 3, 32, 2
 

@@ -22,7 +22,9 @@ def make_data(seed: int = 0) -> TensorDataset:
 
 def mlp(width: int) -> nn.Sequential:
     """``Linear-ReLU-Linear-ReLU-Linear``: the classifier head is module ``"4"``."""
-    return nn.Sequential(nn.Linear(DIM, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, CLASSES))
+    return nn.Sequential(
+        nn.Linear(DIM, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, CLASSES)
+    )
 
 
 def train_teacher(data: TensorDataset, device: torch.device) -> nn.Module:
