@@ -149,7 +149,27 @@ def scenario_sharded(rank, out):
     torch.save(results, out("sharded"))
 
 
-SCENARIOS = [scenario_ddp, scenario_accumulate, scenario_uneven, scenario_concatenated, scenario_sharded]
+class MlpHeadStudent(Student):
+    """A classifier head that is not one Linear: the gradient element double-backprops through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, CLASSES))
+
+
+def scenario_mlp_head(rank, out):
+    torch.manual_seed(0)
+    distiller = CRCDDistiller(
+        MlpHeadStudent(), Teacher(), gradient_element=True, num_samples=N,
+        crcd_options={"embed_dim": 8, "num_negatives": 6}, example_input=torch.randn(2, DIN),
+    )
+    torch.manual_seed(rank)
+    torch.save(train(distiller.prepare_distributed(), steps=2).state_dict(), out("mlp_head"))
+
+
+SCENARIOS = [
+    scenario_ddp, scenario_accumulate, scenario_uneven, scenario_concatenated, scenario_sharded, scenario_mlp_head
+]
 
 
 def _worker(rank, init_file, out_dir):
@@ -184,6 +204,10 @@ def test_ddp_state_dict_holds_the_wrapped_student_and_the_crcd_state(results):
     state = results("ddp", 0)
     assert "student.module.fc.weight" in state and "crcd_feature.memory_student.weight" in state
     assert not any(key.startswith("teacher.module") for key in state)
+
+
+def test_gradient_element_through_a_non_linear_student_head_keeps_ranks_identical(results):
+    assert_same_on_both_ranks(results, "mlp_head")
 
 
 def test_no_sync_accumulation_keeps_ranks_identical(results):
