@@ -11,9 +11,12 @@ pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_example(name: str, tmp_path, *flags: str) -> str:
+def run_example(printed: str, tmp_path, *flags: str) -> str:
+    """The command as docs/huggingface.md prints it, plus flags for fewer samples and epochs."""
+    program, script = printed.split()
+    assert program == "python"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    command = [sys.executable, os.path.join(ROOT, "examples", name), "--output-dir", str(tmp_path), *flags]
+    command = [sys.executable, os.path.join(ROOT, script), "--output-dir", str(tmp_path), *flags]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -22,9 +25,9 @@ def run_example(name: str, tmp_path, *flags: str) -> str:
 @pytest.mark.parametrize(
     "name, flags",
     [
-        ("hf_text_classification.py", ["--train-size", "64", "--eval-size", "32", "--teacher-epochs", "1",
+        ("python examples/hf_text_classification.py", ["--train-size", "64", "--eval-size", "32", "--teacher-epochs", "1",
                                        "--epochs", "1", "--batch-size", "16"]),
-        ("hf_image_classification.py", ["--train-size", "64", "--teacher-epochs", "1", "--epochs", "1",
+        ("python examples/hf_image_classification.py", ["--train-size", "64", "--teacher-epochs", "1", "--epochs", "1",
                                         "--batch-size", "16"]),
     ],
     ids=["text", "image"],
