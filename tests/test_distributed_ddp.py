@@ -94,7 +94,9 @@ def scenario_uneven(rank, out):
 # Where one rank's step is exactly its share of the concatenated batch's: the anchors of the
 # anchored loss are the rank's own batch, and the gradient element is scaled by 1 / (rank's batch),
 # so both differ from one process's by design (docs/distributed.md).
-CONCATENATED = {"gradient_element": False, "anchored": False, "objective": "infonce"}
+# A cold bank: with first-write rows, a rank's rows not written yet stand in only for its own
+# batch's samples, so its draws differ from one process's over the whole batch (docs/distributed.md).
+CONCATENATED = {"gradient_element": False, "anchored": False, "objective": "infonce", "memory_init": "cold"}
 
 
 def scenario_concatenated(rank, out):
