@@ -7,7 +7,7 @@ laid out as ``[B, A, K+1]``. Only the naive one builds the ``[B, A, K+1, D]`` te
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,35 +62,14 @@ def gram_relation_logits(
     Cost: three ``[B, K+1, D] x [D, A]`` products forward (one only to find ``p``, without
     gradient), one ``[B, K+1, D]`` residual, ``[A, A, D]`` / ``[B, A, A]`` side tensors and a few
     ``[B, K+1, A]`` score-sized tensors. Where every sample has the same candidates (in-batch or
-    queue negatives), :func:`shared_relation_logits` does the candidate side once for the batch.
+    queue negatives), :func:`crcd_plugin.kernels.shared.shared_relation_logits` does the
+    candidate side once for the batch.
 
     Shape:
         student ``[B, D]``, anchors ``[A, D]``, candidates ``[B, K+1, D]`` -> ``[B, A, K+1]``.
     """
     tables = anchor_tables(student, anchors, temperature, eps)
     return per_sample_scores(tables, candidate_terms(anchors, candidates, eps), anchors)
-
-
-def shared_relation_logits(
-    student: torch.Tensor,
-    anchors: torch.Tensor,
-    candidates: torch.Tensor,
-    temperature: float,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """:func:`gram_relation_logits` for candidates that every sample shares (in-batch, queue).
-
-    Same scores, same exactness (each candidate re-centred on its nearest anchor), but the
-    candidate side (nearest anchors, residuals, squared norms ``|c_m - a_j + eps|^2``) is made
-    once, ``[M, A]``, instead of once per sample, and no ``[B, M, D]`` tensor exists. The only
-    per-sample work is one ``[B * A, D] x [D, M]`` product with the residuals and a look-up of
-    the ``[B, A, A]`` anchor table.
-
-    Shape:
-        student ``[B, D]``, anchors ``[A, D]``, candidates ``[M, D]`` -> ``[B, A, M]``.
-    """
-    tables = anchor_tables(student, anchors, temperature, eps)
-    return shared_scores(tables, candidate_terms(anchors, candidates, eps), anchors)
 
 
 class AnchorTables(NamedTuple):
@@ -152,13 +131,83 @@ def anchor_tables(student: torch.Tensor, anchors: torch.Tensor, temperature: flo
     Shape:
         student ``[B, D]``, anchors ``[A, D]``.
     """
-    student_rel = F.normalize(student[:, None, :] - anchors[None, :, :] + eps, dim=-1) / temperature  # [B, A, D]
+    student_rel = anchor_relations(student, anchors, eps, temperature, anchor_major=False)  # [B, A, D]
     anchor_diff = anchors[:, None, :] - anchors[None, :, :] + eps  # [A(p), A(j), D]: P[p, j]
     return AnchorTables(
         student_rel=student_rel,
         anchor_diff_sq=(anchor_diff * anchor_diff).sum(-1),
         anchor_term=torch.einsum("pjd,bjd->bpj", anchor_diff, student_rel),
     )
+
+
+def anchor_relations(
+    points: torch.Tensor,
+    anchors: torch.Tensor,
+    eps: float = 1e-6,
+    temperature: Union[float, torch.Tensor] = 1.0,
+    anchor_major: bool = True,
+) -> torch.Tensor:
+    """``normalize(points[n] - anchors[j] + eps) / temperature``, the relations of points to anchors.
+
+    The difference is exact and the ``+ eps`` is added to it afterwards, so a point equal to an
+    anchor gets exactly the ``eps`` direction. Normalising is one multiply by a per-row factor
+    (``F.normalize`` divides by ``max(norm, 1e-12)``, and so does this). In eager mode it runs in
+    place with a hand-written backward (``grad_u = f g - f <u_hat, g> u_hat``, summed over the
+    anchors for the points and over the points for the anchors), which makes about half the passes
+    over the ``[A, N, D]`` tensor that autograd's normalize does; under ``torch.compile`` the plain
+    ops run, for the compiler to fuse.
+
+    Shape:
+        points ``[N, D]``, anchors ``[A, D]`` -> ``[A, N, D]`` (``anchor_major``) or ``[N, A, D]``.
+    """
+    if torch.compiler.is_compiling():
+        diff = points[None, :, :] - anchors[:, None, :] if anchor_major else points[:, None, :] - anchors[None, :, :]
+        shifted = diff + eps
+        norm = torch.linalg.vector_norm(shifted, dim=-1, keepdim=True)
+        return shifted * (1.0 / (norm.clamp_min(_MIN_NORM) * temperature))
+    if torch.is_grad_enabled() and (points.requires_grad or anchors.requires_grad):
+        return _AnchorRelations.apply(points, anchors, eps, temperature, anchor_major)
+    return _anchor_relations_in_place(points, anchors, eps, temperature, anchor_major)[0]
+
+
+_MIN_NORM = 1e-12
+
+
+def _anchor_relations_in_place(points, anchors, eps, temperature, anchor_major):
+    """The relations and their per-row factors ``1 / (tau max(|u|, 1e-12))``, ``[..., 1]``."""
+    with torch.no_grad():
+        if anchor_major:
+            shifted = (points[None, :, :] - anchors[:, None, :]).add_(eps)
+        else:
+            shifted = (points[:, None, :] - anchors[None, :, :]).add_(eps)
+        factor = (torch.linalg.vector_norm(shifted, dim=-1, keepdim=True).clamp_min_(_MIN_NORM) * temperature)
+        factor = factor.reciprocal_()
+        return shifted.mul_(factor), factor
+
+
+class _AnchorRelations(torch.autograd.Function):
+    """:func:`anchor_relations` with its backward written out (see there)."""
+
+    @staticmethod
+    def forward(ctx, points, anchors, eps, temperature, anchor_major):
+        relations, factor = _anchor_relations_in_place(points, anchors, eps, temperature, anchor_major)
+        ctx.save_for_backward(relations, factor)
+        ctx.temperature, ctx.anchor_major = temperature, anchor_major
+        return relations
+
+    @staticmethod
+    def backward(ctx, grad):
+        relations, factor = ctx.saved_tensors
+        tau = ctx.temperature
+        # u_hat = tau * relations; rows whose norm was clamped are a plain scaling (no projection).
+        clamped = factor * (tau * _MIN_NORM) >= 1.0
+        along = (relations * grad).sum(-1, keepdim=True)  # <relations, g>
+        coef = torch.where(clamped, torch.zeros_like(along), factor * (tau * tau) * along)
+        grad_diff = (grad * factor).addcmul_(relations, coef, value=-1.0)
+        point_axis, anchor_axis = (1, 0) if ctx.anchor_major else (0, 1)
+        grad_points = grad_diff.sum(anchor_axis) if ctx.needs_input_grad[0] else None
+        grad_anchors = grad_diff.sum(point_axis).neg_() if ctx.needs_input_grad[1] else None
+        return grad_points, grad_anchors, None, None, None
 
 
 def candidate_terms(
@@ -205,39 +254,17 @@ def per_sample_scores(tables: AnchorTables, terms: CandidateTerms, anchors: torc
     dot = torch.baddbmm(
         torch.gather(tables.anchor_term, 1, rows_of_p), terms.residual, tables.student_rel.transpose(1, 2)
     )
-    logits = dot * _inverse_norms(tables, terms, anchors)  # [B, K+1, A]
+    logits = dot * inverse_norms(tables.anchor_diff_sq, terms, anchors)  # [B, K+1, A]
     return rearrange(logits, "b k a -> b a k")
 
 
-def shared_scores(tables: AnchorTables, terms: CandidateTerms, anchors: torch.Tensor) -> torch.Tensor:
-    """The scores of :func:`shared_relation_logits` from its pieces.
-
-    Laid out as ``[B, A, M]`` (contiguous, candidates last): one ``[B * A, D] x [D, M]`` product
-    takes the table look-up as its additive term, and the ``[A, M]`` inverse norms broadcast.
-
-    Shape:
-        terms of candidates ``[M, D]`` -> ``[B, A, M]``.
-    """
-    batch, num_anchors, dim = tables.student_rel.shape
-    num_candidates = terms.nearest.shape[0]
-    # <c_m - a_j + eps, s_bj> / tau = <r_m, s_bj / tau> + <P[p_m, j], s_bj / tau>
-    looked_up = tables.anchor_term.transpose(1, 2).index_select(2, terms.nearest)  # [B, A(j), M]
-    dot = torch.addmm(
-        looked_up.reshape(batch * num_anchors, num_candidates),
-        tables.student_rel.reshape(batch * num_anchors, dim),
-        terms.residual.T,
-    )
-    inverse_norms = _inverse_norms(tables, terms, anchors).T  # [A, M]
-    return dot.view(batch, num_anchors, num_candidates) * inverse_norms
-
-
-def _inverse_norms(tables: AnchorTables, terms: CandidateTerms, anchors: torch.Tensor) -> torch.Tensor:
+def inverse_norms(anchor_diff_sq: torch.Tensor, terms: CandidateTerms, anchors: torch.Tensor) -> torch.Tensor:
     """``1 / |c - a_j + eps|``, laid out ``[..., A]`` for candidates ``[..., D]``."""
     num_anchors, dim = anchors.shape
     lead = terms.nearest.shape
     # |c - a_j + eps|^2 = |r|^2 + 2 <r, a_p - a_j + eps> + |P[p, j]|^2, for j != p
     far_sq = torch.addmm(
-        (tables.anchor_diff_sq[terms.nearest] + terms.per_candidate).reshape(-1, num_anchors),
+        (anchor_diff_sq[terms.nearest] + terms.per_candidate).reshape(-1, num_anchors),
         terms.residual.reshape(-1, dim),
         anchors.T,
         alpha=-2.0,
