@@ -308,8 +308,10 @@ class CRCDLoss(nn.Module):
         queue = store.weight
         num_negatives = queue.shape[0] if self.num_negatives is None else self.num_negatives
         if num_negatives != queue.shape[0]:  # the same draw as the per-sample path makes
-            queue = queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)]
-        return anchors, queue, other
+            return anchors, queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)], other
+        # A copy: the queue is updated in place after this forward, before backward reads it (the
+        # CRD scores save it, and chunk_size recomputes from it).
+        return anchors, queue.clone(), other
 
     def _anchors_and_candidates(
         self,
