@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from crcd_plugin.kernels import naive_relation_logits, run_relation_loss_core, run_shared_relation_loss_core
-from crcd_plugin.memory import in_batch_candidate_index
 from crcd_plugin.kernels.objectives import infonce_loss, nce_log_normalizer, nce_loss
+from crcd_plugin.memory import in_batch_candidate_index
 
 TAU, EPS, N = 0.05, 1e-6, 50_000
 TOLERANCE = 1e-4  # relative to the largest value / gradient entry; fp32 kernels, float64 reference
@@ -126,8 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     grad_err = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
                     ok = loss_err < TOLERANCE and grad_err < TOLERANCE
                     failures += not ok
+                    verdict = "ok" if ok else "FAIL"
                     print(f"shared {layout:5s} B,M,D={batch, candidates.shape[0], dim} {objective:7s} {backend:8s} "
-                          f"loss rel err {loss_err:.1e} grad rel err {grad_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+                          f"loss rel err {loss_err:.1e} grad rel err {grad_err:.1e} {verdict}", flush=True)
     print("all backends agree with the naive formulation" if not failures else f"{failures} checks FAILED")
     return 1 if failures else 0
 

@@ -126,7 +126,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(
-    step: Callable[[], None], device: torch.device, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+    step: Callable[[], None],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     for _ in range(warmup):
         step()
@@ -194,7 +198,8 @@ def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int, layout:
     if layout != "per-sample" and impl not in ("naive", "per-sample"):
         shared = batch * (num_negatives + 1) * dim * 4 * 3  # [A, M, D] relations (A = B), when D <= B
         if impl == "chunked":
-            return batch * batch * min(CHUNK_SIZE, num_negatives + 1) * 4 * 10 + shared * CHUNK_SIZE / (num_negatives + 1)
+            chunk = min(CHUNK_SIZE, num_negatives + 1)
+            return batch * batch * chunk * 4 * 10 + shared * chunk / (num_negatives + 1)
         return shared + (batch * (num_negatives + 1) * dim * 4 if impl == "triton" else scores * 10)
     if impl == "per-sample":
         impl = "eager"
@@ -206,7 +211,7 @@ def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int, layout:
     return scores * dim * 3 if impl == "naive" else scores * 14
 
 
-def run(args: argparse.Namespace) -> Dict:
+def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = None) -> Dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory * 0.85
@@ -217,6 +222,16 @@ def run(args: argparse.Namespace) -> Dict:
     batches = [32, 64, 256] if args.full else args.batch
     negatives = [500, 4096, 16384] if args.full else args.negatives
     rows: List[Dict] = []
+    results = {
+        "benchmark": "relation loss forward+backward (NCE), A = B anchors, fp32",
+        "layout": args.layout,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "device": name,
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "rows": rows,
+    }
     for batch in batches:
         # In-batch negatives: K = B - 1, whatever --negatives says.
         for num_negatives in [batch - 1] if args.layout == "batch" else negatives:
@@ -257,16 +272,9 @@ def run(args: argparse.Namespace) -> Dict:
                     ours["speedup_vs_per_sample"] = per_sample["ms"] / ours["ms"]
             rows.append(row)
             print(format_row(row, args.impl), flush=True)
-    return {
-        "benchmark": "relation loss forward+backward (NCE), A = B anchors, fp32",
-        "layout": args.layout,
-        "threads": torch.get_num_threads(),
-        "clock": args.clock,
-        "device": name,
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "rows": rows,
-    }
+            if on_row is not None:  # partial results survive a run that is stopped
+                on_row(results)
+    return results
 
 
 def format_row(row: Dict, impls) -> str:
@@ -350,12 +358,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory probes run in subprocesses
-    results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"relation_{torch.device(args.device).type}"
     if args.layout != "per-sample":
         stem += f"_shared_{args.layout}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    results = run(args, on_row=lambda partial: (args.out / f"{stem}.json").write_text(json.dumps(partial, indent=2)))
     plot(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")
 

@@ -182,7 +182,8 @@ def test_shared_core_never_expands_the_candidates_per_sample(form):
     batch, dim = (64, 8) if form == "difference" else (8, 64)
     g = torch.Generator().manual_seed(0)
     query = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).requires_grad_()
-    anchors, queue = F.normalize(torch.randn(2, dim, generator=g), -1), F.normalize(torch.randn(512, dim, generator=g), -1)
+    anchors = F.normalize(torch.randn(2, dim, generator=g), dim=-1)
+    queue = F.normalize(torch.randn(512, dim, generator=g), dim=-1)
     with LargestTensor() as probe:
         loss, _ = run_shared_relation_loss_core(
             "eager", query, anchors, queue, anchors.new_zeros(batch, dim).add_(query.detach()),

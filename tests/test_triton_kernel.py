@@ -10,7 +10,6 @@ import logging
 import os
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 from naive import naive_infonce, naive_nce, naive_relations, naive_z

@@ -175,9 +175,10 @@ def shared_relation_loss_core(
         masked = _masked_shared(scores, mask, is_positive, float("-inf"))
         if positives is None:
             return kept_row_mean(_diagonal_cross_entropy(masked), dropped), log_z
+        assert positive is not None  # scored apart whenever positives are given
         per_row = torch.logaddexp(torch.logsumexp(masked, dim=-1), positive) - positive
         return kept_row_mean(per_row, dropped), log_z
-    if positives is None:
+    if positive is None:
         fresh = nce_log_normalizer(scores, num_samples)
     else:
         fresh = nce_log_normalizer_with_positives(positive, scores, num_samples)
@@ -185,7 +186,7 @@ def shared_relation_loss_core(
     num_negatives = scores.shape[-1] - (1 if positives is None else 0)
     shift = nce_shift(log_z.to(scores.dtype), num_negatives, num_samples)
     per_row = nce_row_sums(scores, shift, mask, has_positive=False, is_positive=is_positive)
-    if positives is not None:
+    if positive is not None:
         per_row = per_row + F.softplus(shift - positive)
     return kept_row_mean(per_row, dropped), log_z
 
@@ -466,7 +467,9 @@ def _warn_triton_refusal(reason: str) -> None:
         logger.warning("backend='triton' cannot run %s; running the eager kernels instead", reason)
 
 
-def _run_plain_or_compiled(backend: str, shared: bool, tensors: tuple, options: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_plain_or_compiled(
+    backend: str, shared: bool, tensors: tuple, options: tuple[float, float, str, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The compiled core for ``"compile"`` (eager after a failed compile), the plain one otherwise."""
     if backend == "compile" and not _compile_failure:
         try:

@@ -26,7 +26,9 @@ def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
     return log_mean_exp(at_least_fp32(logits.detach())) + math.log(num_samples)
 
 
-def nce_log_normalizer_with_positives(positive: torch.Tensor, negatives: torch.Tensor, num_samples: int) -> torch.Tensor:
+def nce_log_normalizer_with_positives(
+    positive: torch.Tensor, negatives: torch.Tensor, num_samples: int
+) -> torch.Tensor:
     """:func:`nce_log_normalizer` of the scores ``cat([positive[..., None], negatives], -1)``,
     without making that tensor (shared negatives scored apart from the per-sample positives).
 

@@ -116,6 +116,7 @@ def shared_positive_scores(
     if relations.anchor_term is None:
         teacher_rel = anchor_relations(positives, anchors, eps)  # [A, B, D]
         return torch.einsum("jbd,jbd->bj", student_rel, teacher_rel)
+    assert relations.anchor_diff_sq is not None  # the Gram form has both tables
     terms = candidate_terms(anchors, positives, eps)
     samples = torch.arange(student_rel.shape[1], device=anchors.device)
     # <c_b - a_j + eps, s_bj> / tau = <r_b, s_bj / tau> + <P[p_b, j], s_bj / tau>
@@ -133,6 +134,7 @@ def _gram_scores(relations: SharedRelations, terms: CandidateTerms, anchors: tor
     was several times slower on CPU), and the residual product is added to it in place.
     """
     student_rel, anchor_term = relations.student_rel, relations.anchor_term
+    assert anchor_term is not None and relations.anchor_diff_sq is not None  # the Gram form has both tables
     num_anchors, batch, dim = student_rel.shape
     num_candidates = terms.nearest.shape[0]
     one_hot = F.one_hot(terms.nearest, num_anchors).to(anchor_term.dtype)  # [M, A(p)]
