@@ -10,7 +10,7 @@ from torch import nn
 from crcd_plugin._checks import check_choice, check_positive_int
 from crcd_plugin.distributed import average, gather_rows, world_size
 from crcd_plugin.heads import EmbedHead
-from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core
+from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core, run_shared_relation_loss_core
 from crcd_plugin.memory import MEMORY_INITS, FeatureQueue, MemoryBank, in_batch_candidate_index
 from crcd_plugin.sharded_memory import ShardedMemoryBank
 
@@ -119,6 +119,10 @@ class CRCDLoss(nn.Module):
         >>> loss.shape
         torch.Size([])
     """
+
+    # Batch and queue negatives take the shared-candidate kernels; False forces the per-sample
+    # path (the same loss, slower), which tests and benchmarks compare against.
+    _share_candidates: bool = True
 
     def __init__(
         self,
@@ -251,10 +255,24 @@ class CRCDLoss(nn.Module):
 
         batch = student_feat.shape[0]
         anchor_pos = self._anchor_positions(batch, device)  # [A]
-        cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
-        mask = None
-        if self.anchored and self.self_anchor == "mask":
-            mask = cand_ids[:, None, :] == anchor_ids[None, :, None]  # [B, A, K+1]
+        masked = self.anchored and self.self_anchor == "mask"
+        # In-batch and queue negatives are the same for every sample: their candidate side is
+        # computed once for the batch (``run_shared_relation_loss_core``), which equals the
+        # per-sample path on the same inputs and random draws (tested).
+        shared = self.negatives != "bank" and self._share_candidates
+        if shared:
+            masks = self._shared_masks(batch, anchor_pos, device) if masked else (None, None)
+        else:
+            cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
+            mask = cand_ids[:, None, :] == anchor_ids[None, :, None] if masked else None  # [B, A, K+1]
+        options = dict(
+            temperature=self.temperature,
+            eps=self.eps,
+            objective=self.objective,
+            num_samples=self.noise_size,
+            chunk_size=self.chunk_size,
+        )
+        backend = resolve_backend(self.backend, device)
 
         # The student is scored against the teacher's side (memory or current embeddings), and back.
         sides = [(query_student, query_teacher, getattr(self, "memory_teacher", None))]
@@ -264,22 +282,17 @@ class CRCDLoss(nn.Module):
         for side, (query, other, store) in enumerate(sides):
             if side > 0 or not self.teacher_head_grad:
                 other = other.detach()
-            anchors, candidates = self._anchors_and_candidates(other, store, cand_ids, anchor_pos)
-            with torch.autocast(device_type=device.type, enabled=False):
-                loss, log_z = run_relation_loss_core(
-                    resolve_backend(self.backend, device),
-                    query,
-                    anchors,
-                    candidates,
-                    self.log_z[side],
-                    self.z_ready[side],
-                    mask,
-                    temperature=self.temperature,
-                    eps=self.eps,
-                    objective=self.objective,
-                    num_samples=self.noise_size,
-                    chunk_size=self.chunk_size,
-                )
+            z_state = (self.log_z[side], self.z_ready[side])
+            if shared:
+                anchors, candidates, positives = self._shared_candidates(other, store, anchor_pos)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    loss, log_z = run_shared_relation_loss_core(
+                        backend, query, anchors, candidates, positives, *z_state, *masks, **options
+                    )
+            else:
+                anchors, candidates = self._anchors_and_candidates(other, store, cand_ids, anchor_pos)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    loss, log_z = run_relation_loss_core(backend, query, anchors, candidates, *z_state, mask, **options)
             losses.append(loss)
             new_log_z.append(log_z)
 
@@ -315,6 +328,37 @@ class CRCDLoss(nn.Module):
         num_negatives = self.memory_teacher.size if self.num_negatives is None else self.num_negatives
         positives = torch.arange(batch, device=device)[:, None]
         return torch.cat([positives, positives.new_full((batch, num_negatives), -1)], dim=1), anchor_pos
+
+    def _shared_masks(
+        self, batch: int, anchor_pos: torch.Tensor, device: torch.device
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``self_anchor="mask"`` for shared candidates: ``(mask [A, M], positive_mask [B, A])``.
+
+        In-batch, candidate ``m`` is sample ``m`` (sample ``b``'s positive is candidate ``b``), so
+        the entries whose candidate is anchor ``j``'s own sample are one ``[A, B]`` mask for the
+        whole batch. Queue rows are never an anchor's sample; only the positive can be.
+        """
+        samples = torch.arange(batch, device=device)
+        if self.negatives == "batch":
+            return anchor_pos[:, None] == samples[None, :], None
+        return None, samples[:, None] == anchor_pos[None, :]
+
+    def _shared_candidates(
+        self, other: torch.Tensor, store: Optional[nn.Module], anchor_pos: torch.Tensor
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """Anchors ``[A, d]`` (None when not anchored), shared candidates ``[M, d]`` and separate
+        positives ``[B, d]`` of one side: in-batch, the candidates are the batch itself
+        (positives None); with the queue, the ``K`` queue rows, and the positives the batch."""
+        anchors = other[anchor_pos] if self.anchored else None
+        if self.negatives == "batch":
+            return anchors, other, None
+        queue = store.weight
+        num_negatives = queue.shape[0] if self.num_negatives is None else self.num_negatives
+        if num_negatives != queue.shape[0]:  # the same draw as the per-sample path makes
+            return anchors, queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)], other
+        # A copy: the queue is updated in place after this forward, before backward reads it (the
+        # CRD scores save it, and chunk_size recomputes from it).
+        return anchors, queue.clone(), other
 
     def _anchors_and_candidates(
         self,
@@ -428,7 +472,8 @@ class CRCDLoss(nn.Module):
         """Shape, dtype and device checks that need no device sync (``relations=False``: a batch
         of one is fine, for ``fill_memory``). Returns ``index`` as int64."""
         device = self.log_z.device
-        for name, value, dim in (("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim)):
+        features = (("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim))
+        for name, value, dim in features:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
             if not value.is_floating_point():
