@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -310,6 +310,59 @@ class CRCDDistiller(nn.Module):
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+        return self
+
+    @torch.no_grad()
+    def fill_memory(self, loader: Iterable[Any], device: Optional[torch.device] = None) -> "CRCDDistiller":
+        """Warm-up pass: write every sample's embeddings into the CRCD memories before training.
+
+        Runs student and teacher (eval mode, no grad) over ``loader`` and hands each batch to
+        :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the first step (one extra
+        pass over the data). The gradient element's memory gets detached gradients. Train/eval
+        modes are restored afterwards; models, heads and the NCE constant are not changed.
+
+        Args:
+            loader: Iterable of ``(input, target, index)`` batches (``(input, target)`` for a
+                queue), like the arguments of :meth:`forward`.
+            device: Where to move each batch; default: the student's device.
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> distiller = distiller.fill_memory(train_loader)  # doctest: +SKIP
+        """
+        if device is None:
+            device = next(iter(unwrap_model(self.student).parameters()), torch.zeros(())).device
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                    raise TypeError("fill_memory needs batches of (input, target, index) or (input, target)")
+                tensors = [t.to(device, non_blocking=True) for t in batch]
+                x, target, index = tensors if len(tensors) == 3 else (*tensors, None)
+                self._check_batch(x, target, index)
+                f_s, head_logits_s, _ = self._run(self.student, self.student_head, x, "student")
+                f_t, head_logits_t, _ = self._run(self.teacher, self.teacher_head, x, "teacher")
+                if not self.built:
+                    self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+                if self.crcd_feature is not None:
+                    self.crcd_feature.fill_memory(self._reduce(f_s), self._reduce(f_t), index)
+                if self.crcd_gradient is not None:
+                    # Values only: the detached (teacher-style) gradient element serves both sides.
+                    smoothing = self.label_smoothing
+                    g_s = teacher_gradient_element(
+                        resolve_module(self.student, self.student_head), f_s, target,
+                        logits=head_logits_s, label_smoothing=smoothing,
+                    )
+                    g_t = teacher_gradient_element(
+                        resolve_module(self.teacher, self.teacher_head), f_t, target,
+                        logits=head_logits_t, label_smoothing=smoothing,
+                    )
+                    self.crcd_gradient.fill_memory(self._reduce(g_s), self._reduce(g_t), index)
+        finally:
+            self.train(was_training)
         return self
 
     def train(self, mode: bool = True) -> "CRCDDistiller":
