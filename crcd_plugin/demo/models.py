@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -88,11 +88,13 @@ class StridedCNN1d(nn.Module):
         return self.fc(self.features(x))
 
 
+Teacher = Union[StridedCNN1d, TeacherCNN1d]
+
 # Teachers the tuning run compares (by the validation accuracy of the students they teach).
 TEACHER_ARCHS = ("strided", "strided64", "maxpool")
 
 
-def build_teacher(arch: str, input_dim: int, num_classes: int, dataset: str = "mnist1d") -> nn.Module:
+def build_teacher(arch: str, input_dim: int, num_classes: int, dataset: str = "mnist1d") -> Teacher:
     """Make an untrained teacher by name.
 
     Args:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin.demo.data import DataConfig, Dataset
-from crcd_plugin.demo.models import StudentMLP, build_teacher
+from crcd_plugin.demo.models import StudentMLP, Teacher, build_teacher
 from crcd_plugin.functional import kd_loss
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def train_teacher(
     cache_dir: Optional[Path] = None,
     progress: bool = True,
     tag: str = "",
-) -> tuple[nn.Module, float]:
+) -> tuple[Teacher, float]:
     """Train the teacher ``cfg.arch``, or load it from ``cache_dir`` (keyed by data config, recipe, seed).
 
     Args:
@@ -187,7 +187,8 @@ def train_teacher(
     """
     torch.manual_seed(seed)
     teacher = build_teacher(cfg.arch, data.input_dim, data.num_classes, data_cfg.name)
-    blob = json.dumps({"data": asdict(data_cfg), "recipe": asdict(cfg), "seed": seed, "arch": teacher.arch, "tag": tag}, sort_keys=True)
+    recipe = {"data": asdict(data_cfg), "recipe": asdict(cfg), "seed": seed, "arch": teacher.arch, "tag": tag}
+    blob = json.dumps(recipe, sort_keys=True)
     key = f"teacher-{data_cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
     if path is not None and path.exists():
@@ -219,7 +220,7 @@ def train_teacher(
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, data: Dataset, acc: float) -> TeacherOutputs:
+def teacher_outputs(teacher: Teacher, data: Dataset, acc: float) -> TeacherOutputs:
     """Precompute the frozen teacher's logits and penultimate features over the training set."""
     feats = teacher.features(data.x_train)
     return TeacherOutputs(
@@ -231,7 +232,9 @@ def teacher_outputs(teacher: nn.Module, data: Dataset, acc: float) -> TeacherOut
     )
 
 
-def _relation_loss(student_dim: int, teacher_dim: int, num_samples: int, cfg: MethodSettings, anchored: bool) -> nn.Module:
+def _relation_loss(
+    student_dim: int, teacher_dim: int, num_samples: int, cfg: MethodSettings, anchored: bool
+) -> nn.Module:
     from crcd_plugin.loss import CRCDLoss
 
     negatives: dict = {"negatives": cfg.negatives}
@@ -318,7 +321,8 @@ def train_student(
             logits = student.fc(feat)
             loss = F.cross_entropy(logits, y)
             if teacher is not None and method != "ce" and distill:
-                loss = settings.gamma * loss + settings.alpha * kd_loss(logits, teacher.logits[idx], settings.kd_temperature)
+                kd = kd_loss(logits, teacher.logits[idx], settings.kd_temperature)
+                loss = settings.gamma * loss + settings.alpha * kd
                 if "feature" in relations:
                     loss = loss + settings.beta * relations["feature"](feat, teacher.features[idx], index=idx)
                 if "gradient" in relations:

@@ -258,9 +258,15 @@ def format_tuning_table(log: Sequence[dict]) -> str:
 def settings_as_python(teacher: TeacherConfig, train: TrainConfig, settings: dict[str, MethodSettings]) -> str:
     """The chosen values as the block of code that ``config.py`` ships."""
     default = MethodSettings()
-    lines = [f"DEFAULT_TEACHER = {teacher!r}", f"DEFAULT_TRAIN = {train!r}", "DEFAULT_SETTINGS: dict[str, MethodSettings] = {"]
+    lines = [
+        f"DEFAULT_TEACHER = {teacher!r}",
+        f"DEFAULT_TRAIN = {train!r}",
+        "DEFAULT_SETTINGS: dict[str, MethodSettings] = {",
+    ]
     for method, s in settings.items():
-        changed = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(default, f.name)}
+        changed = {
+            f.name: getattr(s, f.name) for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(default, f.name)
+        }
         args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
         lines.append(f"    {method!r}: MethodSettings({args}),")
     lines.append("}")
@@ -313,7 +319,8 @@ def run_tuning(args: argparse.Namespace) -> dict[str, Any]:
     path.write_text(json.dumps(result, indent=2))
     table = format_tuning_table(log)
     (out / "tune.md").write_text(table + "\n")
-    print(f"\n{table}\n\nchosen settings ({result['wall_time_s']:.0f} s), for crcd_plugin/demo/config.py:\n{code}\nwrote {path}")
+    seconds = result["wall_time_s"]
+    print(f"\n{table}\n\nchosen settings ({seconds:.0f} s), for crcd_plugin/demo/config.py:\n{code}\nwrote {path}")
     return result
 
 
