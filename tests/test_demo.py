@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -28,6 +29,12 @@ from crcd_plugin.demo.tune import _Search, format_tuning_table  # noqa: E402
 TINY = ["--num-train", "400", "--num-test", "200", "--epochs", "2", "--seeds", "2", "--no-progress"]
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data/teacher cache for the module: MNIST-1D generation takes seconds, so do it once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
@@ -36,9 +43,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-def test_demo_writes_results_json_and_png_offline(tmp_path: Path, no_network: None) -> None:
+def test_demo_writes_results_json_and_png_offline(tmp_path: Path, cache: Path, no_network: None) -> None:
     out = tmp_path / "out"
-    assert main([*TINY, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main([*TINY, "--out", str(out), "--cache-dir", str(cache)]) == 0
 
     results = json.loads((out / "results.json").read_text())
     assert results["dataset"] == "mnist1d"
@@ -54,8 +61,12 @@ def test_demo_writes_results_json_and_png_offline(tmp_path: Path, no_network: No
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_teacher_is_cached_and_reused(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
+def test_teacher_is_cached_and_reused(tmp_path: Path, cache: Path) -> None:
+    own = tmp_path / "cache"  # a teacher cache of its own; the generated data is copied over
+    own.mkdir()
+    for data in cache.glob("data-*.npz"):
+        shutil.copy(data, own)
+    cache = own
     args = [*TINY, "--methods", "ce", "--seeds", "1", "--cache-dir", str(cache)]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     teachers = sorted(cache.glob("teacher-*.pt"))
@@ -67,9 +78,9 @@ def test_teacher_is_cached_and_reused(tmp_path: Path) -> None:
     assert acc[0] == acc[1]
 
 
-def test_methods_share_initialisation_and_data_order(tmp_path: Path) -> None:
+def test_methods_share_initialisation_and_data_order(cache: Path) -> None:
     # KD with weight 0 is CE: equal accuracy curves mean equal init and equal batches for a seed.
-    data = load_dataset(DataConfig(num_train=300, num_test=100), tmp_path)
+    data = load_dataset(DataConfig(num_train=300, num_test=100), cache)
     train = TrainConfig(epochs=2, batch_size=64)
     ce = train_student("ce", data, None, train, MethodSettings(), seed=3)
     fake = TeacherOutputs(torch.randn(300, 10), torch.randn(300, 8), torch.randn(10, 8), 0.0, "fake")
@@ -78,7 +89,7 @@ def test_methods_share_initialisation_and_data_order(tmp_path: Path) -> None:
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([*TINY, "--methods", "ce,dkd", "--out", str(tmp_path)]) == 2
+    assert main([*TINY, "--methods", "ce,dkd", "--out", str(tmp_path), "--no-cache"]) == 2
     assert "--methods" in capsys.readouterr().err
 
 
@@ -94,17 +105,17 @@ def test_unknown_teacher_arch_is_a_clear_error() -> None:
     assert "strided" in TEACHER_ARCHS and "maxpool" in TEACHER_ARCHS
 
 
-def test_demo_runs_with_another_teacher(tmp_path: Path) -> None:
+def test_demo_runs_with_another_teacher(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "out"
     args = [*TINY, "--methods", "kd", "--seeds", "1", "--epochs", "1", "--teacher", "maxpool"]
-    assert main([*args, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main([*args, "--out", str(out), "--cache-dir", str(cache)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "maxpool" in results["teacher"]["arch"] and results["config"]["teacher"]["arch"] == "maxpool"
 
 
 @pytest.fixture
-def tiny_setup(tmp_path: Path):
-    data = load_dataset(DataConfig(num_train=300, num_test=100), tmp_path)
+def tiny_setup(cache: Path):
+    data = load_dataset(DataConfig(num_train=300, num_test=100), cache)
     teacher = TeacherOutputs(torch.randn(300, 10), torch.randn(300, 8), torch.randn(10, 8), 0.0, "fake")
     return data, teacher
 
