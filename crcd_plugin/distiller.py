@@ -7,15 +7,31 @@ element) as a dict of named loss components.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_choice, check_positive_int
+from .distributed import average_gradients, broadcast_state, world_size
 from .functional import kd_loss
 from .gradients import student_gradient_element, teacher_gradient_element
 from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
@@ -25,7 +41,11 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["DistillSchedule", "CRCDDistiller"]
 
+_MODEL_PREFIXES = ("student.", "teacher.")
+
 ScheduleKind = Literal["step", "linear", "constant"]
+# (model, model input) -> position of the token the model classifies, [B] or one int for all rows.
+TokenSelector = Callable[[nn.Module, Any], Union[int, torch.Tensor]]
 _SCHEDULE_KINDS: Tuple[str, ...] = ("step", "linear", "constant")
 
 
@@ -140,6 +160,11 @@ class CRCDDistiller(nn.Module):
     :meth:`student_state_dict`; ``distiller.state_dict()`` is for resuming (it holds the CRCD
     heads, memories and schedule progress, besides both models).
 
+    Under ``torch.distributed`` (``torchrun``, ``accelerate``): :meth:`prepare_distributed` wraps
+    only the student in DDP and gives every rank rank 0's CRCD state, :meth:`sync_gradients`
+    averages the CRCD heads' gradients before each optimizer step, and :meth:`no_sync` serves
+    gradient accumulation (docs/distributed.md).
+
     Dimensions come from ``nn.Linear`` heads (``in_features``), else from a dry run on
     ``example_input``, else from the first ``forward``; in the last case create the optimizer
     *after* that first call, since the CRCD heads have parameters too.
@@ -165,6 +190,11 @@ class CRCDDistiller(nn.Module):
             :func:`~crcd_plugin.hooks.pool_feature`); ``None`` flattens it.
         output_select: How to get logits from the models' outputs when they are not tensors
             (int index, str key/attribute, or callable); ``None`` accepts a tensor or ``.logits``.
+        feature_token: For heads applied to every token (head output ``[B, T, C]`` while the
+            model's logits are ``[B, C]``, as in decoder-only ``*ForSequenceClassification``
+            models): ``feature_token(model, input)`` gives the position (``[B]`` LongTensor, or one
+            int for all rows) of the token the model classifies; the feature and head logits are
+            taken at that position. ``model`` is the unwrapped model.
         example_input: Optional batch for a dry run (eval mode, no grad) that fixes dimensions.
 
     Example:
@@ -201,7 +231,8 @@ class CRCDDistiller(nn.Module):
         schedule: Optional[DistillSchedule] = None,
         feature_pool: Optional[PoolMode] = None,
         output_select: Optional[Selector] = None,
-        example_input: Optional[torch.Tensor] = None,
+        example_input: Optional[Any] = None,
+        feature_token: Optional[TokenSelector] = None,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -209,6 +240,11 @@ class CRCDDistiller(nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         if unwrap_model(student) is unwrap_model(teacher):
             raise ValueError("student and teacher must be different modules")
+        if isinstance(teacher, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
+                "(it never trains, so it needs no gradient sync; wrap only the student)"
+            )
         self.gamma = _check_weight("gamma", gamma)
         self.alpha = _check_weight("alpha", alpha)
         self.beta = _check_weight("beta", beta)
@@ -230,6 +266,8 @@ class CRCDDistiller(nn.Module):
             raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
         if feature_pool is not None:
             pool_feature(torch.zeros(1, 1), feature_pool)  # validates the name
+        if feature_token is not None and not callable(feature_token):
+            raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
 
         self.student = student
         self.teacher = teacher
@@ -245,6 +283,7 @@ class CRCDDistiller(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.feature_pool = feature_pool
         self.output_select = output_select
+        self.feature_token = feature_token
         self.schedule = schedule
         self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options)
         self.crcd_feature = None
@@ -290,13 +329,16 @@ class CRCDDistiller(nn.Module):
         for loss in (self.crcd_feature, self.crcd_gradient):
             if loss is not None:
                 loss.train(self.training)
+                # Built from each rank's own random state; DDP does not see them, so rank 0's wins.
+                broadcast_state(loss)
         _logger.debug("built CRCD losses for student_dim=%d, teacher_dim=%d", student_dim, teacher_dim)
 
-    def build(self, example_input: torch.Tensor) -> "CRCDDistiller":
+    def build(self, example_input: Any) -> "CRCDDistiller":
         """Fix dimensions with a dry run (eval mode, no grad, models' state untouched).
 
         Args:
-            example_input: A batch the models accept (any batch size).
+            example_input: A batch the models accept (any batch size; a tensor, or a dict of
+                tensors passed as keyword arguments).
 
         Returns:
             ``self``.
@@ -377,7 +419,96 @@ class CRCDDistiller(nn.Module):
 
     def crcd_state_dict(self) -> Dict[str, Any]:
         """State of the CRCD heads, memories and schedule (everything but the two models)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(_MODEL_PREFIXES)}
+
+    def load_crcd_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what :meth:`crcd_state_dict` returned; every CRCD key must match (the models are untouched).
+
+        Args:
+            state_dict: CRCD heads, memories and schedule state, as saved by :meth:`crcd_state_dict`.
+
+        Raises:
+            ValueError: If keys are missing or unexpected (e.g. a checkpoint made with other options).
+        """
+        model_keys = [k for k in state_dict if k.startswith(_MODEL_PREFIXES)]
+        if model_keys:
+            raise ValueError(f"a CRCD state dict holds no model weights, got keys {model_keys[:3]} ...")
+        expected = set(self.crcd_state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"CRCD state does not match this distiller's options: missing {missing}, unexpected {unexpected}"
+            )
+        # Checked above, so strict=False only skips the two models' keys.
+        self.load_state_dict(dict(state_dict), strict=False)
+
+    # ------------------------------------------------------------------ distributed
+    def prepare_distributed(self, device_ids: Optional[Sequence[int]] = None, **ddp_kwargs: Any) -> "CRCDDistiller":
+        """Wrap the student in ``DistributedDataParallel`` and give every rank rank 0's CRCD state.
+
+        Call once after ``torch.distributed.init_process_group`` (``torchrun``) and after moving
+        the distiller to its device, before creating the optimizer. The teacher is never wrapped
+        (it is frozen). The CRCD heads, memories and NCE constants are broadcast from rank 0
+        (a sharded memory bank keeps its own rows); their gradients are averaged by
+        :meth:`sync_gradients`. A student that is already DDP-wrapped (e.g. by
+        ``accelerator.prepare``) is kept as it is. No-op when not distributed.
+
+        Args:
+            device_ids: ``DistributedDataParallel``'s ``device_ids`` (``[local_rank]`` on GPUs,
+                ``None`` on CPU).
+            **ddp_kwargs: Passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...).
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> distiller = CRCDDistiller(student, teacher, "fc", "fc").to(device)  # doctest: +SKIP
+            >>> distiller.prepare_distributed(device_ids=[local_rank])              # doctest: +SKIP
+        """
+        if world_size() == 1:
+            return self
+        trainable = any(p.requires_grad for p in self.student.parameters())
+        if trainable and not isinstance(self.student, nn.parallel.DistributedDataParallel):
+            self.student = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=list(device_ids) if device_ids is not None else None, **ddp_kwargs
+            )
+        for loss in (self.crcd_feature, self.crcd_gradient):
+            if loss is not None:
+                broadcast_state(loss)
+        return self
+
+    def _unsynced_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if unwrapped."""
+        modules: List[Optional[nn.Module]] = [self.crcd_feature, self.crcd_gradient]
+        if not isinstance(self.student, nn.parallel.DistributedDataParallel):
+            modules.append(self.student)
+        for module in modules:
+            if module is not None:
+                yield from (p for p in module.parameters() if p.requires_grad)
+
+    def sync_gradients(self) -> None:
+        """Average over ranks the gradients DDP does not: the CRCD heads' (and an unwrapped student's).
+
+        Call after ``backward()`` and before ``optimizer.step()`` (with gradient accumulation, once
+        before the step suffices; after every micro-batch gives the same result). One flat
+        ``all_reduce`` per dtype; no-op when not distributed, so a loop can call it always.
+
+        Example:
+            >>> out = distiller(x, y, index)                                   # doctest: +SKIP
+            >>> out["loss"].backward(); distiller.sync_gradients(); optimizer.step()  # doctest: +SKIP
+        """
+        average_gradients(self._unsynced_parameters())
+
+    def no_sync(self) -> ContextManager[None]:
+        """The student's ``DistributedDataParallel.no_sync()`` (a no-op context when not wrapped).
+
+        For gradient accumulation: run the micro-batches but the last inside it, then call
+        :meth:`sync_gradients` before the optimizer step. Memory and queue updates still gather
+        every rank's rows on each micro-batch (they are forward-time collectives).
+        """
+        if isinstance(self.student, nn.parallel.DistributedDataParallel):
+            return self.student.no_sync()
+        return contextlib.nullcontext()
 
     def _logits(self, output: Any) -> torch.Tensor:
         if self.output_select is not None:
@@ -393,16 +524,24 @@ class CRCDDistiller(nn.Module):
         return logits
 
     def _run(
-        self, model: nn.Module, head: str, x: torch.Tensor, role: str
+        self, model: nn.Module, head: str, x: Any, role: str
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward ``model`` once; return (head input, head output, model logits)."""
         with FeatureCapture(model) as capture:
             capture.add(head, io="input", name="feature").add(head, io="output", name="head_logits")
-            output = model(x)
+            output = model(**x) if isinstance(x, Mapping) else model(x)
             captured = capture.pop()
         if len(captured) != 2:
             raise ValueError(f"the {role} head {head!r} did not run during the {role}'s forward")
-        return captured["feature"], captured["head_logits"], self._logits(output)
+        feature, head_logits, logits = captured["feature"], captured["head_logits"], self._logits(output)
+        if self.feature_token is not None and head_logits.dim() == logits.dim() + 1:
+            # The head saw every token ([B, T, D] -> [B, T, C]) and the model kept one per row.
+            position = self.feature_token(unwrap_model(model), x)
+            if isinstance(position, torch.Tensor):
+                position = position.to(feature.device)
+            rows = torch.arange(feature.shape[0], device=feature.device)
+            feature, head_logits = feature[rows, position], head_logits[rows, position]
+        return feature, head_logits, logits
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *] -> [B, D]`` for the CRCD loss."""
@@ -422,6 +561,8 @@ class CRCDDistiller(nn.Module):
             )
         if index is not None and not isinstance(index, torch.Tensor):
             raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
+        if isinstance(x, Mapping):
+            x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
         batch = x.shape[0] if isinstance(x, torch.Tensor) else None
         if batch is not None and target.shape[0] != batch:
             raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
@@ -432,14 +573,23 @@ class CRCDDistiller(nn.Module):
             )
 
     def forward(
-        self, input: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor] = None
+        self,
+        input: Any,
+        target: torch.Tensor,
+        index: Optional[torch.Tensor] = None,
+        *,
+        student: Optional[nn.Module] = None,
     ) -> Dict[str, torch.Tensor]:
         """One distillation step's losses.
 
         Args:
-            input: Model input batch ``[B, ...]``.
+            input: Model input batch ``[B, ...]``, or a dict of such tensors that both models take
+                as keyword arguments (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
             target: Class indices ``[B]`` (or probabilities ``[B, C]``).
             index: Dataset indices ``[B]`` of the samples; required for memory-bank negatives.
+            student: A wrapper of ``self.student`` made after construction (DDP, accelerate,
+                ``torch.compile``) to run the student's forward through, so that its gradient
+                synchronisation applies; the default runs ``self.student``.
 
         Returns:
             ``loss`` (what to backpropagate), ``task_loss``, ``kd_loss``, ``crcd_feature_loss``,
@@ -450,9 +600,13 @@ class CRCDDistiller(nn.Module):
             skipped: ``loss = gamma * task_loss`` and the other terms are zero.
         """
         self._check_batch(input, target, index)
+        if student is None:
+            student = self.student
+        elif unwrap_model(student) is not unwrap_model(self.student):
+            raise ValueError("student= must wrap the distiller's own student (e.g. its DDP wrapper)")
         if self.teacher.training:
             self.teacher.eval()
-        f_s, head_logits_s, logits_s = self._run(self.student, self.student_head, input, "student")
+        f_s, head_logits_s, logits_s = self._run(student, self.student_head, input, "student")
         zero = logits_s.new_zeros((), dtype=torch.float32)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
         if self.built and self.schedule is not None and not self.schedule.distills():

@@ -12,6 +12,7 @@ from crcd_plugin.distributed import average, gather_rows, world_size
 from crcd_plugin.heads import EmbedHead
 from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core
 from crcd_plugin.memory import MEMORY_INITS, FeatureQueue, MemoryBank, in_batch_candidate_index
+from crcd_plugin.sharded_memory import ShardedMemoryBank
 
 NEGATIVE_MODES = ("bank", "queue", "batch")
 OBJECTIVES = ("nce", "infonce")
@@ -46,15 +47,16 @@ class CRCDLoss(nn.Module):
     - ``"batch"``: no state; anchors as for the queue, negatives the other ``B - 1`` samples.
 
     The memory and queue are updated, and the NCE constant ``Z`` is fixed, in training mode only.
-    Under ``torch.distributed`` every rank applies the rows of all ranks (gathered) and the mean
-    ``Z``, so the state stays identical on every rank; batches must have the same size on all ranks.
+    Under ``torch.distributed`` every rank applies the rows of all ranks (gathered, also when batch
+    sizes differ between ranks) and the mean ``Z``, so the state stays identical on every rank
+    (docs/distributed.md).
     The teacher feature is always treated as a constant (detached); gradients reach the student
     feature and the student embedding head, and the teacher embedding head through the teacher-side
     loss (``symmetric=True``) or, with ``teacher_head_grad=True``, through the current teacher
     embeddings that the student-side loss reads. With ``symmetric=False`` and
-    ``teacher_head_grad=False`` (the defaults' second half), the teacher head gets no gradient: it
-    stays a fixed random projection of the teacher feature. The loss core runs in fp32, also under
-    autocast.
+    ``teacher_head_grad=False`` the teacher head gets no gradient: it stays a fixed random
+    projection of the teacher feature (measured on MNIST-1D, training it gave no gain; see
+    ``docs/method.md``). The loss core runs in fp32, also under autocast.
 
     Args:
         student_dim: Student feature size ``Ds``.
@@ -73,6 +75,8 @@ class CRCDLoss(nn.Module):
         momentum: Bank update momentum ``m`` (reference 0.5).
         memory_init: Bank: ``"first_write"`` (rows are right from their first write, see above) or
             ``"cold"`` (the reference: random rows act as samples until washed out by momentum).
+            ``None``: ``"first_write"``, or ``"cold"`` with ``shard_memory=True``, which supports
+            only that for now.
         num_anchors: Use a random subset of ``A`` of the batch's anchors each step; ``None`` or
             ``A >= B`` uses all ``B`` (the reference).
         self_anchor: ``"keep"`` (the reference) keeps entries whose candidate is the anchor's own
@@ -99,6 +103,11 @@ class CRCDLoss(nn.Module):
             backward: peak memory ``O(B * A * chunk_size)`` instead of ``O(B * A * (K+1))`` for
             about one more forward of time (two with NCE). Runs the eager kernels. ``None``: one
             chunk.
+        shard_memory: Bank mode under ``torch.distributed``: split each bank's rows across the
+            ranks (:class:`~crcd_plugin.sharded_memory.ShardedMemoryBank`, ``1/W`` of the memory
+            per rank, rows fetched from their owners each step) instead of a full copy on every
+            rank (the default). Same loss for the same draws. Build the loss after
+            ``init_process_group``.
 
     Shape:
         student_feat ``[B, Ds]``, teacher_feat ``[B, Dt]``, index ``[B]`` -> scalar (the sum of
@@ -126,7 +135,7 @@ class CRCDLoss(nn.Module):
         temperature: float = 0.05,
         objective: Literal["nce", "infonce"] = "nce",
         momentum: float = 0.5,
-        memory_init: Literal["first_write", "cold"] = "first_write",
+        memory_init: Optional[Literal["first_write", "cold"]] = None,
         num_anchors: Optional[int] = None,
         self_anchor: Literal["keep", "mask"] = "keep",
         symmetric: bool = True,
@@ -137,6 +146,7 @@ class CRCDLoss(nn.Module):
         check_index: bool = True,
         backend: str = "auto",
         chunk_size: Optional[int] = None,
+        shard_memory: bool = False,
     ) -> None:
         super().__init__()
         check_choice("negatives", negatives, NEGATIVE_MODES)
@@ -144,7 +154,8 @@ class CRCDLoss(nn.Module):
         check_choice("self_anchor", self_anchor, SELF_ANCHOR_MODES)
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         check_choice("backend", backend, BACKENDS)
-        check_choice("memory_init", memory_init, MEMORY_INITS)
+        if memory_init is not None:
+            check_choice("memory_init", memory_init, MEMORY_INITS)
         for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("embed_dim", embed_dim)):
             check_positive_int(name, value)
         if not temperature > 0:
@@ -153,6 +164,13 @@ class CRCDLoss(nn.Module):
             check_positive_int("num_anchors", num_anchors)
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
+        if shard_memory and negatives != "bank":
+            raise ValueError(f'shard_memory=True shards the memory bank: it needs negatives="bank", got {negatives!r}')
+        if memory_init is None:
+            # The sharded bank's rows live on their owner ranks; it has no first-write slots yet.
+            memory_init = "cold" if shard_memory else "first_write"
+        if shard_memory and memory_init != "cold":
+            raise ValueError('shard_memory=True supports memory_init="cold" only (the default with it)')
 
         self.student_dim, self.teacher_dim, self.embed_dim = student_dim, teacher_dim, embed_dim
         self.negatives, self.objective, self.self_anchor = negatives, objective, self_anchor
@@ -173,8 +191,12 @@ class CRCDLoss(nn.Module):
             check_positive_int("num_samples", num_samples)
             self.num_negatives: Optional[int] = DEFAULT_BANK_NEGATIVES if num_negatives is None else num_negatives
             check_positive_int("num_negatives", self.num_negatives)
-            self.memory_student = MemoryBank(num_samples, embed_dim, momentum, memory_init)
-            self.memory_teacher = MemoryBank(num_samples, embed_dim, momentum, memory_init)
+            if shard_memory:
+                self.memory_student = ShardedMemoryBank(num_samples, embed_dim, momentum)
+                self.memory_teacher = ShardedMemoryBank(num_samples, embed_dim, momentum)
+            else:
+                self.memory_student = MemoryBank(num_samples, embed_dim, momentum, memory_init)
+                self.memory_teacher = MemoryBank(num_samples, embed_dim, momentum, memory_init)
             self.noise_size = num_samples
         elif negatives == "queue":
             if queue_size is None:
@@ -309,8 +331,9 @@ class CRCDLoss(nn.Module):
                 negatives = store.read(cand_ids[:, 1:], other.detach())
                 candidates = torch.cat([other[:, None, :], negatives.to(other.dtype)], dim=1)
             else:
-                anchors = store.read(cand_ids[anchor_pos, 0], other)
+                # Anchors are the positives' rows: one fetch (a collective for a sharded bank) serves both.
                 candidates = store.read(cand_ids, other)
+                anchors = candidates[anchor_pos, 0]
         elif self.negatives == "batch":
             anchors, candidates = other[anchor_pos], other[cand_ids]
         else:

@@ -84,7 +84,7 @@ class MemoryBank(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("num_samples", num_samples)
-        check_choice("memory_init", init, MEMORY_INITS)
+        check_choice("init", init, MEMORY_INITS)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
@@ -125,9 +125,10 @@ class MemoryBank(nn.Module):
         """Slots of negatives drawn uniformly, with replacement, among the written rows and the
         batch's unwritten samples (each once, however often it repeats in the batch).
 
-        No host sync: while some row is unwritten, the draw is an inverse-CDF lookup over the
-        ``seen`` flags on the device. Once every row is written it is the same draw reduced to
-        ``[0, N)``, so the negatives are identical whichever path runs.
+        No host sync: while some row is unwritten, the ``u``-th drawable slot is looked up in the
+        drawable slots listed in order (a stable sort of the flags, on the device). Once every row
+        is written that is the same draw reduced to ``[0, N)``, so the negatives are identical
+        whichever path runs. A cold bank draws ``torch.randint(N)``, as the reference does.
 
         Shape:
             index ``[B]``, ``shape`` e.g. ``(B, K)`` -> slots of ``shape``.
@@ -138,8 +139,10 @@ class MemoryBank(nn.Module):
         if self._all_seen:
             return draws % self.num_samples
         unwritten = ~self.seen[index] & (last_occurrence(index) == torch.arange(index.shape[0], device=index.device))
-        counts = torch.cat([self.seen, unwritten]).cumsum(0)  # [N + B]; counts[-1] >= 1 as B >= 1
-        return torch.searchsorted(counts, draws % counts[-1], right=True)
+        drawable = torch.cat([self.seen, unwritten])  # [N + B]; at least one True, as B >= 1
+        # A stable sort lists the drawable slots first, in slot order: faster than a CDF search.
+        order = torch.argsort(drawable.logical_not().to(torch.uint8), stable=True)
+        return order[draws % drawable.sum()]
 
     def read(self, slots: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """Rows for ``slots`` (from :meth:`slots` / :meth:`sample` with the same bank state):
@@ -150,9 +153,13 @@ class MemoryBank(nn.Module):
         """
         if self._all_seen:
             return self.weight[slots]
+        current = current.to(self.weight.dtype)
+        if self.num_samples <= 2 * slots.numel():
+            # Copying the bank once costs less than two gathers and a where over the rows read.
+            return torch.cat([self.weight, current])[slots]
         stored = slots < self.num_samples
         rows = self.weight[slots.clamp(max=self.num_samples - 1)]
-        fresh = current[(slots - self.num_samples).clamp(min=0)].to(rows.dtype)
+        fresh = current[(slots - self.num_samples).clamp(min=0)]
         return torch.where(stored[..., None], rows, fresh)
 
     # ------------------------------------------------------------------ writing
@@ -223,13 +230,13 @@ class MemoryBank(nn.Module):
             return
         self._pending_check = (host, event)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "seen"
         if key not in state_dict and prefix + "weight" in state_dict:
             # A checkpoint from before the seen flags: its bank was cold, every row was in use.
             _logger.info("%s: state dict without seen flags, treating every memory row as written", key)
             state_dict[key] = torch.ones_like(self.seen)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.init == "cold":
             self.seen.fill_(True)  # cold means every row is a sample, whatever the checkpoint says
         # One sync when a checkpoint is loaded, not per step.

@@ -84,7 +84,8 @@ def test_negatives_are_drawn_only_among_written_rows_and_the_batch():
     assert set(slots.tolist()) == {4, 9, 30, 50 + 2}  # each reachable slot drawn, nothing else
 
 
-def test_unwritten_batch_rows_read_the_current_embedding():
+@pytest.mark.parametrize("repeats", [1, 8])  # few slots: gathers and a where; many: one gather from [bank; batch]
+def test_unwritten_batch_rows_read_the_current_embedding(repeats):
     bank = MemoryBank(10, 4)
     stored = _unit(1, seed=3)
     bank.update(torch.tensor([1]), stored)
@@ -92,8 +93,8 @@ def test_unwritten_batch_rows_read_the_current_embedding():
     index = torch.tensor([1, 6, 6])
     slots = bank.slots(index)
     assert slots.tolist() == [1, 10 + 2, 10 + 2]
-    rows = bank.read(slots, current)
-    torch.testing.assert_close(rows, torch.stack([stored[0], current[2], current[2]]))
+    rows = bank.read(slots.repeat(repeats), current)
+    torch.testing.assert_close(rows, torch.stack([stored[0], current[2], current[2]]).repeat(repeats, 1))
 
 
 def test_seen_flags_round_trip_through_state_dict():
@@ -128,11 +129,12 @@ def test_results_do_not_depend_on_the_host_knowing_that_every_row_is_written():
 # ---------------------------------------------------------------- CRCDLoss with a bank
 
 
+@pytest.mark.parametrize("num_samples", [60, 1000])  # both read paths
 @pytest.mark.parametrize("self_anchor", ["keep", "mask"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_never_written_rows_are_never_used_as_anchors_positives_or_negatives(self_anchor, symmetric):
-    crcd = _bank_loss(num_samples=1000, num_negatives=50, self_anchor=self_anchor, symmetric=symmetric)
-    _poison_unwritten_rows(crcd)  # 1000 rows, 6 written per step: a uniform draw would hit NaN at once
+def test_never_written_rows_are_never_used_as_anchors_positives_or_negatives(self_anchor, symmetric, num_samples):
+    crcd = _bank_loss(num_samples=num_samples, num_negatives=50, self_anchor=self_anchor, symmetric=symmetric)
+    _poison_unwritten_rows(crcd)  # 6 rows written per step: a uniform draw would hit NaN at once
     for step in range(3):
         student_feat = _feats(step)[0].requires_grad_()
         loss = crcd(student_feat, _feats(step)[1], torch.arange(B) * 7 + step)
@@ -252,7 +254,8 @@ def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
     torch.manual_seed(0)
     student, teacher = _Net(6), _Net(9)
     distiller = CRCDDistiller(
-        student, teacher, num_samples=20, gradient_element=gradient_element, crcd_options={"embed_dim": 4, "num_negatives": 5}
+        student, teacher, num_samples=20, gradient_element=gradient_element,
+        crcd_options={"embed_dim": 4, "num_negatives": 5},
     )
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
     loader = [(x[i : i + 8], y[i : i + 8], torch.arange(i, min(i + 8, 20))) for i in range(0, 20, 8)]  # 8, 8, 4
@@ -271,13 +274,16 @@ def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
 # ---------------------------------------------------------------- teacher head
 
 
-@pytest.mark.parametrize("negatives, options", [("bank", {"num_samples": N}), ("queue", {"queue_size": 16}), ("batch", {})])
+@pytest.mark.parametrize(
+    "negatives, options", [("bank", {"num_samples": N}), ("queue", {"queue_size": 16}), ("batch", {})]
+)
 def test_teacher_head_trains_from_the_student_side_only_when_asked(negatives, options):
     grads = []
     for teacher_head_grad in (False, True):
         torch.manual_seed(0)
         crcd = CRCDLoss(
-            DS, DT, embed_dim=EMBED, negatives=negatives, symmetric=False, teacher_head_grad=teacher_head_grad, **options
+            DS, DT, embed_dim=EMBED, negatives=negatives, symmetric=False,
+            teacher_head_grad=teacher_head_grad, **options,
         )
         index = torch.arange(B) if negatives == "bank" else None
         crcd(*_feats(), index).backward()
