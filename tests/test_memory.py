@@ -290,3 +290,10 @@ def test_teacher_head_trains_from_the_student_side_only_when_asked(negatives, op
         grads.append(crcd.embed_teacher.proj.weight.grad)
     assert grads[0] is None
     assert grads[1] is not None and grads[1].abs().sum() > 0
+
+
+def test_last_occurrence_by_row_table_equals_the_pairwise_comparison():
+    from crcd_plugin.memory import last_occurrence
+
+    index = torch.randint(0, 20, (64,), generator=torch.Generator().manual_seed(0))  # many repeats
+    assert torch.equal(last_occurrence(index, num_rows=20), last_occurrence(index))

@@ -225,8 +225,11 @@ def candidate_terms(
     # Nearest anchor of every candidate: an index choice only, so no gradient flows through it.
     anchors_d = anchors.detach()
     half_sq = 0.5 * (anchors_d * anchors_d).sum(-1)
-    chunks = candidates.detach().split(search_chunk or candidates.shape[-2], dim=-2)
-    nearest = torch.cat([(chunk @ anchors_d.T - half_sq).argmax(-1) for chunk in chunks], dim=-1)  # [...]
+    if search_chunk is None:  # one chunk: no split and no copy through cat
+        nearest = (candidates.detach() @ anchors_d.T - half_sq).argmax(-1)  # [...]
+    else:
+        chunks = candidates.detach().split(search_chunk, dim=-2)
+        nearest = torch.cat([(chunk @ anchors_d.T - half_sq).argmax(-1) for chunk in chunks], dim=-1)
 
     near_anchor = F.embedding(nearest, anchors)  # [..., D]: a_p
     residual = candidates - near_anchor  # [..., D], the only tensor of the candidates' size we make
