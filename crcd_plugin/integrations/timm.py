@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import difflib
 import logging
-from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
-from crcd_plugin.distributed import average_gradients
+from crcd_plugin.distributed import average_gradients, world_size
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
 
@@ -116,6 +115,12 @@ def _resolve_teacher(
     )
 
 
+def _buffer(module: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
 class _Renormalize(nn.Module):
     """Maps input normalised with the student's mean/std to the teacher's normalisation.
 
@@ -123,12 +128,17 @@ class _Renormalize(nn.Module):
     decided once at construction, not by an equality test on every step (a host sync on GPU).
     """
 
+    student_mean: torch.Tensor
+    student_std: torch.Tensor
+    teacher_mean: torch.Tensor
+    teacher_std: torch.Tensor
+
     def __init__(self, student_mean: torch.Tensor, student_std: torch.Tensor, teacher: DistillationTeacher) -> None:
         super().__init__()
         self.register_buffer("student_mean", student_mean, persistent=False)
         self.register_buffer("student_std", student_std, persistent=False)
-        self.register_buffer("teacher_mean", teacher.mean_kd.clone(), persistent=False)
-        self.register_buffer("teacher_std", teacher.std_kd.clone(), persistent=False)
+        self.register_buffer("teacher_mean", _buffer(teacher, "mean_kd").clone(), persistent=False)
+        self.register_buffer("teacher_std", _buffer(teacher, "std_kd").clone(), persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return (input * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
@@ -144,7 +154,7 @@ def _teacher_transform(
         return None
     mean = torch.tensor(cfg["mean"], device=device, dtype=dtype).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"], device=device, dtype=dtype).view(1, -1, 1, 1)
-    teacher_mean, teacher_std = teacher.mean_kd.to(mean), teacher.std_kd.to(std)
+    teacher_mean, teacher_std = _buffer(teacher, "mean_kd").to(mean), _buffer(teacher, "std_kd").to(std)
     if mean.shape == teacher_mean.shape and torch.equal(mean, teacher_mean) and torch.equal(std, teacher_std):
         return None
     return _Renormalize(mean, std, teacher).to(device=device, dtype=dtype)
@@ -227,17 +237,18 @@ class CRCDTrainableModule(nn.Module):
 
     def no_weight_decay(self) -> set:
         """The student's no-weight-decay names (e.g. ViT position embeddings), for timm's optimizer factory."""
-        student = unwrap_model(self.student)
-        if not hasattr(student, "no_weight_decay"):
+        no_weight_decay = getattr(unwrap_model(self.student), "no_weight_decay", None)
+        if not callable(no_weight_decay):
             return set()
-        return {"student." + name for name in student.no_weight_decay()}
+        return {"student." + name for name in no_weight_decay()}
 
     def group_matcher(self, coarse: bool = False) -> Union[Dict[str, Any], Callable[[str], int]]:
         """Layer groups for timm's layer-wise lr decay: the student's, CRCD heads in the last group."""
         student = unwrap_model(self.student)
-        if not hasattr(student, "group_matcher"):
+        student_matcher = getattr(student, "group_matcher", None)
+        if not callable(student_matcher):
             return {}
-        layer_of = group_parameters(student, student.group_matcher(coarse=coarse), reverse=True)
+        layer_of = group_parameters(student, student_matcher(coarse=coarse), reverse=True)
         last = max(layer_of.values(), default=0)
 
         def matcher(name: str) -> int:
@@ -461,10 +472,12 @@ class CRCDDistillationTask(TrainingTask):
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "CRCDDistillationTask":
         """Wrap the student in DDP; keep the teacher out and average the CRCD heads' gradients.
 
-        The CRCD heads stay outside DDP (DDP would broadcast the memories every step); each head
-        parameter averages its gradient over ranks as soon as backward has accumulated it
-        (:func:`crcd_plugin.distributed.average_gradients`), so any loop, timm's included, needs no
-        extra call. Memories and queues stay identical on every rank by themselves (``CRCDLoss``).
+        :meth:`CRCDDistiller.prepare_distributed` wraps the student alone and gives every rank
+        rank 0's CRCD state. The CRCD heads stay outside DDP (it would broadcast the memories every
+        step), so each head parameter averages its gradient over ranks as soon as backward has
+        accumulated it (:func:`crcd_plugin.distributed.average_gradients`): timm's loop, which
+        knows nothing of :meth:`CRCDDistiller.sync_gradients`, needs no extra call. No-op when not
+        distributed; calling it twice changes nothing.
 
         Args:
             device_ids: DDP ``device_ids`` (e.g. ``[local_rank]``; ``None`` on CPU).
@@ -473,27 +486,23 @@ class CRCDDistillationTask(TrainingTask):
         Returns:
             ``self``.
         """
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        student = self.trainable_module.student
-        if isinstance(student, DDP):
-            raise RuntimeError("prepare_distributed() was already called on this task")
         self.teacher.requires_grad_(False)
-        wrapped = DDP(student, device_ids=device_ids, **ddp_kwargs)
-        self.trainable_module.student = wrapped
-        self.distiller.student = wrapped
-        for param in self.trainable_module.crcd_parameters():
-            if param.requires_grad:
-                handle = param.register_post_accumulate_grad_hook(lambda p: average_gradients([p]))
-                self._grad_sync_handles.append(handle)
+        self.distiller.prepare_distributed(device_ids, **ddp_kwargs)
+        self.trainable_module.student = self.distiller.student
+        if world_size() > 1 and not self._grad_sync_handles:
+            for param in self.trainable_module.crcd_parameters():
+                if param.requires_grad:
+                    handle = param.register_post_accumulate_grad_hook(lambda p: average_gradients([p]))
+                    self._grad_sync_handles.append(handle)
         return self
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> ContextManager[None]:
         """The DDP student's ``no_sync()`` for gradient accumulation (a no-op context otherwise)."""
-        student = self.trainable_module.student
-        return student.no_sync() if hasattr(student, "no_sync") else nullcontext()
+        return self.distiller.no_sync()
 
-    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any) -> nn.Module:
+    def compile(  # type: ignore[override]  # timm's TrainingTask.compile, not nn.Module.compile
+        self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any
+    ) -> nn.Module:
         """Compile the backbones (``forward_features``) and the CRCD loss core.
 
         ``forward_features`` of the student and teacher instances is replaced by its compiled
@@ -516,9 +525,11 @@ class CRCDDistillationTask(TrainingTask):
             if not callable(forward_features):
                 _logger.warning("%s has no forward_features(): it stays eager", role)
                 continue
-            model.forward_features = torch.compile(forward_features, backend=backend, mode=mode, **compile_kwargs)
-        for loss in self.trainable_module.crcd_children().values():
-            if hasattr(loss, "backend"):
+            compiled = torch.compile(forward_features, backend=backend, mode=mode, **compile_kwargs)
+            # An instance attribute shadows the method for this model only; its class is untouched.
+            object.__setattr__(model, "forward_features", compiled)
+        for loss in (self.distiller.crcd_feature, self.distiller.crcd_gradient):
+            if loss is not None:
                 loss.backend = "compile"
         return self.student
 
