@@ -315,6 +315,20 @@ def test_compiled_task_runs_with_compiled_backbones_and_an_eager_classifier():
     assert not torch.equal(head.weight, weight)
 
 
+def test_ema_copy_of_a_compiled_task_runs_the_compiled_backbone_on_its_own_weights():
+    task = make_task("vit")
+    task.compile(backend="aot_eager")
+    ema_student = task.setup_ema(decay=0.5).module.student
+    assert ema_student.forward_features.__func__ is task.student.forward_features.__func__  # the compiled one
+    with torch.no_grad():
+        for param in ema_student.parameters():
+            param.add_(0.1)
+        x = batch()[0]
+        expected = ema_student.forward_head(type(ema_student).forward_features(ema_student, x))  # eager
+        torch.testing.assert_close(ema_student(x), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ema_student(x), task.student.eval()(x))
+
+
 WORLD = 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import types
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
@@ -510,7 +511,8 @@ class CRCDDistillationTask(TrainingTask):
         the classifier stay eager: the gradient element differentiates through the student's
         classifier, and compiled graphs cannot double-backward. The loss core switches to
         ``CRCDLoss(backend="compile")`` (inductor, whatever ``backend`` says). Call it before
-        :meth:`prepare_distributed`, as timm does; create any EMA (``setup_ema``) before it.
+        :meth:`prepare_distributed`, as timm does. An EMA copy made before or after it runs the
+        compiled backbone on its own weights.
 
         Args:
             backend: ``torch.compile`` backend of the backbones.
@@ -521,13 +523,15 @@ class CRCDDistillationTask(TrainingTask):
             The student (the eval model), its backbone compiled.
         """
         for role, model in (("student", self.student), ("teacher", unwrap_model(self.teacher.model))):
-            forward_features = getattr(model, "forward_features", None)
+            forward_features = getattr(type(model), "forward_features", None)
             if not callable(forward_features):
                 _logger.warning("%s has no forward_features(): it stays eager", role)
                 continue
             compiled = torch.compile(forward_features, backend=backend, mode=mode, **compile_kwargs)
-            # An instance attribute shadows the method for this model only; its class is untouched.
-            object.__setattr__(model, "forward_features", compiled)
+            # An instance attribute shadows the method for this model only (its class is untouched).
+            # A bound method of the compiled function, not a compiled bound method: deepcopy (the
+            # EMA copy) rebinds it to the copy instead of running the original's weights.
+            object.__setattr__(model, "forward_features", types.MethodType(compiled, model))
         for loss in (self.distiller.crcd_feature, self.distiller.crcd_gradient):
             if loss is not None:
                 loss.backend = "compile"
