@@ -8,7 +8,8 @@ the student's input is normalised for the student, and the CRCD task re-normalis
 teacher. With --data-dir, an ImageFolder (DIR/train, DIR/validation) through timm's loaders.
 
     python examples/timm_train.py                      # about a minute on 2 CPU cores
-    python examples/timm_train.py --model test_vit --teacher test_vit2 --model-kwargs img_size=32
+    python examples/timm_train.py --model test_vit --teacher test_vit2 --model-kwargs img_size=32 \
+        --opt adamw --lr 2e-3 --weight-decay 0.05
     python examples/timm_train.py --data-dir /data/imagenette --model resnet18 --teacher resnet50 \
         --teacher-pretrained --img-size 224 --epochs 30 --batch-size 128
 """

@@ -223,7 +223,7 @@ class CRCDTrainableModule(nn.Module):
                 f"CRCD task state does not match this task (same gradient_element, crcd_loss_weight > 0 and "
                 f"schedule?): missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        for key in set(current) & set(state):
+        for key in sorted(set(current) & set(state)):
             value = state[key]
             if not isinstance(value, torch.Tensor) or value.shape != current[key].shape:
                 shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -313,7 +313,8 @@ class CRCDDistillationTask(TrainingTask):
         normalize_teacher_input: Re-normalise the teacher's input when normalisations differ.
         example_input: A batch for a dry run that fixes the feature sizes, needed only when a
             classifier is not an ``nn.Linear`` (default: zeros of the student's data-config size).
-        device: Device of the task's tensors (and of a teacher created from a name).
+        device: Device of the task's tensors, the CRCD heads and a teacher created from a name;
+            default: the student's device.
         dtype: Dtype of the task's tensors (and of a teacher created from a name).
         verbose: Log the configuration.
 
@@ -357,6 +358,10 @@ class CRCDDistillationTask(TrainingTask):
         verbose: bool = True,
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
+        if device is None and isinstance(student_model, nn.Module):
+            # Where the student already is (timm creates models on their device first), not the CPU.
+            student_param = next(student_model.parameters(), None)
+            self.device = student_param.device if student_param is not None else self.device
         if isinstance(student_model, str):
             raise TypeError(
                 f"student_model must be an nn.Module, got the str {student_model!r}; "
@@ -413,6 +418,8 @@ class CRCDDistillationTask(TrainingTask):
         if not self.distiller.built:
             self.distiller.build(self._dry_run_input(student_model))
         self.trainable_module = CRCDTrainableModule(student_model, self.distiller)
+        for module in self.trainable_module.crcd_children().values():
+            module.to(self.device)  # built on the CPU
         self._grad_sync_handles: List[Any] = []
         if self.verbose:
             _logger.info(
