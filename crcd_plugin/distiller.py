@@ -196,6 +196,10 @@ class CRCDDistiller(nn.Module):
             int for all rows) of the token the model classifies; the feature and head logits are
             taken at that position. ``model`` is the unwrapped model.
         example_input: Optional batch for a dry run (eval mode, no grad) that fixes dimensions.
+        teacher_transform: Optional map from the student's input batch to the teacher's, applied
+            (under no grad) before every teacher forward, e.g. re-normalisation for a teacher
+            trained with another mean/std. An ``nn.Module`` is registered, so it moves with
+            ``.to()``. ``None``: the teacher sees the student's input.
 
     Example:
         >>> student = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -233,6 +237,7 @@ class CRCDDistiller(nn.Module):
         output_select: Optional[Selector] = None,
         example_input: Optional[Any] = None,
         feature_token: Optional[TokenSelector] = None,
+        teacher_transform: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         super().__init__()
         for name, model in (("student", student), ("teacher", teacher)):
@@ -266,6 +271,10 @@ class CRCDDistiller(nn.Module):
             raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
         if feature_pool is not None:
             pool_feature(torch.zeros(1, 1), feature_pool)  # validates the name
+        if teacher_transform is not None and not callable(teacher_transform):
+            raise TypeError(
+                f"teacher_transform must be None or a callable input -> input, got {type(teacher_transform).__name__}"
+            )
         if feature_token is not None and not callable(feature_token):
             raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
 
@@ -285,6 +294,7 @@ class CRCDDistiller(nn.Module):
         self.output_select = output_select
         self.feature_token = feature_token
         self.schedule = schedule
+        self.teacher_transform = teacher_transform
         self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options)
         self.crcd_feature = None
         self.crcd_gradient = None
@@ -348,7 +358,7 @@ class CRCDDistiller(nn.Module):
         try:
             with torch.no_grad():
                 f_s, _, _ = self._run(self.student, self.student_head, example_input, "student")
-                f_t, _, _ = self._run(self.teacher, self.teacher_head, example_input, "teacher")
+                f_t, _, _ = self._run(self.teacher, self.teacher_head, self._teacher_input(example_input), "teacher")
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
@@ -543,6 +553,9 @@ class CRCDDistiller(nn.Module):
             feature, head_logits = feature[rows, position], head_logits[rows, position]
         return feature, head_logits, logits
 
+    def _teacher_input(self, x: Any) -> Any:
+        return x if self.teacher_transform is None else self.teacher_transform(x)
+
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *] -> [B, D]`` for the CRCD loss."""
         if self.feature_pool is not None:
@@ -615,7 +628,9 @@ class CRCDDistiller(nn.Module):
             # they are: with w = 0 for the rest of training nothing reads them again.
             return self._losses(self.gamma * task_loss, task_loss, zero, zero, zero, logits_s)
         with torch.no_grad():
-            f_t, head_logits_t, logits_t = self._run(self.teacher, self.teacher_head, input, "teacher")
+            f_t, head_logits_t, logits_t = self._run(
+                self.teacher, self.teacher_head, self._teacher_input(input), "teacher"
+            )
         if not self.built:
             _logger.warning(
                 "CRCD heads were built on the first forward; create the optimizer after this call, "

@@ -356,3 +356,33 @@ def test_rss_does_not_grow_over_2000_training_steps():
         step()
     growth = _rss_mb() - start
     assert growth < 8.0, f"RSS grew by {growth:.1f} MB over 2000 steps"
+
+
+def test_teacher_transform_maps_the_input_the_teacher_sees_and_only_the_teachers():
+    seen = {}
+    distiller = make_distiller(teacher_transform=lambda x: x * 2.0 + 1.0)
+    distiller.teacher.register_forward_pre_hook(lambda module, args: seen.setdefault("teacher", args[0]))
+    distiller.student.register_forward_pre_hook(lambda module, args: seen.setdefault("student", args[0]))
+    x, y = batch()
+    distiller(x, y)
+    assert torch.equal(seen["teacher"], x * 2.0 + 1.0)
+    assert torch.equal(seen["student"], x)
+
+
+def test_teacher_transform_that_is_a_module_moves_with_the_distiller():
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("shift", torch.ones(IN_DIM), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.shift
+
+    distiller = make_distiller(teacher_transform=Shift()).to(torch.float64)
+    assert distiller.teacher_transform.shift.dtype == torch.float64
+    assert "teacher_transform.shift" not in distiller.crcd_state_dict()
+
+
+def test_teacher_transform_that_is_not_callable_is_a_type_error():
+    with pytest.raises(TypeError, match="teacher_transform"):
+        make_distiller(teacher_transform="normalize")
