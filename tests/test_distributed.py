@@ -17,7 +17,8 @@ WORLD = 2
 def _make(negatives):
     torch.manual_seed(0)  # identical heads and memories on every rank, as DDP would broadcast
     options = {"num_samples": N, "num_negatives": 5} if negatives == "bank" else {"queue_size": 16}
-    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives=negatives, **options)
+    # NCE explicitly: its constant Z is part of the state under test (a queue defaults to InfoNCE).
+    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives=negatives, objective="nce", **options)
 
 
 def _rank_batch(rank):
