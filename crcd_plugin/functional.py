@@ -53,9 +53,8 @@ def relation_logits(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     dtype = torch.promote_types(torch.promote_types(student.dtype, anchors.dtype), candidates.dtype)
-    return gram_relation_logits(
-        *(at_least_fp32(x.to(dtype)) for x in (student, anchors, candidates)), float(temperature), float(eps)
-    )
+    student, anchors, candidates = (at_least_fp32(x.to(dtype)) for x in (student, anchors, candidates))
+    return gram_relation_logits(student, anchors, candidates, float(temperature), float(eps))
 
 
 def nce_log_normalizer(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -155,4 +154,6 @@ def _check_objective_inputs(logits: torch.Tensor, mask: Optional[torch.Tensor]) 
     if logits.shape[-1] < 2:
         raise ValueError(f"logits need a positive and at least one negative in the last dim, got {list(logits.shape)}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != logits.shape):
-        raise ValueError(f"mask must be a bool tensor of shape {list(logits.shape)}, got {mask.dtype} {list(mask.shape)}")
+        raise ValueError(
+            f"mask must be a bool tensor of shape {list(logits.shape)}, got {mask.dtype} {list(mask.shape)}"
+        )

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import TypeGuard
 
 __all__ = [
     "cross_entropy_targets",
@@ -94,11 +95,11 @@ def linear_cross_entropy_feature_grad(
     return residual @ weight.float() / batch  # [B, D]
 
 
-def _is_linear_head(head: nn.Module) -> bool:
+def _is_linear_head(head: object) -> TypeGuard[nn.Linear]:
     return type(head) is nn.Linear
 
 
-def _check_inputs(head: nn.Module, feature: torch.Tensor, target: torch.Tensor) -> None:
+def _check_inputs(head: object, feature: torch.Tensor, target: torch.Tensor) -> None:
     if not callable(head):
         raise TypeError(f"head must be an nn.Module or callable, got {type(head).__name__}")
     if not isinstance(feature, torch.Tensor) or not isinstance(target, torch.Tensor):

@@ -64,10 +64,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while True:
-        if isinstance(model, wrappers):
+        inner = getattr(model, "_orig_mod", None)  # torch._dynamo OptimizedModule
+        if isinstance(model, wrappers) and isinstance(model.module, nn.Module):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # torch._dynamo OptimizedModule
+        elif isinstance(inner, nn.Module):
+            model = inner
         else:
             return model
 
