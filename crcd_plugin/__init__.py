@@ -11,6 +11,7 @@ from crcd_plugin.heads import EmbedHead
 from crcd_plugin.hooks import FeatureCapture
 from crcd_plugin.loss import CRCDLoss
 from crcd_plugin.memory import FeatureQueue, MemoryBank
+from crcd_plugin.sharded_memory import ShardedMemoryBank
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "FeatureCapture",
     "FeatureQueue",
     "MemoryBank",
+    "ShardedMemoryBank",
     "functional",
     "linear_cross_entropy_feature_grad",
     "student_gradient_element",

@@ -7,15 +7,17 @@ element) as a dict of named loss components.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, ContextManager, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_choice, check_positive_int
+from .distributed import average_gradients, broadcast_state, world_size
 from .functional import kd_loss
 from .gradients import student_gradient_element, teacher_gradient_element
 from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
@@ -149,6 +151,11 @@ class CRCDDistiller(nn.Module):
     :meth:`student_state_dict`; ``distiller.state_dict()`` is for resuming (it holds the CRCD
     heads, memories and schedule progress, besides both models).
 
+    Under ``torch.distributed`` (``torchrun``, ``accelerate``): :meth:`prepare_distributed` wraps
+    only the student in DDP and gives every rank rank 0's CRCD state, :meth:`sync_gradients`
+    averages the CRCD heads' gradients before each optimizer step, and :meth:`no_sync` serves
+    gradient accumulation (docs/distributed.md).
+
     Dimensions come from ``nn.Linear`` heads (``in_features``), else from a dry run on
     ``example_input``, else from the first ``forward``; in the last case create the optimizer
     *after* that first call, since the CRCD heads have parameters too.
@@ -229,6 +236,11 @@ class CRCDDistiller(nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         if unwrap_model(student) is unwrap_model(teacher):
             raise ValueError("student and teacher must be different modules")
+        if isinstance(teacher, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
+                "(it never trains, so it needs no gradient sync; wrap only the student)"
+            )
         self.gamma = _check_weight("gamma", gamma)
         self.alpha = _check_weight("alpha", alpha)
         self.beta = _check_weight("beta", beta)
@@ -324,6 +336,8 @@ class CRCDDistiller(nn.Module):
         for loss in (self.crcd_feature, self.crcd_gradient):
             if loss is not None:
                 loss.train(self.training)
+                # Built from each rank's own random state; DDP does not see them, so rank 0's wins.
+                broadcast_state(loss)
         _logger.debug("built CRCD losses for student_dim=%d, teacher_dim=%d", student_dim, teacher_dim)
 
     def build(self, example_input: torch.Tensor) -> "CRCDDistiller":
@@ -359,6 +373,74 @@ class CRCDDistiller(nn.Module):
     def crcd_state_dict(self) -> Dict[str, Any]:
         """State of the CRCD heads, memories and schedule (everything but the two models)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+    # ------------------------------------------------------------------ distributed
+    def prepare_distributed(self, device_ids: Optional[Sequence[int]] = None, **ddp_kwargs: Any) -> "CRCDDistiller":
+        """Wrap the student in ``DistributedDataParallel`` and give every rank rank 0's CRCD state.
+
+        Call once after ``torch.distributed.init_process_group`` (``torchrun``) and after moving
+        the distiller to its device, before creating the optimizer. The teacher is never wrapped
+        (it is frozen). The CRCD heads, memories and NCE constants are broadcast from rank 0
+        (a sharded memory bank keeps its own rows); their gradients are averaged by
+        :meth:`sync_gradients`. A student that is already DDP-wrapped (e.g. by
+        ``accelerator.prepare``) is kept as it is. No-op when not distributed.
+
+        Args:
+            device_ids: ``DistributedDataParallel``'s ``device_ids`` (``[local_rank]`` on GPUs,
+                ``None`` on CPU).
+            **ddp_kwargs: Passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...).
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> distiller = CRCDDistiller(student, teacher, "fc", "fc").to(device)  # doctest: +SKIP
+            >>> distiller.prepare_distributed(device_ids=[local_rank])              # doctest: +SKIP
+        """
+        if world_size() == 1:
+            return self
+        trainable = any(p.requires_grad for p in self.student.parameters())
+        if trainable and not isinstance(self.student, nn.parallel.DistributedDataParallel):
+            self.student = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=list(device_ids) if device_ids is not None else None, **ddp_kwargs
+            )
+        for loss in (self.crcd_feature, self.crcd_gradient):
+            if loss is not None:
+                broadcast_state(loss)
+        return self
+
+    def _unsynced_parameters(self) -> Iterator[nn.Parameter]:
+        """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if unwrapped."""
+        modules: List[Optional[nn.Module]] = [self.crcd_feature, self.crcd_gradient]
+        if not isinstance(self.student, nn.parallel.DistributedDataParallel):
+            modules.append(self.student)
+        for module in modules:
+            if module is not None:
+                yield from (p for p in module.parameters() if p.requires_grad)
+
+    def sync_gradients(self) -> None:
+        """Average over ranks the gradients DDP does not: the CRCD heads' (and an unwrapped student's).
+
+        Call after ``backward()`` and before ``optimizer.step()`` (with gradient accumulation, once
+        before the step suffices; after every micro-batch gives the same result). One flat
+        ``all_reduce`` per dtype; no-op when not distributed, so a loop can call it always.
+
+        Example:
+            >>> out = distiller(x, y, index)                                   # doctest: +SKIP
+            >>> out["loss"].backward(); distiller.sync_gradients(); optimizer.step()  # doctest: +SKIP
+        """
+        average_gradients(self._unsynced_parameters())
+
+    def no_sync(self) -> ContextManager[None]:
+        """The student's ``DistributedDataParallel.no_sync()`` (a no-op context when not wrapped).
+
+        For gradient accumulation: run the micro-batches but the last inside it, then call
+        :meth:`sync_gradients` before the optimizer step. Memory and queue updates still gather
+        every rank's rows on each micro-batch (they are forward-time collectives).
+        """
+        if isinstance(self.student, nn.parallel.DistributedDataParallel):
+            return self.student.no_sync()
+        return contextlib.nullcontext()
 
     def _logits(self, output: Any) -> torch.Tensor:
         if self.output_select is not None:

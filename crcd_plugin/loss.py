@@ -20,6 +20,7 @@ from crcd_plugin.presets import (
     default_objective,
     loss_preset,
 )
+from crcd_plugin.sharded_memory import ShardedMemoryBank
 
 NEGATIVE_MODES = ("bank", "queue", "batch")
 OBJECTIVES = ("nce", "infonce")
@@ -56,8 +57,9 @@ class CRCDLoss(nn.Module):
     - ``"batch"``: no state; anchors as for the queue, negatives the other ``B - 1`` samples.
 
     The memory and queue are updated, and the NCE constant ``Z`` is fixed, in training mode only.
-    Under ``torch.distributed`` every rank applies the rows of all ranks (gathered) and the mean
-    ``Z``, so the state stays identical on every rank; batches must have the same size on all ranks.
+    Under ``torch.distributed`` every rank applies the rows of all ranks (gathered, also when batch
+    sizes differ between ranks) and the mean ``Z``, so the state stays identical on every rank
+    (docs/distributed.md).
     The teacher feature is always treated as a constant (detached); gradients reach the student
     feature and both embedding heads. The loss core runs in fp32, also under autocast.
 
@@ -102,6 +104,11 @@ class CRCDLoss(nn.Module):
             about one more forward of time (two with NCE). Runs the eager kernels. ``None``: one
             chunk.
         preset: ``"default"`` or ``"reference"``: the values of the arguments left at ``None``.
+        shard_memory: Bank mode under ``torch.distributed``: split each bank's rows across the
+            ranks (:class:`~crcd_plugin.sharded_memory.ShardedMemoryBank`, ``1/W`` of the memory
+            per rank, rows fetched from their owners each step) instead of a full copy on every
+            rank (the default). Same loss for the same draws. Build the loss after
+            ``init_process_group``.
 
     Shape:
         student_feat ``[B, Ds]``, teacher_feat ``[B, Dt]``, index ``[B]`` -> scalar (the sum of
@@ -139,6 +146,7 @@ class CRCDLoss(nn.Module):
         backend: str = "auto",
         chunk_size: Optional[int] = None,
         preset: Preset = "default",
+        shard_memory: bool = False,
     ) -> None:
         super().__init__()
         check_choice("preset", preset, PRESETS)
@@ -162,6 +170,8 @@ class CRCDLoss(nn.Module):
             check_positive_int("num_anchors", num_anchors)
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
+        if shard_memory and negatives != "bank":
+            raise ValueError(f'shard_memory=True shards the memory bank: it needs negatives="bank", got {negatives!r}')
 
         self.student_dim, self.teacher_dim, self.embed_dim = student_dim, teacher_dim, embed_dim
         self.negatives, self.objective, self.self_anchor = negatives, objective, self_anchor
@@ -181,8 +191,9 @@ class CRCDLoss(nn.Module):
             check_positive_int("num_samples", num_samples)
             self.num_negatives: Optional[int] = DEFAULT_BANK_NEGATIVES if num_negatives is None else num_negatives
             check_positive_int("num_negatives", self.num_negatives)
-            self.memory_student = MemoryBank(num_samples, embed_dim, momentum)
-            self.memory_teacher = MemoryBank(num_samples, embed_dim, momentum)
+            bank = ShardedMemoryBank if shard_memory else MemoryBank
+            self.memory_student = bank(num_samples, embed_dim, momentum)
+            self.memory_teacher = bank(num_samples, embed_dim, momentum)
             self.noise_size = num_samples
         elif negatives == "queue":
             if queue_size is None:
@@ -307,8 +318,9 @@ class CRCDLoss(nn.Module):
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Anchors ``[A, d]`` (None when not anchored) and candidates ``[B, K+1, d]`` of one side."""
         if self.negatives == "bank":
-            anchors = store.gather(cand_ids[anchor_pos, 0])
+            # Anchors are the positives' rows: one fetch (a collective for a sharded bank) serves both.
             candidates = store.gather(cand_ids)
+            anchors = candidates[anchor_pos, 0]
         elif self.negatives == "batch":
             anchors, candidates = other[anchor_pos], other[cand_ids]
         else:
