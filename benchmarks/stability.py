@@ -184,7 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                     result.update(row=row, optimizer=optimizer_name, lr=lr, seed=seed)
                     results.append(result)
                     ces = " | ".join(f"{result['ce'][s]:.2f}" for s in checkpoints)
-                    print(f"| {row} | {optimizer_name} | {lr:g} | {seed} | {ces} | {result['rebound']:.2f} | {result['max_grad_norm']:.1f} "
+                    print(f"| {row} | {optimizer_name} | {lr:g} | {seed} | {ces} | {result['rebound']:.2f} "
+                          f"| {result['max_grad_norm']:.1f} "
                           f"| {result['max_crcd_loss']:.1f} | {result['step_ms']:.0f} | "
                           f"{'yes' if result['stable'] else 'NO'} |", flush=True)
     if args.json:

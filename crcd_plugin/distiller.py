@@ -200,6 +200,7 @@ class CRCDDistiller(nn.Module):
 
     crcd_feature: Optional[CRCDLoss]
     crcd_gradient: Optional[CRCDLoss]
+    warmup_progress: torch.Tensor
 
     def __init__(
         self,

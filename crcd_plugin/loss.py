@@ -151,10 +151,8 @@ class CRCDLoss(nn.Module):
         super().__init__()
         check_choice("preset", preset, PRESETS)
         settings = loss_preset(preset)
-        if negatives is None:
-            negatives = default_negatives(preset, num_samples, queue_size)
-        if objective is None:
-            objective = default_objective(preset, negatives)
+        negatives = negatives or default_negatives(preset, num_samples, queue_size)  # type: ignore[assignment]
+        objective = objective or default_objective(preset, negatives)  # type: ignore[assignment,arg-type]
         if num_anchors is None:
             num_anchors = settings["num_anchors"]
         check_choice("negatives", negatives, NEGATIVE_MODES)

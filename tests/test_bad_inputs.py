@@ -101,7 +101,8 @@ def test_features_that_are_not_floating_point_raise_type_error(dtype):
 def test_features_that_are_not_tensors_raise_type_error():
     loss = trained_loss("batch")
     student, teacher = features()
-    assert_raises_and_keeps_state(loss, TypeError, "teacher_feat must be a torch.Tensor", lambda: loss(student, teacher.tolist()))
+    call = lambda: loss(student, teacher.tolist())  # noqa: E731
+    assert_raises_and_keeps_state(loss, TypeError, "teacher_feat must be a torch.Tensor", call)
 
 
 def test_features_on_another_device_raise_value_error():
@@ -148,7 +149,8 @@ def test_non_finite_features_raise_value_error_naming_the_rows(negatives, value)
     student, teacher = features()
     student[2, 0] = value
     index = torch.arange(B) if negatives == "bank" else None
-    assert_raises_and_keeps_state(loss, ValueError, r"non-finite values .* rows \[2\]", lambda: loss(student, teacher, index))
+    call = lambda: loss(student, teacher, index)  # noqa: E731
+    assert_raises_and_keeps_state(loss, ValueError, r"non-finite values .* rows \[2\]", call)
 
 
 def test_non_finite_features_with_skip_leave_their_memory_rows_alone():
@@ -174,7 +176,8 @@ def test_empty_batch_and_batch_of_one_raise_value_error(negatives, batch):
 
 def test_batch_larger_than_the_queue_raises_value_error():
     loss = trained_loss("queue")
-    assert_raises_and_keeps_state(loss, ValueError, "does not fit a queue of queue_size=12", lambda: loss(*features(13)))
+    call = lambda: loss(*features(13))  # noqa: E731
+    assert_raises_and_keeps_state(loss, ValueError, "does not fit a queue of queue_size=12", call)
 
 
 def test_mismatched_student_and_teacher_batch_sizes_raise_value_error():
