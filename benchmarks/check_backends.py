@@ -17,8 +17,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin.kernels import naive_relation_logits, run_relation_loss_core
+from crcd_plugin.kernels import naive_relation_logits, run_relation_loss_core, run_shared_relation_loss_core
 from crcd_plugin.kernels.objectives import infonce_loss, nce_log_normalizer, nce_loss
+from crcd_plugin.memory import in_batch_candidate_index
 
 TAU, EPS, N = 0.05, 1e-6, 50_000
 TOLERANCE = 1e-4  # relative to the largest value / gradient entry; fp32 kernels, float64 reference
@@ -64,6 +65,26 @@ def run(backend: str, student, anchors, candidates, objective: str):
     return loss.detach(), query.grad
 
 
+def shared_like(batch: int, num_queue: int, dim: int, device: torch.device):
+    """Shared candidates: anchors = the batch's other side; a queue with a row equal to an anchor."""
+    student, other, _ = bank_like(batch, batch, 6, dim, device)  # other[1] is 1e-3 from other[0]
+    queue = F.normalize(torch.randn(num_queue, dim, generator=torch.Generator().manual_seed(num_queue)), dim=-1)
+    queue = queue.to(device)
+    queue[3] = other[2]
+    return student, other, queue
+
+
+def run_shared(backend: str, student, anchors, candidates, positives, objective: str):
+    query = student.clone().requires_grad_()
+    device = student.device
+    loss, _ = run_shared_relation_loss_core(
+        backend, query, anchors, candidates, positives, torch.zeros((), device=device),
+        torch.zeros((), dtype=torch.bool, device=device), temperature=TAU, eps=EPS, objective=objective, num_samples=N,
+    )
+    loss.backward()
+    return loss.detach(), query.grad
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +110,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                 failures += not ok
                 print(f"B,A,K+1,D={shape} {objective:7s} {backend:8s} loss rel err {loss_err:.1e} "
                       f"grad rel err {grad_err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    # Shared candidates (in-batch and queue negatives), against naive on the per-sample candidates.
+    for batch, num_queue, dim in ((6, 70, 24), (64, 501, 32), (16, 130, 128)):  # D <= B and D > B
+        student, other, queue = shared_like(batch, num_queue, dim, device)
+        for layout, candidates, positives in (("batch", other, None), ("queue", queue, other)):
+            if positives is None:
+                per_sample = candidates[in_batch_candidate_index(batch, device)]
+            else:
+                per_sample = torch.cat([positives[:, None], candidates[None].expand(batch, -1, -1)], dim=1)
+            for objective in ("nce", "infonce"):
+                ref_loss, ref_grad = reference(student, other, per_sample, objective)
+                for backend in backends:
+                    loss, grad = run_shared(backend, student, other, candidates, positives, objective)
+                    loss_err = ((loss.double() - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)).item()
+                    grad_err = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
+                    ok = loss_err < TOLERANCE and grad_err < TOLERANCE
+                    failures += not ok
+                    verdict = "ok" if ok else "FAIL"
+                    print(f"shared {layout:5s} B,M,D={batch, candidates.shape[0], dim} {objective:7s} {backend:8s} "
+                          f"loss rel err {loss_err:.1e} grad rel err {grad_err:.1e} {verdict}", flush=True)
     print("all backends agree with the naive formulation" if not failures else f"{failures} checks FAILED")
     return 1 if failures else 0
 

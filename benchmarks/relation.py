@@ -5,6 +5,15 @@ Everything runs side by side in one process, on the same inputs.
 
     python benchmarks/relation.py                      # CPU, the grid that fits this machine
     python benchmarks/relation.py --device cuda --full # B in {32, 64, 256}, K in {500, 4096, 16384}
+
+With ``--layout batch`` or ``--layout queue`` every sample has the same candidates (in-batch
+negatives, K = B - 1; or K queue rows plus a per-sample positive): ``eager``, ``compile``,
+``chunked`` and ``triton`` then run the shared-candidate cores, ``per-sample`` the per-sample eager
+core on the expanded ``[B, K+1, D]`` candidates (what ``CRCDLoss`` ran before), ``naive`` the
+reference formulation on them.
+
+    python benchmarks/relation.py --layout batch --batch 32 64 256 --impl naive per-sample eager
+    python benchmarks/relation.py --layout queue --batch 32 64 256 --negatives 500 4096 --impl naive per-sample eager
 """
 
 from __future__ import annotations
@@ -24,9 +33,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin.kernels import run_relation_loss_core
+from crcd_plugin.kernels import run_relation_loss_core, run_shared_relation_loss_core
+from crcd_plugin.memory import in_batch_candidate_index
 
-IMPLEMENTATIONS = ("naive", "eager", "compile", "chunked", "triton")
+IMPLEMENTATIONS = ("naive", "per-sample", "eager", "compile", "chunked", "triton")
+LAYOUTS = ("per-sample", "batch", "queue")
+# "process": CPU time of this process, for a single-threaded run on a machine that others share
+# (wall time there measures the other processes as much as ours).
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 DEFAULT_IMPLEMENTATIONS = ("naive", "eager", "compile")
 CHUNK_SIZE = 512  # candidates per chunk of the "chunked" implementation (eager kernels)
 
@@ -39,6 +53,53 @@ def make_inputs(batch: int, num_negatives: int, dim: int, device: torch.device, 
     candidates[:, 0] = anchors
     query = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
     return query.to(device).requires_grad_(), anchors.to(device), candidates.to(device)
+
+
+def make_shared_inputs(layout: str, batch: int, num_negatives: int, dim: int, device: torch.device, seed: int = 0):
+    """Shared candidates: the anchors are the other side's batch (A = B); in-batch, the candidates
+    are that batch too (positive of sample i = candidate i = anchor i), else ``K`` queue rows and
+    that batch as the positives."""
+    g = torch.Generator().manual_seed(seed)
+    other = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    query = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    if layout == "batch":
+        candidates, positives = other, None
+    else:
+        candidates, positives = F.normalize(torch.randn(num_negatives, dim, generator=g), dim=-1), other
+    moved = [None if x is None else x.to(device) for x in (other, candidates, positives)]
+    return query.to(device).requires_grad_(), *moved
+
+
+def shared_step_fn(impl: str, query, anchors, candidates, positives) -> Callable[[], None]:
+    """One step of the shared-candidate cores, or (per-sample, naive) of the per-sample cores on the
+    candidates expanded inside the step, as ``CRCDLoss`` did before it shared them."""
+    log_z = torch.full((), 10.0, device=query.device)
+    z_ready = torch.ones((), dtype=torch.bool, device=query.device)
+    options = dict(temperature=0.05, eps=1e-6, objective="nce", num_samples=50000)
+
+    def step() -> None:
+        if impl in ("per-sample", "naive"):
+            if positives is None:
+                expanded = candidates[in_batch_candidate_index(query.shape[0], query.device)]
+            else:
+                expanded = torch.cat([positives[:, None], candidates[None].expand(query.shape[0], -1, -1)], dim=1)
+            backend = "eager" if impl == "per-sample" else "naive"
+            loss, _ = run_relation_loss_core(backend, query, anchors, expanded, log_z, z_ready, None, **options)
+        else:
+            loss, _ = run_shared_relation_loss_core(
+                "eager" if impl == "chunked" else impl, query, anchors, candidates, positives, log_z, z_ready,
+                chunk_size=CHUNK_SIZE if impl == "chunked" else None, **options,
+            )
+        loss.backward()
+        query.grad = None
+
+    return step
+
+
+def make_step(layout: str, impl: str, batch: int, num_negatives: int, dim: int, device: torch.device):
+    if layout == "per-sample":
+        return step_fn(impl, *make_inputs(batch, num_negatives, dim, device))
+    return shared_step_fn(impl, *make_shared_inputs(layout, batch, num_negatives, dim, device))
 
 
 def step_fn(impl: str, query, anchors, candidates) -> Callable[[], None]:
@@ -64,28 +125,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> float:
+def time_ms(
+    step: Callable[[], None],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     for _ in range(warmup):
         step()
     synchronize(device)
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         step()
         synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
+        samples.append((clock() - start) * 1e3)
     return statistics.median(samples)
 
 
-def peak_bytes(impl: str, batch: int, num_negatives: int, dim: int, device: torch.device) -> Optional[int]:
+def peak_bytes(
+    impl: str, batch: int, num_negatives: int, dim: int, device: torch.device, layout: str = "per-sample"
+) -> Optional[int]:
     """Peak bytes one forward+backward allocates above what was allocated before it.
 
     CUDA: the caching allocator's peak. CPU: the peak resident set of a fresh process during its
     second step, above its resident set just before that step.
     """
     if device.type == "cuda":
-        query, anchors, candidates = make_inputs(batch, num_negatives, dim, device)
-        step = step_fn(impl, query, anchors, candidates)
+        step = make_step(layout, impl, batch, num_negatives, dim, device)
         step()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -93,7 +161,7 @@ def peak_bytes(impl: str, batch: int, num_negatives: int, dim: int, device: torc
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    command = [sys.executable, __file__, "--cpu-peak-probe", impl, str(batch), str(num_negatives), str(dim)]
+    command = [sys.executable, __file__, "--cpu-peak-probe", impl, str(batch), str(num_negatives), str(dim), layout]
     # Blocks of 64 KiB and more are mmap'ed and returned on free, so the resident set follows the
     # live tensors instead of keeping freed heap pages of the warm-up step.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -109,14 +177,13 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def cpu_peak_probe(impl: str, batch: int, num_negatives: int, dim: int) -> int:
+def cpu_peak_probe(impl: str, batch: int, num_negatives: int, dim: int, layout: str = "per-sample") -> int:
     """Runs in a fresh process: resident-set peak of one step above the resident set before it.
 
     A first step warms up (and compiles); the high-water mark is then reset (``clear_refs``), which
     also drops what fork+exec inherited from the parent, and the second step is measured.
     """
-    query, anchors, candidates = make_inputs(batch, num_negatives, dim, torch.device("cpu"))
-    step = step_fn(impl, query, anchors, candidates)
+    step = make_step(layout, impl, batch, num_negatives, dim, torch.device("cpu"))
     step()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
@@ -125,9 +192,17 @@ def cpu_peak_probe(impl: str, batch: int, num_negatives: int, dim: int) -> int:
     return max(_status_bytes("VmHWM") - before, 0)
 
 
-def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int) -> float:
+def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int, layout: str = "per-sample") -> float:
     """A rough upper bound used only to skip configurations that cannot fit."""
     scores = batch * batch * (num_negatives + 1) * 4
+    if layout != "per-sample" and impl not in ("naive", "per-sample"):
+        shared = batch * (num_negatives + 1) * dim * 4 * 3  # [A, M, D] relations (A = B), when D <= B
+        if impl == "chunked":
+            chunk = min(CHUNK_SIZE, num_negatives + 1)
+            return batch * batch * chunk * 4 * 10 + shared * chunk / (num_negatives + 1)
+        return shared + (batch * (num_negatives + 1) * dim * 4 if impl == "triton" else scores * 10)
+    if impl == "per-sample":
+        impl = "eager"
     if impl == "triton":  # inputs, residuals and a chunk of the nearest-anchor search only
         return batch * (num_negatives + 1) * dim * 4 * 4 + 2**24 * 4
     if impl == "chunked":
@@ -136,7 +211,7 @@ def estimated_bytes(impl: str, batch: int, num_negatives: int, dim: int) -> floa
     return scores * dim * 3 if impl == "naive" else scores * 14
 
 
-def run(args: argparse.Namespace) -> Dict:
+def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = None) -> Dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         budget = torch.cuda.get_device_properties(device).total_memory * 0.85
@@ -147,47 +222,59 @@ def run(args: argparse.Namespace) -> Dict:
     batches = [32, 64, 256] if args.full else args.batch
     negatives = [500, 4096, 16384] if args.full else args.negatives
     rows: List[Dict] = []
+    results = {
+        "benchmark": "relation loss forward+backward (NCE), A = B anchors, fp32",
+        "layout": args.layout,
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "device": name,
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "rows": rows,
+    }
     for batch in batches:
-        for num_negatives in negatives:
-            row: Dict = {"B": batch, "K": num_negatives, "D": args.dim}
+        # In-batch negatives: K = B - 1, whatever --negatives says.
+        for num_negatives in [batch - 1] if args.layout == "batch" else negatives:
+            row: Dict = {"B": batch, "K": num_negatives, "D": args.dim, "layout": args.layout}
             for impl in args.impl:
                 if impl == "triton" and device.type != "cuda":
                     row[impl] = {"status": "needs CUDA"}  # the interpreter is for correctness only
                     continue
-                if estimated_bytes(impl, batch, num_negatives, args.dim) > budget:
+                if impl == "per-sample" and args.layout == "per-sample":
+                    row[impl] = {"status": "same as eager"}
+                    continue
+                if estimated_bytes(impl, batch, num_negatives, args.dim, args.layout) > budget:
                     row[impl] = {"status": "does not fit"}
                     continue
-                query, anchors, candidates = make_inputs(batch, num_negatives, args.dim, device)
-                step = step_fn(impl, query, anchors, candidates)
+                step = make_step(args.layout, impl, batch, num_negatives, args.dim, device)
                 try:
-                    ms = time_ms(step, device, args.repeats, warmup=2 if impl in ("compile", "triton") else 1)
+                    warmup = 2 if impl in ("compile", "triton") else 1
+                    ms = time_ms(step, device, args.repeats, warmup, CLOCKS[args.clock])
                     del step
-                    peak = peak_bytes(impl, batch, num_negatives, args.dim, device)
+                    peak = peak_bytes(impl, batch, num_negatives, args.dim, device, args.layout)
                     row[impl] = {"status": "ok", "ms": ms, "peak_mib": None if peak is None else peak / 2**20}
                 except torch.OutOfMemoryError:
                     row[impl] = {"status": "out of memory"}
-                del query, anchors, candidates
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             naive = row.get("naive", {})
             compiled = row.get("compile", {})
             if compiled.get("status") == "ok" and row.get("triton", {}).get("status") == "ok":
                 row["triton"]["speedup_vs_compile"] = compiled["ms"] / row["triton"]["ms"]
-            for impl in ("eager", "compile", "chunked", "triton"):
+            per_sample = row.get("per-sample", {})
+            for impl in ("per-sample", "eager", "compile", "chunked", "triton"):
                 ours = row.get(impl, {})
                 if naive.get("status") == "ok" and ours.get("status") == "ok":
                     ours["speedup_vs_naive"] = naive["ms"] / ours["ms"]
                     if ours["peak_mib"] is not None and naive["peak_mib"]:
                         ours["memory_fraction_of_naive"] = ours["peak_mib"] / naive["peak_mib"]
+                if impl != "per-sample" and per_sample.get("status") == "ok" and ours.get("status") == "ok":
+                    ours["speedup_vs_per_sample"] = per_sample["ms"] / ours["ms"]
             rows.append(row)
             print(format_row(row, args.impl), flush=True)
-    return {
-        "benchmark": "relation loss forward+backward (NCE), A = B anchors, fp32",
-        "device": name,
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
-        "rows": rows,
-    }
+            if on_row is not None:  # partial results survive a run that is stopped
+                on_row(results)
+    return results
 
 
 def format_row(row: Dict, impls) -> str:
@@ -204,6 +291,8 @@ def format_row(row: Dict, impls) -> str:
             if "memory_fraction_of_naive" in result:
                 text += f", {result['memory_fraction_of_naive']:.3f}x memory"
             text += ")"
+        if "speedup_vs_per_sample" in result:
+            text += f" ({result['speedup_vs_per_sample']:.1f}x per-sample's speed)"
         if "speedup_vs_compile" in result:
             text += f" ({result['speedup_vs_compile']:.2f}x compile's speed)"
         cells.append(text)
@@ -232,7 +321,9 @@ def plot(results: Dict, path: Path) -> None:
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"CRCD relation loss, D=128, A=B, fp32 - {results['device']} ({results['date']})", fontsize=10)
+    layout = results.get("layout", "per-sample")
+    title = f"CRCD relation loss ({layout} candidates), D={rows[0]['D']}, A=B, fp32"
+    fig.suptitle(f"{title} - {results['device']} ({results['date']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -241,7 +332,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--cpu-peak-probe"]:
         impl, batch, num_negatives, dim = argv[1], *map(int, argv[2:5])
-        print(cpu_peak_probe(impl, batch, num_negatives, dim))
+        print(cpu_peak_probe(impl, batch, num_negatives, dim, argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -250,11 +341,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--full", action="store_true", help="B in {32, 64, 256} x K in {500, 4096, 16384}")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument(
+        "--layout", default="per-sample", choices=LAYOUTS,
+        help="per-sample candidates (bank), or shared ones: in-batch (K = B - 1) or a queue of K rows",
+    )
+    parser.add_argument(
         "--impl", nargs="+", default=list(DEFAULT_IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
         help=f"implementations to run; chunked = eager kernels over chunks of {CHUNK_SIZE} candidates; "
         "triton = the Triton kernel (CUDA only)",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="process: CPU time (use --threads 1)")
     parser.add_argument("--cpu-memory-gib", type=float, default=16.0, help="skip CPU configs estimated above this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -262,10 +358,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory probes run in subprocesses
-    results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"relation_{torch.device(args.device).type}"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    if args.layout != "per-sample":
+        stem += f"_shared_{args.layout}"
+    results = run(args, on_row=lambda partial: (args.out / f"{stem}.json").write_text(json.dumps(partial, indent=2)))
     plot(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / stem}.json and .png")
 

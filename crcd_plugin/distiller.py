@@ -10,7 +10,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, ContextManager, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +42,11 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["DistillSchedule", "CRCDDistiller"]
 
+_MODEL_PREFIXES = ("student.", "teacher.")
+
 ScheduleKind = Literal["step", "linear", "constant"]
+# (model, model input) -> position of the token the model classifies, [B] or one int for all rows.
+TokenSelector = Callable[[nn.Module, Any], Union[int, torch.Tensor]]
 _SCHEDULE_KINDS: Tuple[str, ...] = ("step", "linear", "constant")
 
 
@@ -182,6 +200,11 @@ class CRCDDistiller(nn.Module):
             :func:`~crcd_plugin.hooks.pool_feature`); ``None`` flattens it.
         output_select: How to get logits from the models' outputs when they are not tensors
             (int index, str key/attribute, or callable); ``None`` accepts a tensor or ``.logits``.
+        feature_token: For heads applied to every token (head output ``[B, T, C]`` while the
+            model's logits are ``[B, C]``, as in decoder-only ``*ForSequenceClassification``
+            models): ``feature_token(model, input)`` gives the position (``[B]`` LongTensor, or one
+            int for all rows) of the token the model classifies; the feature and head logits are
+            taken at that position. ``model`` is the unwrapped model.
         example_input: Optional batch for a dry run (eval mode, no grad) that fixes dimensions.
         warmup_steps: Ramp the distillation weight linearly from ``1/warmup_steps`` to 1 over the
             first training-mode forward calls (counted in the ``warmup_progress`` buffer, so it
@@ -222,7 +245,8 @@ class CRCDDistiller(nn.Module):
         schedule: Optional[DistillSchedule] = None,
         feature_pool: Optional[PoolMode] = None,
         output_select: Optional[Selector] = None,
-        example_input: Optional[torch.Tensor] = None,
+        example_input: Optional[Any] = None,
+        feature_token: Optional[TokenSelector] = None,
         warmup_steps: Optional[int] = None,
         preset: Preset = "default",
     ) -> None:
@@ -264,6 +288,8 @@ class CRCDDistiller(nn.Module):
             raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
         if feature_pool is not None:
             pool_feature(torch.zeros(1, 1), feature_pool)  # validates the name
+        if feature_token is not None and not callable(feature_token):
+            raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
 
         self.student = student
         self.teacher = teacher
@@ -279,6 +305,7 @@ class CRCDDistiller(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.feature_pool = feature_pool
         self.output_select = output_select
+        self.feature_token = feature_token
         self.schedule = schedule
         self.preset = preset
         self.warmup_steps = warmup_steps
@@ -341,11 +368,12 @@ class CRCDDistiller(nn.Module):
                 broadcast_state(loss)
         _logger.debug("built CRCD losses for student_dim=%d, teacher_dim=%d", student_dim, teacher_dim)
 
-    def build(self, example_input: torch.Tensor) -> "CRCDDistiller":
+    def build(self, example_input: Any) -> "CRCDDistiller":
         """Fix dimensions with a dry run (eval mode, no grad, models' state untouched).
 
         Args:
-            example_input: A batch the models accept (any batch size).
+            example_input: A batch the models accept (any batch size; a tensor, or a dict of
+                tensors passed as keyword arguments).
 
         Returns:
             ``self``.
@@ -361,6 +389,59 @@ class CRCDDistiller(nn.Module):
         self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
         return self
 
+    @torch.no_grad()
+    def fill_memory(self, loader: Iterable[Any], device: Optional[torch.device] = None) -> "CRCDDistiller":
+        """Warm-up pass: write every sample's embeddings into the CRCD memories before training.
+
+        Runs student and teacher (eval mode, no grad) over ``loader`` and hands each batch to
+        :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the first step (one extra
+        pass over the data). The gradient element's memory gets detached gradients. Train/eval
+        modes are restored afterwards; models, heads and the NCE constant are not changed.
+
+        Args:
+            loader: Iterable of ``(input, target, index)`` batches (``(input, target)`` for a
+                queue), like the arguments of :meth:`forward`.
+            device: Where to move each batch; default: the student's device.
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> distiller = distiller.fill_memory(train_loader)  # doctest: +SKIP
+        """
+        if device is None:
+            device = next(iter(unwrap_model(self.student).parameters()), torch.zeros(())).device
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                    raise TypeError("fill_memory needs batches of (input, target, index) or (input, target)")
+                tensors = [t.to(device, non_blocking=True) for t in batch]
+                x, target, index = tensors if len(tensors) == 3 else (*tensors, None)
+                self._check_batch(x, target, index)
+                f_s, head_logits_s, _ = self._run(self.student, self.student_head, x, "student")
+                f_t, head_logits_t, _ = self._run(self.teacher, self.teacher_head, x, "teacher")
+                if not self.built:
+                    self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+                if self.crcd_feature is not None:
+                    self.crcd_feature.fill_memory(self._reduce(f_s), self._reduce(f_t), index)
+                if self.crcd_gradient is not None:
+                    # Values only: the detached (teacher-style) gradient element serves both sides.
+                    smoothing = self.label_smoothing
+                    g_s = teacher_gradient_element(
+                        resolve_module(self.student, self.student_head), f_s, target,
+                        logits=head_logits_s, label_smoothing=smoothing,
+                    )
+                    g_t = teacher_gradient_element(
+                        resolve_module(self.teacher, self.teacher_head), f_t, target,
+                        logits=head_logits_t, label_smoothing=smoothing,
+                    )
+                    self.crcd_gradient.fill_memory(self._reduce(g_s), self._reduce(g_t), index)
+        finally:
+            self.train(was_training)
+        return self
+
     def train(self, mode: bool = True) -> "CRCDDistiller":
         """Set train/eval mode on everything except the teacher, which stays in eval mode."""
         super().train(mode)
@@ -373,7 +454,28 @@ class CRCDDistiller(nn.Module):
 
     def crcd_state_dict(self) -> Dict[str, Any]:
         """State of the CRCD heads, memories and schedule (everything but the two models)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(_MODEL_PREFIXES)}
+
+    def load_crcd_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what :meth:`crcd_state_dict` returned; every CRCD key must match (the models are untouched).
+
+        Args:
+            state_dict: CRCD heads, memories and schedule state, as saved by :meth:`crcd_state_dict`.
+
+        Raises:
+            ValueError: If keys are missing or unexpected (e.g. a checkpoint made with other options).
+        """
+        model_keys = [k for k in state_dict if k.startswith(_MODEL_PREFIXES)]
+        if model_keys:
+            raise ValueError(f"a CRCD state dict holds no model weights, got keys {model_keys[:3]} ...")
+        expected = set(self.crcd_state_dict())
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"CRCD state does not match this distiller's options: missing {missing}, unexpected {unexpected}"
+            )
+        # Checked above, so strict=False only skips the two models' keys.
+        self.load_state_dict(dict(state_dict), strict=False)
 
     # ------------------------------------------------------------------ distributed
     def prepare_distributed(self, device_ids: Optional[Sequence[int]] = None, **ddp_kwargs: Any) -> "CRCDDistiller":
@@ -457,16 +559,24 @@ class CRCDDistiller(nn.Module):
         return logits
 
     def _run(
-        self, model: nn.Module, head: str, x: torch.Tensor, role: str
+        self, model: nn.Module, head: str, x: Any, role: str
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward ``model`` once; return (head input, head output, model logits)."""
         with FeatureCapture(model) as capture:
             capture.add(head, io="input", name="feature").add(head, io="output", name="head_logits")
-            output = model(x)
+            output = model(**x) if isinstance(x, Mapping) else model(x)
             captured = capture.pop()
         if len(captured) != 2:
             raise ValueError(f"the {role} head {head!r} did not run during the {role}'s forward")
-        return captured["feature"], captured["head_logits"], self._logits(output)
+        feature, head_logits, logits = captured["feature"], captured["head_logits"], self._logits(output)
+        if self.feature_token is not None and head_logits.dim() == logits.dim() + 1:
+            # The head saw every token ([B, T, D] -> [B, T, C]) and the model kept one per row.
+            position = self.feature_token(unwrap_model(model), x)
+            if isinstance(position, torch.Tensor):
+                position = position.to(feature.device)
+            rows = torch.arange(feature.shape[0], device=feature.device)
+            feature, head_logits = feature[rows, position], head_logits[rows, position]
+        return feature, head_logits, logits
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *] -> [B, D]`` for the CRCD loss."""
@@ -486,6 +596,8 @@ class CRCDDistiller(nn.Module):
             )
         if index is not None and not isinstance(index, torch.Tensor):
             raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
+        if isinstance(x, Mapping):
+            x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
         batch = x.shape[0] if isinstance(x, torch.Tensor) else None
         if batch is not None and target.shape[0] != batch:
             raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
@@ -496,14 +608,23 @@ class CRCDDistiller(nn.Module):
             )
 
     def forward(
-        self, input: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor] = None
+        self,
+        input: Any,
+        target: torch.Tensor,
+        index: Optional[torch.Tensor] = None,
+        *,
+        student: Optional[nn.Module] = None,
     ) -> Dict[str, torch.Tensor]:
         """One distillation step's losses.
 
         Args:
-            input: Model input batch ``[B, ...]``.
+            input: Model input batch ``[B, ...]``, or a dict of such tensors that both models take
+                as keyword arguments (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
             target: Class indices ``[B]`` (or probabilities ``[B, C]``).
             index: Dataset indices ``[B]`` of the samples; required for memory-bank negatives.
+            student: A wrapper of ``self.student`` made after construction (DDP, accelerate,
+                ``torch.compile``) to run the student's forward through, so that its gradient
+                synchronisation applies; the default runs ``self.student``.
 
         Returns:
             ``loss`` (what to backpropagate), ``task_loss``, ``kd_loss``, ``crcd_feature_loss``,
@@ -514,9 +635,13 @@ class CRCDDistiller(nn.Module):
             skipped: ``loss = gamma * task_loss`` and the other terms are zero.
         """
         self._check_batch(input, target, index)
+        if student is None:
+            student = self.student
+        elif unwrap_model(student) is not unwrap_model(self.student):
+            raise ValueError("student= must wrap the distiller's own student (e.g. its DDP wrapper)")
         if self.teacher.training:
             self.teacher.eval()
-        f_s, head_logits_s, logits_s = self._run(self.student, self.student_head, input, "student")
+        f_s, head_logits_s, logits_s = self._run(student, self.student_head, input, "student")
         zero = logits_s.new_zeros((), dtype=torch.float32)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
         if self.built and self.schedule is not None and not self.schedule.distills():

@@ -10,8 +10,8 @@ from torch import nn
 from crcd_plugin._checks import check_choice, check_positive_int
 from crcd_plugin.distributed import average, gather_rows, world_size
 from crcd_plugin.heads import EmbedHead
-from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core
-from crcd_plugin.memory import FeatureQueue, MemoryBank, in_batch_candidate_index
+from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core, run_shared_relation_loss_core
+from crcd_plugin.memory import MEMORY_INITS, FeatureQueue, MemoryBank, in_batch_candidate_index
 from crcd_plugin.presets import (
     PRESETS,
     REFERENCE_NUM_NEGATIVES,
@@ -41,16 +41,21 @@ class CRCDLoss(nn.Module):
 
     ``preset`` picks the settings an argument left at ``None`` takes: ``"default"`` (bounded
     gradients and work, safe to add to any loop) or ``"reference"`` (the authors' code). They
-    differ where there is no memory bank (``objective`` InfoNCE vs NCE) and in ``num_anchors``
-    (at most 500 vs all ``B``); docs/reliability.md has the measurements. Arguments passed
-    explicitly always win.
+    differ where there is no memory bank (``objective`` InfoNCE vs NCE), in ``num_anchors``
+    (at most 500 vs all ``B``) and in the bank's ``memory_init`` (first write vs the reference's
+    cold start); docs/reliability.md has the measurements. Arguments passed explicitly always win.
 
     Where anchors and candidates come from (``negatives``; by default a bank when ``num_samples``
     is given, a queue when ``queue_size`` is, else the batch):
 
     - ``"bank"`` (the reference): one memory row per training sample on each side, updated with
       momentum; anchors ``M[index_j]``, positive ``M[index_i]``, ``K`` negatives drawn uniformly
-      from the ``num_samples`` rows. Needs ``index`` (dataset indices).
+      from the ``num_samples`` rows. Needs ``index`` (dataset indices). By default
+      (``memory_init="first_write"``) a row's first write stores the embedding itself, a batch
+      row never written yet reads the current embedding, and negatives are drawn only among
+      written rows (and the batch's own): no random row ever acts as a sample. ``"cold"`` is the
+      reference: random rows are samples from the start and the first write blends with them.
+      :meth:`fill_memory` writes real rows before training, for users who can afford one pass.
     - ``"queue"``: no dataset index; anchors and positive are the other network's current
       embeddings (detached), negatives ``num_negatives`` rows drawn uniformly from the last
       ``queue_size`` embeddings.
@@ -61,7 +66,12 @@ class CRCDLoss(nn.Module):
     sizes differ between ranks) and the mean ``Z``, so the state stays identical on every rank
     (docs/distributed.md).
     The teacher feature is always treated as a constant (detached); gradients reach the student
-    feature and both embedding heads. The loss core runs in fp32, also under autocast.
+    feature and the student embedding head, and the teacher embedding head through the teacher-side
+    loss (``symmetric=True``) or, with ``teacher_head_grad=True``, through the current teacher
+    embeddings that the student-side loss reads. With ``symmetric=False`` and
+    ``teacher_head_grad=False`` the teacher head gets no gradient: it stays a fixed random
+    projection of the teacher feature (measured on MNIST-1D, training it gave no gain; see
+    ``docs/method.md``). The loss core runs in fp32, also under autocast.
 
     Args:
         student_dim: Student feature size ``Ds``.
@@ -81,12 +91,20 @@ class CRCDLoss(nn.Module):
             ``"infonce"`` (cross-entropy over the ``K+1`` scores). ``None``: ``"nce"`` with a
             bank or ``preset="reference"``, else ``"infonce"`` (bounded gradients for any ``K``).
         momentum: Bank update momentum ``m`` (reference 0.5).
+        memory_init: Bank: ``"first_write"`` (rows are right from their first write, see above) or
+            ``"cold"`` (the reference: random rows act as samples until washed out by momentum).
+            ``None``: ``"first_write"``, or ``"cold"`` with ``preset="reference"`` or
+            ``shard_memory=True`` (which supports only that for now).
         num_anchors: Use a random subset of ``A`` of the batch's anchors each step when the batch
             has more; ``None`` takes the preset's (default 500, reference all ``B``).
         self_anchor: ``"keep"`` (the reference) keeps entries whose candidate is the anchor's own
             sample (their relation is the constant ``eps`` direction); ``"mask"`` drops them, and
             drops the whole row when it is the positive that coincides with its anchor.
         symmetric: Add the teacher-side loss (reference: True).
+        teacher_head_grad: Let the student-side loss train the teacher embedding head through the
+            current batch's teacher embeddings: they are the anchors and positives (bank: instead
+            of the batch's memory rows; batch: also the negatives), no longer detached. Reference:
+            False.
         anchored: False gives CRD (no anchors, scores ``<c, v> / tau``).
         eps: Shift added to every coordinate of each relation vector (reference 1e-6).
         on_nonfinite: ``"raise"`` checks that embeddings are finite and raises ``ValueError``
@@ -121,6 +139,10 @@ class CRCDLoss(nn.Module):
         torch.Size([])
     """
 
+    # Batch and queue negatives take the shared-candidate kernels; False forces the per-sample
+    # path (the same loss, slower), which tests and benchmarks compare against.
+    _share_candidates: bool = True
+
     def __init__(
         self,
         student_dim: int,
@@ -136,9 +158,11 @@ class CRCDLoss(nn.Module):
         temperature: float = 0.05,
         objective: Optional[Literal["nce", "infonce"]] = None,
         momentum: float = 0.5,
+        memory_init: Optional[Literal["first_write", "cold"]] = None,
         num_anchors: Optional[int] = None,
         self_anchor: Literal["keep", "mask"] = "keep",
         symmetric: bool = True,
+        teacher_head_grad: bool = False,
         anchored: bool = True,
         eps: float = 1e-6,
         on_nonfinite: Literal["raise", "skip"] = "raise",
@@ -160,6 +184,8 @@ class CRCDLoss(nn.Module):
         check_choice("self_anchor", self_anchor, SELF_ANCHOR_MODES)
         check_choice("on_nonfinite", on_nonfinite, NONFINITE_MODES)
         check_choice("backend", backend, BACKENDS)
+        if memory_init is not None:
+            check_choice("memory_init", memory_init, MEMORY_INITS)
         for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("embed_dim", embed_dim)):
             check_positive_int(name, value)
         if not temperature > 0:
@@ -170,11 +196,17 @@ class CRCDLoss(nn.Module):
             check_positive_int("chunk_size", chunk_size)
         if shard_memory and negatives != "bank":
             raise ValueError(f'shard_memory=True shards the memory bank: it needs negatives="bank", got {negatives!r}')
+        if memory_init is None:
+            # The sharded bank's rows live on their owner ranks; it has no first-write slots yet.
+            memory_init = "cold" if shard_memory else settings["memory_init"]
+        if shard_memory and memory_init != "cold":
+            raise ValueError('shard_memory=True supports memory_init="cold" only (the default with it)')
 
         self.student_dim, self.teacher_dim, self.embed_dim = student_dim, teacher_dim, embed_dim
         self.negatives, self.objective, self.self_anchor = negatives, objective, self_anchor
         self.temperature, self.eps, self.num_anchors = float(temperature), float(eps), num_anchors
         self.symmetric, self.anchored = symmetric, anchored
+        self.teacher_head_grad, self.memory_init = bool(teacher_head_grad), memory_init
         self.on_nonfinite, self.check_index, self.backend = on_nonfinite, check_index, backend
         self.chunk_size, self.preset = chunk_size, preset
 
@@ -189,9 +221,12 @@ class CRCDLoss(nn.Module):
             check_positive_int("num_samples", num_samples)
             self.num_negatives: Optional[int] = DEFAULT_BANK_NEGATIVES if num_negatives is None else num_negatives
             check_positive_int("num_negatives", self.num_negatives)
-            bank = ShardedMemoryBank if shard_memory else MemoryBank
-            self.memory_student = bank(num_samples, embed_dim, momentum)
-            self.memory_teacher = bank(num_samples, embed_dim, momentum)
+            if shard_memory:
+                self.memory_student = ShardedMemoryBank(num_samples, embed_dim, momentum)
+                self.memory_teacher = ShardedMemoryBank(num_samples, embed_dim, momentum)
+            else:
+                self.memory_student = MemoryBank(num_samples, embed_dim, momentum, memory_init)
+                self.memory_teacher = MemoryBank(num_samples, embed_dim, momentum, memory_init)
             self.noise_size = num_samples
         elif negatives == "queue":
             if queue_size is None:
@@ -247,10 +282,24 @@ class CRCDLoss(nn.Module):
 
         batch = student_feat.shape[0]
         anchor_pos = self._anchor_positions(batch, device)  # [A]
-        cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
-        mask = None
-        if self.anchored and self.self_anchor == "mask":
-            mask = cand_ids[:, None, :] == anchor_ids[None, :, None]  # [B, A, K+1]
+        masked = self.anchored and self.self_anchor == "mask"
+        # In-batch and queue negatives are the same for every sample: their candidate side is
+        # computed once for the batch (``run_shared_relation_loss_core``), which equals the
+        # per-sample path on the same inputs and random draws (tested).
+        shared = self.negatives != "bank" and self._share_candidates
+        if shared:
+            masks = self._shared_masks(batch, anchor_pos, device) if masked else (None, None)
+        else:
+            cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
+            mask = cand_ids[:, None, :] == anchor_ids[None, :, None] if masked else None  # [B, A, K+1]
+        options = dict(
+            temperature=self.temperature,
+            eps=self.eps,
+            objective=self.objective,
+            num_samples=self.noise_size,
+            chunk_size=self.chunk_size,
+        )
+        backend = resolve_backend(self.backend, device)
 
         # The student is scored against the teacher's side (memory or current embeddings), and back.
         sides = [(query_student, query_teacher, getattr(self, "memory_teacher", None))]
@@ -258,22 +307,19 @@ class CRCDLoss(nn.Module):
             sides.append((query_teacher, query_student, getattr(self, "memory_student", None)))
         losses, new_log_z = [], []
         for side, (query, other, store) in enumerate(sides):
-            anchors, candidates = self._anchors_and_candidates(other.detach(), store, cand_ids, anchor_pos)
-            with torch.autocast(device_type=device.type, enabled=False):
-                loss, log_z = run_relation_loss_core(
-                    resolve_backend(self.backend, device),
-                    query,
-                    anchors,
-                    candidates,
-                    self.log_z[side],
-                    self.z_ready[side],
-                    mask,
-                    temperature=self.temperature,
-                    eps=self.eps,
-                    objective=self.objective,
-                    num_samples=self.noise_size,
-                    chunk_size=self.chunk_size,
-                )
+            if side > 0 or not self.teacher_head_grad:
+                other = other.detach()
+            z_state = (self.log_z[side], self.z_ready[side])
+            if shared:
+                anchors, candidates, positives = self._shared_candidates(other, store, anchor_pos)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    loss, log_z = run_shared_relation_loss_core(
+                        backend, query, anchors, candidates, positives, *z_state, *masks, **options
+                    )
+            else:
+                anchors, candidates = self._anchors_and_candidates(other, store, cand_ids, anchor_pos)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    loss, log_z = run_relation_loss_core(backend, query, anchors, candidates, *z_state, mask, **options)
             losses.append(loss)
             new_log_z.append(log_z)
 
@@ -296,16 +342,50 @@ class CRCDLoss(nn.Module):
     def _candidate_ids(
         self, batch: int, index: Optional[torch.Tensor], anchor_pos: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Identity of every candidate ``[B, K+1]`` and anchor ``[A]``: dataset indices for the
-        bank, batch positions otherwise (queue rows are ``-1``, never an anchor's own sample)."""
+        """Identity of every candidate ``[B, K+1]`` and anchor ``[A]``: bank slots (the row once
+        written, else the batch sample that stands in for it, see ``MemoryBank.slots``), batch
+        positions otherwise (queue rows are ``-1``, never an anchor's own sample)."""
         if self.negatives == "bank":
-            negatives = torch.randint(self.noise_size, (batch, self.num_negatives), device=device)
-            return torch.cat([index[:, None], negatives], dim=1), index[anchor_pos]
+            # Both memories are written together, so the teacher bank's slots address both.
+            positives = self.memory_teacher.slots(index)  # [B]
+            negatives = self.memory_teacher.sample(index, (batch, self.num_negatives))  # [B, K]
+            return torch.cat([positives[:, None], negatives], dim=1), positives[anchor_pos]
         if self.negatives == "batch":
             return in_batch_candidate_index(batch, device), anchor_pos
         num_negatives = self.num_negatives
         positives = torch.arange(batch, device=device)[:, None]
         return torch.cat([positives, positives.new_full((batch, num_negatives), -1)], dim=1), anchor_pos
+
+    def _shared_masks(
+        self, batch: int, anchor_pos: torch.Tensor, device: torch.device
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``self_anchor="mask"`` for shared candidates: ``(mask [A, M], positive_mask [B, A])``.
+
+        In-batch, candidate ``m`` is sample ``m`` (sample ``b``'s positive is candidate ``b``), so
+        the entries whose candidate is anchor ``j``'s own sample are one ``[A, B]`` mask for the
+        whole batch. Queue rows are never an anchor's sample; only the positive can be.
+        """
+        samples = torch.arange(batch, device=device)
+        if self.negatives == "batch":
+            return anchor_pos[:, None] == samples[None, :], None
+        return None, samples[:, None] == anchor_pos[None, :]
+
+    def _shared_candidates(
+        self, other: torch.Tensor, store: Optional[nn.Module], anchor_pos: torch.Tensor
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """Anchors ``[A, d]`` (None when not anchored), shared candidates ``[M, d]`` and separate
+        positives ``[B, d]`` of one side: in-batch, the candidates are the batch itself
+        (positives None); with the queue, the ``K`` queue rows, and the positives the batch."""
+        anchors = other[anchor_pos] if self.anchored else None
+        if self.negatives == "batch":
+            return anchors, other, None
+        queue = store.weight
+        num_negatives = queue.shape[0] if self.num_negatives is None else self.num_negatives
+        if num_negatives != queue.shape[0]:  # the same draw as the per-sample path makes
+            return anchors, queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)], other
+        # A copy: the queue is updated in place after this forward, before backward reads it (the
+        # CRD scores save it, and chunk_size recomputes from it).
+        return anchors, queue.clone(), other
 
     def _anchors_and_candidates(
         self,
@@ -316,9 +396,15 @@ class CRCDLoss(nn.Module):
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Anchors ``[A, d]`` (None when not anchored) and candidates ``[B, K+1, d]`` of one side."""
         if self.negatives == "bank":
-            # Anchors are the positives' rows: one fetch (a collective for a sharded bank) serves both.
-            candidates = store.gather(cand_ids)
-            anchors = candidates[anchor_pos, 0]
+            if self.teacher_head_grad and store is self.memory_teacher:
+                # The batch's own teacher rows are its current embeddings, which carry the gradient.
+                anchors = other[anchor_pos]
+                negatives = store.read(cand_ids[:, 1:], other.detach())
+                candidates = torch.cat([other[:, None, :], negatives.to(other.dtype)], dim=1)
+            else:
+                # Anchors are the positives' rows: one fetch (a collective for a sharded bank) serves both.
+                candidates = store.read(cand_ids, other)
+                anchors = candidates[anchor_pos, 0]
         elif self.negatives == "batch":
             anchors, candidates = other[anchor_pos], other[cand_ids]
         else:
@@ -340,27 +426,81 @@ class CRCDLoss(nn.Module):
         finite: torch.Tensor,
         new_log_z: list,
     ) -> None:
-        # Under DDP every rank applies every rank's rows, so the state stays identical everywhere.
-        if self.negatives == "bank":
-            student_emb, teacher_emb, index, finite = gather_rows(student_emb, teacher_emb, index, finite)
-            self.memory_student.update(index, student_emb, finite)
-            self.memory_teacher.update(index, teacher_emb, finite)
-        elif self.negatives == "queue":
-            student_emb, teacher_emb, finite = gather_rows(student_emb, teacher_emb, finite)
-            self.memory_student.enqueue(student_emb, finite)
-            self.memory_teacher.enqueue(teacher_emb, finite)
+        self._write_memory(student_emb, teacher_emb, index, finite, first_write=False)
         if self.objective == "nce":
             sides = len(new_log_z)
             self.log_z[:sides].copy_(average(torch.stack(new_log_z)))
             self.z_ready[:sides] |= torch.isfinite(self.log_z[:sides])
 
+    @torch.no_grad()
+    def _write_memory(
+        self,
+        student_emb: torch.Tensor,
+        teacher_emb: torch.Tensor,
+        index: Optional[torch.Tensor],
+        finite: torch.Tensor,
+        first_write: bool,
+    ) -> None:
+        # Under DDP every rank applies every rank's rows, so the state stays identical everywhere.
+        if self.negatives == "bank":
+            student_emb, teacher_emb, index, finite = gather_rows(student_emb, teacher_emb, index, finite)
+            for bank, rows in ((self.memory_student, student_emb), (self.memory_teacher, teacher_emb)):
+                (bank.write if first_write else bank.update)(index, rows, finite)
+        elif self.negatives == "queue":
+            student_emb, teacher_emb, finite = gather_rows(student_emb, teacher_emb, finite)
+            self.memory_student.enqueue(student_emb, finite)
+            self.memory_teacher.enqueue(teacher_emb, finite)
+
+    @torch.no_grad()
+    def fill_memory(
+        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, index: Optional[torch.Tensor] = None
+    ) -> None:
+        """Write one batch's embeddings into the memory, as first writes, without a loss.
+
+        A warm-up pass over the training set before training (see ``CRCDDistiller.fill_memory``)
+        gives every bank row a real embedding, so negatives are drawn from the whole set from the
+        first step; it also works with ``memory_init="cold"``. Bank rows are overwritten with the
+        embedding itself and marked written; a queue enqueues the rows. Runs in either mode, never
+        touches the NCE constant, and under DDP writes the rows of all ranks.
+
+        Args:
+            student_feat: ``[B, Ds]`` student features.
+            teacher_feat: ``[B, Dt]`` teacher features.
+            index: ``[B]`` dataset indices; required for ``negatives="bank"``.
+
+        Raises:
+            ValueError: With ``negatives="batch"`` (no memory), or on the input errors of ``forward``.
+
+        Example:
+            >>> crcd = CRCDLoss(64, 256, negatives="bank", num_samples=1000, num_negatives=50)
+            >>> crcd.fill_memory(torch.randn(8, 64), torch.randn(8, 256), index=torch.arange(8))
+            >>> crcd.memory_teacher.seen[:10].tolist()
+            [True, True, True, True, True, True, True, True, False, False]
+        """
+        if self.negatives == "batch":
+            raise ValueError('negatives="batch" keeps no memory to fill; use "bank" or "queue"')
+        index = self._check_inputs(student_feat, teacher_feat, index, relations=False)
+        dtype = self.log_z.dtype
+        with torch.autocast(device_type=self.log_z.device.type, enabled=False):
+            student_emb = self.embed_student(student_feat.to(dtype))
+            teacher_emb = self.embed_teacher(teacher_feat.to(dtype))
+        finite = torch.isfinite(student_emb).all(-1) & torch.isfinite(teacher_emb).all(-1)
+        self._check_values(finite, index)
+        self._write_memory(student_emb, teacher_emb, index, finite, first_write=True)
+
     # ------------------------------------------------------------------ checks
     def _check_inputs(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, index: Optional[torch.Tensor]
+        self,
+        student_feat: torch.Tensor,
+        teacher_feat: torch.Tensor,
+        index: Optional[torch.Tensor],
+        relations: bool = True,
     ) -> Optional[torch.Tensor]:
-        """Shape, dtype and device checks that need no device sync. Returns ``index`` as int64."""
+        """Shape, dtype and device checks that need no device sync (``relations=False``: a batch
+        of one is fine, for ``fill_memory``). Returns ``index`` as int64."""
         device = self.log_z.device
-        for name, value, dim in (("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim)):
+        features = (("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim))
+        for name, value, dim in features:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
             if not value.is_floating_point():
@@ -374,7 +514,7 @@ class CRCDLoss(nn.Module):
             raise ValueError(
                 f"student_feat and teacher_feat must have the same batch size, got {batch} and {teacher_feat.shape[0]}"
             )
-        if batch < 2 and (self.anchored or self.negatives == "batch"):
+        if relations and batch < 2 and (self.anchored or self.negatives == "batch"):
             raise ValueError(f"relations need at least two samples per batch, got a batch of {batch}")
         if self.negatives == "queue" and batch * world_size() > self.memory_teacher.size:
             raise ValueError(
@@ -420,6 +560,7 @@ class CRCDLoss(nn.Module):
         return (
             f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, embed_dim={self.embed_dim}, "
             f"negatives={self.negatives!r}, num_negatives={self.num_negatives}, objective={self.objective!r}, "
-            f"temperature={self.temperature}, anchored={self.anchored}, self_anchor={self.self_anchor!r}"
+            f"temperature={self.temperature}, anchored={self.anchored}, self_anchor={self.self_anchor!r}, "
+            f"memory_init={self.memory_init!r}, teacher_head_grad={self.teacher_head_grad}"
         )
 

@@ -1,74 +1,248 @@
 """Where anchors and negatives come from: a memory bank (one row per training sample) or a FIFO queue.
 
 All state lives in buffers, so it follows ``.to()`` and round-trips through ``state_dict``; updates
-are in-place, index-based and never read a value back to the host.
+are in-place, index-based and never wait for a value from the device.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Any, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crcd_plugin._checks import check_positive_int
+from crcd_plugin._checks import check_choice, check_positive_int
+
+_logger = logging.getLogger(__name__)
 
 
 def _random_unit_rows(rows: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim), dim=-1)
 
 
+MEMORY_INITS = ("first_write", "cold")
+# Uniform integers are drawn from [0, 2**62) and reduced modulo the number of rows: the bias is
+# below rows / 2**62, and the draw is the same whether the range is known on the host (every row
+# written) or only on the device (some rows never written), so results never depend on which
+# branch ran (see MemoryBank.sample).
+_DRAW_RANGE = 2**62
+
+
+def last_occurrence(index: torch.Tensor) -> torch.Tensor:
+    """Position of the last occurrence of each entry's value: ``[B]`` -> ``[B]`` (no host sync).
+
+    Example:
+        >>> last_occurrence(torch.tensor([7, 2, 7]))
+        tensor([2, 1, 2])
+    """
+    positions = torch.arange(index.shape[0], device=index.device)
+    return torch.where(index[:, None] == index[None, :], positions, -1).amax(1)
+
+
 class MemoryBank(nn.Module):
     """Momentum memory of embeddings, one unit-norm row per training sample.
 
-    ``update`` sets ``M[i] <- normalize(m * M[i] + (1 - m) * v_i)`` for the batch's dataset
-    indices. Rows start as random unit vectors.
+    A row's first write stores the embedding itself, ``M[i] <- normalize(v_i)``; later writes blend,
+    ``M[i] <- normalize(m * M[i] + (1 - m) * v_i)``. The ``seen`` buffer marks the rows written so
+    far, and a never-written row is never used as a sample: readers address rows through *slots*
+    (:meth:`slots`, :meth:`sample`, :meth:`read`), where a batch row not yet written reads the
+    batch's current embedding instead of its random initial content, and negatives are drawn
+    uniformly among written rows (plus the batch's own unwritten rows, read the same way).
+
+    ``init="cold"`` is the reference (CRD/CRCD code): every row counts as written from the start,
+    so random rows act as samples and the first write blends 50/50 with noise. That needs many
+    writes per row to wash out; in short runs it throws the relational gain away (see
+    ``docs/method.md``).
+
+    ``weight`` and ``seen`` are buffers: they follow ``.to()`` and round-trip through
+    ``state_dict``. A state dict saved before ``seen`` existed loads with every row treated as
+    written (those banks were cold, so that is how their rows were used). A cold bank keeps every
+    row marked written, also after loading a checkpoint of a ``"first_write"`` bank.
 
     Args:
         num_samples: Number of rows ``N`` (the training-set size).
         dim: Embedding size ``d``.
         momentum: Weight ``m`` of the old row in the update (reference: 0.5).
+        init: ``"first_write"`` (rows are right from their first write) or ``"cold"`` (random rows
+            count as samples, the reference).
 
     Example:
         >>> bank = MemoryBank(100, 8)
-        >>> bank.update(torch.tensor([3, 7]), torch.randn(2, 8))
-        >>> bank.gather(torch.tensor([[3, 7]])).shape
-        torch.Size([1, 2, 8])
+        >>> index, values = torch.tensor([3, 7]), F.normalize(torch.randn(2, 8), dim=1)
+        >>> bank.update(index, values)
+        >>> torch.allclose(bank.gather(index), values), bank.seen[[3, 7, 5]].tolist()
+        (True, [True, True, False])
     """
 
-    def __init__(self, num_samples: int, dim: int, momentum: float = 0.5) -> None:
+    weight: torch.Tensor
+    seen: torch.Tensor
+
+    def __init__(
+        self, num_samples: int, dim: int, momentum: float = 0.5, init: Literal["first_write", "cold"] = "first_write"
+    ) -> None:
         super().__init__()
         check_positive_int("num_samples", num_samples)
+        check_choice("init", init, MEMORY_INITS)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
+        self.init = init
+        # Random rows in both modes: the same random-number stream either way, and never read as a
+        # sample in "first_write" mode.
         self.register_buffer("weight", _random_unit_rows(num_samples, dim))
+        self.register_buffer("seen", torch.full((num_samples,), init == "cold"))
+        # Host-side knowledge that every row is written, which turns slots into plain row indices.
+        # It is learnt without a host sync (see _check_all_seen) and only ever makes reads cheaper:
+        # results are the same with it on or off.
+        self._all_seen = init == "cold"
+        self._rows_since_check = 0
+        self._pending_check: Optional[Tuple[torch.Tensor, Any]] = None
 
     @property
     def num_samples(self) -> int:
         return self.weight.shape[0]
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows for ``index`` of any shape: ``[*]`` -> ``[*, d]``."""
+        """Stored rows for ``index`` of any shape, ``[*]`` -> ``[*, d]``, written or not."""
         return self.weight[index]
 
+    # ------------------------------------------------------------------ reading through slots
+    def slots(self, index: torch.Tensor) -> torch.Tensor:
+        """Slot of each batch sample: its row ``index[b]`` once written, else ``N + p`` with ``p``
+        the position of the last occurrence of ``index[b]`` in the batch (whose current embedding
+        :meth:`read` then returns). Equal slots mean the same sample.
+
+        Shape:
+            index ``[B]`` -> ``[B]``.
+        """
+        if self._all_seen:
+            return index
+        return torch.where(self.seen[index], index, self.num_samples + last_occurrence(index))
+
+    def sample(self, index: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        """Slots of negatives drawn uniformly, with replacement, among the written rows and the
+        batch's unwritten samples (each once, however often it repeats in the batch).
+
+        No host sync: while some row is unwritten, the ``u``-th drawable slot is looked up in the
+        drawable slots listed in order (a stable sort of the flags, on the device). Once every row
+        is written that is the same draw reduced to ``[0, N)``, so the negatives are identical
+        whichever path runs. A cold bank draws ``torch.randint(N)``, as the reference does.
+
+        Shape:
+            index ``[B]``, ``shape`` e.g. ``(B, K)`` -> slots of ``shape``.
+        """
+        if self.init == "cold":  # the reference's draw, the same random stream as before the flags
+            return torch.randint(self.num_samples, shape, device=self.weight.device)
+        draws = torch.randint(_DRAW_RANGE, shape, device=self.weight.device)
+        if self._all_seen:
+            return draws % self.num_samples
+        unwritten = ~self.seen[index] & (last_occurrence(index) == torch.arange(index.shape[0], device=index.device))
+        drawable = torch.cat([self.seen, unwritten])  # [N + B]; at least one True, as B >= 1
+        # A stable sort lists the drawable slots first, in slot order: faster than a CDF search.
+        order = torch.argsort(drawable.logical_not().to(torch.uint8), stable=True)
+        return order[draws % drawable.sum()]
+
+    def read(self, slots: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """Rows for ``slots`` (from :meth:`slots` / :meth:`sample` with the same bank state):
+        stored rows, or ``current[p]`` for slot ``N + p``.
+
+        Shape:
+            slots ``[*]``, current ``[B, d]`` (this step's embeddings) -> ``[*, d]``.
+        """
+        if self._all_seen:
+            return self.weight[slots]
+        current = current.to(self.weight.dtype)
+        if self.num_samples <= 2 * slots.numel():
+            # Copying the bank once costs less than two gathers and a where over the rows read.
+            return torch.cat([self.weight, current])[slots]
+        stored = slots < self.num_samples
+        rows = self.weight[slots.clamp(max=self.num_samples - 1)]
+        fresh = current[(slots - self.num_samples).clamp(min=0)]
+        return torch.where(stored[..., None], rows, fresh)
+
+    # ------------------------------------------------------------------ writing
     @torch.no_grad()
     def update(self, index: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
-        """Momentum update of rows ``index [B]`` with ``values [B, d]``; rows where ``valid [B]`` is
-        False keep their old content (used to keep non-finite features out of the memory).
+        """Write rows ``index [B]`` with ``values [B, d]``: a row's first write stores the value
+        (normalised), later ones the momentum blend. Rows where ``valid [B]`` is False keep their
+        old content and flag (used to keep non-finite features out of the memory).
 
         With repeated indices (a sample twice in a batch, or on two ranks), the last occurrence wins.
         Every duplicate writes that same row, so the result does not depend on the order in which
         the device applies the writes, and ranks stay identical.
         """
-        positions = torch.arange(index.shape[0], device=index.device)
-        last = torch.where(index[:, None] == index[None, :], positions, -1).amax(1)  # [B]
+        self._write(index, values, valid, blend=True)
+
+    @torch.no_grad()
+    def write(self, index: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Like :meth:`update`, but every row is written as a first write (the value itself): for a
+        warm-up pass that fills the memory before training."""
+        self._write(index, values, valid, blend=False)
+
+    def _write(self, index: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor], blend: bool) -> None:
+        last = last_occurrence(index)
         old = self.weight[index]
-        new = F.normalize(self.momentum * old + (1.0 - self.momentum) * values.to(old.dtype), dim=-1)[last]
+        values = values.to(old.dtype)
+        new = F.normalize(values, dim=-1)
+        seen = self.seen[index]
+        if blend:
+            blended = F.normalize(self.momentum * old + (1.0 - self.momentum) * values, dim=-1)
+            new = torch.where(seen[:, None], blended, new)
+        new = new[last]
+        written = torch.ones_like(seen) if valid is None else valid[last]
         if valid is not None:
-            new = torch.where(valid[last][:, None], new, old)
+            new = torch.where(written[:, None], new, old)
         self.weight.index_copy_(0, index, new)
+        self.seen.index_copy_(0, index, seen | written)
+        self._rows_since_check += index.shape[0]
+        self._check_all_seen()
+
+    def _check_all_seen(self) -> None:
+        """Learn on the host, without a sync, that every row is written.
+
+        At most once per ``N`` rows written, ``seen.all()`` is read: directly on CPU; on an
+        accelerator it is copied to the host asynchronously and read on a later write, once the
+        copy has landed. Until then reads take the slot path, which gives the same results.
+        """
+        if self._all_seen:
+            return
+        if self._pending_check is not None:
+            flag, event = self._pending_check
+            if not event.query():
+                return
+            self._pending_check = None
+            self._all_seen = bool(flag)
+        if self._rows_since_check < self.num_samples:
+            return
+        self._rows_since_check = 0
+        flag = self.seen.all()
+        if flag.device.type == "cpu":
+            self._all_seen = bool(flag)  # no device to wait for
+            return
+        try:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.Event(device=flag.device)
+            event.record()
+        except (RuntimeError, TypeError):  # a device without pinned memory or events: keep the slot path
+            return
+        self._pending_check = (host, event)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "seen"
+        if key not in state_dict and prefix + "weight" in state_dict:
+            # A checkpoint from before the seen flags: its bank was cold, every row was in use.
+            _logger.info("%s: state dict without seen flags, treating every memory row as written", key)
+            state_dict[key] = torch.ones_like(self.seen)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.init == "cold":
+            self.seen.fill_(True)  # cold means every row is a sample, whatever the checkpoint says
+        # One sync when a checkpoint is loaded, not per step.
+        self._all_seen = bool(self.seen.all())
+        self._rows_since_check = 0
+        self._pending_check = None
 
 
 class FeatureQueue(nn.Module):

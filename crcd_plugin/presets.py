@@ -21,8 +21,10 @@ DEFAULT_MAX_ANCHORS = 500
 _LOSS_PRESETS: Dict[str, Dict[str, Any]] = {
     # At most 500 anchors: in-batch negatives have K + 1 = B candidates, so B * A * B scores stay
     # within the reference's B * B * 501 for any batch size (no effect at B <= 500).
-    "default": {"num_anchors": DEFAULT_MAX_ANCHORS},
-    "reference": {"num_anchors": None},
+    # The reference's bank starts from random rows that act as samples until momentum washes them
+    # out; the default makes each row right from its first write (see CRCDLoss, memory_init).
+    "default": {"num_anchors": DEFAULT_MAX_ANCHORS, "memory_init": "first_write"},
+    "reference": {"num_anchors": None, "memory_init": "cold"},
 }
 
 _DISTILLER_PRESETS: Dict[str, Dict[str, Any]] = {

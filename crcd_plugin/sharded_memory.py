@@ -7,7 +7,7 @@ of ``W`` ranks holds ``1/W`` of the rows and fetches the rows it reads from thei
 from __future__ import annotations
 
 import math
-from typing import Optional, cast
+from typing import Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -67,7 +67,8 @@ class ShardedMemoryBank(nn.Module):
                 f"num_samples={num_samples} leaves rank {self.rank} of {self.world_size} without rows; "
                 "use the replicated bank for so small a dataset"
             )
-        self.shard = MemoryBank(self.stop - self.start, dim, momentum)
+        # The reference's cold rows: the first-write slots of MemoryBank need every rank's flags.
+        self.shard = MemoryBank(self.stop - self.start, dim, momentum, init="cold")
 
     @property
     def num_samples(self) -> int:
@@ -89,6 +90,16 @@ class ShardedMemoryBank(nn.Module):
         self._check_world()
         return fetch_rows(cast(torch.Tensor, self.shard.weight), index, self.rows_per_rank)
 
+    # The slot interface of MemoryBank, for a cold bank: slots are rows, draws uniform over all rows.
+    def slots(self, index: torch.Tensor) -> torch.Tensor:
+        return index
+
+    def sample(self, index: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(self.total_rows, shape, device=index.device)
+
+    def read(self, slots: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        return self.gather(slots)
+
     @torch.no_grad()
     def update(self, index: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
         """Momentum update of global rows ``index [B]`` with ``values [B, d]``, as ``MemoryBank.update``.
@@ -102,10 +113,24 @@ class ShardedMemoryBank(nn.Module):
             return
         self.shard.update(index[owned] - self.start, values[owned], None if valid is None else valid[owned])
 
+    @torch.no_grad()
+    def write(self, index: torch.Tensor, values: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Like :meth:`update`, every row written as a first write (``MemoryBank.write``; warm-up)."""
+        self._check_world()
+        owned = torch.nonzero((index >= self.start) & (index < self.stop)).squeeze(1)  # batch order
+        if owned.numel() == 0:
+            return
+        self.shard.write(index[owned] - self.start, values[owned], None if valid is None else valid[owned])
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         # A replicated bank's checkpoint (``weight`` with all N rows): keep this rank's slice.
+        seen = state_dict.pop(prefix + "seen", None)
+        if seen is not None and seen.shape == (self.total_rows,):
+            state_dict[prefix + "shard.seen"] = seen[self.start : self.stop]
+        elif seen is not None:
+            state_dict[prefix + "seen"] = seen
         full = state_dict.pop(prefix + "weight", None)
         if full is not None and full.dim() == 2 and full.shape[0] == self.total_rows:
             state_dict[prefix + "shard.weight"] = full[self.start : self.stop]

@@ -41,8 +41,9 @@ def _naive_bank_loss(crcd, student_feat, teacher_feat, index, seed):
 
 
 def test_bank_loss_and_gradients_match_naive_reference():
-    crcd = _bank_loss().double()
-    reference = _bank_loss().double()
+    # The cold bank is the reference's: its random rows are used as samples from the start.
+    crcd = _bank_loss(memory_init="cold").double()
+    reference = _bank_loss(memory_init="cold").double()
     student_feat, teacher_feat = _feats()
     index = torch.tensor([3, 17, 0, 39, 22, 8])
     s1 = student_feat.double().requires_grad_()
@@ -61,7 +62,7 @@ def test_bank_loss_and_gradients_match_naive_reference():
 
 
 def test_bank_loss_in_fp32_matches_naive_reference():
-    crcd, reference = _bank_loss(), _bank_loss().double()
+    crcd, reference = _bank_loss(memory_init="cold"), _bank_loss(memory_init="cold").double()
     student_feat, teacher_feat = _feats()
     index = torch.arange(B) * 5
     expected = _naive_bank_loss(reference, student_feat, teacher_feat, index, seed=1)
@@ -69,8 +70,8 @@ def test_bank_loss_in_fp32_matches_naive_reference():
     torch.testing.assert_close(crcd(student_feat, teacher_feat, index).double(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_memory_rows_get_momentum_update_in_training_only():
-    crcd = _bank_loss(momentum=0.5)
+def test_cold_memory_rows_get_the_reference_momentum_update_in_training_only():
+    crcd = _bank_loss(momentum=0.5, memory_init="cold")
     student_feat, teacher_feat = _feats()
     index = torch.tensor([1, 2, 3, 4, 5, 6])
     before = crcd.memory_student.weight.clone()
@@ -143,7 +144,7 @@ def test_state_travels_with_dtype_conversion():
 
 
 def test_anchor_free_setting_is_crd():
-    crcd = _bank_loss(anchored=False, symmetric=False)
+    crcd = _bank_loss(anchored=False, symmetric=False, memory_init="cold")
     student_feat, teacher_feat = _feats()
     index = torch.arange(B)
     memory = crcd.memory_teacher.weight.clone()  # before the update of this step
@@ -157,7 +158,8 @@ def test_anchor_free_setting_is_crd():
 
 
 def test_masking_self_anchors_drops_degenerate_entries():
-    keep, mask = _bank_loss(symmetric=False), _bank_loss(symmetric=False, self_anchor="mask")
+    keep = _bank_loss(symmetric=False, memory_init="cold")
+    mask = _bank_loss(symmetric=False, self_anchor="mask", memory_init="cold")
     student_feat, teacher_feat = _feats()
     index = torch.arange(B)
     memory = keep.memory_teacher.weight.clone().double()  # before the update of this step
@@ -312,7 +314,7 @@ def test_repeated_indices_in_a_batch_take_the_last_occurrence():
     from crcd_plugin import MemoryBank
 
     torch.manual_seed(0)
-    bank = MemoryBank(10, 4, momentum=0.5)
+    bank = MemoryBank(10, 4, momentum=0.5, init="cold")
     before = bank.weight.clone()
     values = torch.randn(3, 4)
     bank.update(torch.tensor([7, 2, 7]), values)

@@ -16,9 +16,11 @@ WORLD = 2
 
 def _make(negatives):
     torch.manual_seed(0)  # identical heads and memories on every rank, as DDP would broadcast
-    options = {"num_samples": N, "num_negatives": 5} if negatives == "bank" else {"queue_size": 16}
     # NCE explicitly: its constant Z is part of the state under test (a queue defaults to InfoNCE).
-    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives=negatives, objective="nce", **options)
+    if negatives.startswith("bank"):
+        init = "cold" if negatives == "bank-cold" else "first_write"
+        return CRCDLoss(DS, DT, embed_dim=EMBED, num_samples=N, num_negatives=5, memory_init=init, objective="nce")
+    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=16, objective="nce")
 
 
 def _rank_batch(rank):
@@ -33,13 +35,13 @@ def _worker(rank, init_file, out_dir, negatives):
         crcd = _make(negatives)
         student_feat, teacher_feat, index = _rank_batch(rank)
         torch.manual_seed(rank)  # ranks draw different negatives, as they would
-        crcd(student_feat, teacher_feat, index if negatives == "bank" else None).backward()
+        crcd(student_feat, teacher_feat, index if negatives.startswith("bank") else None).backward()
         torch.save(crcd.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("negatives", ["bank", "queue"])
+@pytest.mark.parametrize("negatives", ["bank", "bank-cold", "queue"])
 def test_state_is_identical_on_all_ranks_and_holds_every_ranks_rows(tmp_path, negatives):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), negatives), nprocs=WORLD, join=True)
     states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
@@ -49,10 +51,15 @@ def test_state_is_identical_on_all_ranks_and_holds_every_ranks_rows(tmp_path, ne
     reference = _make(negatives)
     batches = [_rank_batch(rank) for rank in range(WORLD)]
     student_rows = torch.cat([reference.embed_student(s) for s, _, _ in batches]).detach()
-    if negatives == "bank":
+    if negatives.startswith("bank"):
         index = torch.cat([i for _, _, i in batches])
-        old = reference.memory_student.weight[index]
-        expected = F.normalize(0.5 * old + 0.5 * student_rows, dim=1)
+        if negatives == "bank-cold":  # the reference: the first write blends with the random row
+            old = reference.memory_student.weight[index]
+            expected = F.normalize(0.5 * old + 0.5 * student_rows, dim=1)
+        else:  # the first write stores the embedding itself, and marks the rows of both ranks
+            expected = student_rows
+            assert states[0]["memory_student.seen"].sum() == WORLD * B
+            assert bool(states[0]["memory_student.seen"][index].all())
         torch.testing.assert_close(states[0]["memory_student.weight"][index], expected)
     else:
         torch.testing.assert_close(states[0]["memory_student.weight"][: WORLD * B], student_rows)

@@ -94,7 +94,9 @@ def scenario_uneven(rank, out):
 # Where one rank's step is exactly its share of the concatenated batch's: the anchors of the
 # anchored loss are the rank's own batch, and the gradient element is scaled by 1 / (rank's batch),
 # so both differ from one process's by design (docs/distributed.md).
-CONCATENATED = {"gradient_element": False, "anchored": False, "objective": "infonce"}
+# A cold bank: with first-write rows, a rank's rows not written yet stand in only for its own
+# batch's samples, so its draws differ from one process's over the whole batch (docs/distributed.md).
+CONCATENATED = {"gradient_element": False, "anchored": False, "objective": "infonce", "memory_init": "cold"}
 
 
 def scenario_concatenated(rank, out):
@@ -114,7 +116,8 @@ def scenario_concatenated(rank, out):
 
 def make_loss(shard_memory):
     torch.manual_seed(0)
-    return CRCDLoss(5, 7, embed_dim=8, num_samples=N, num_negatives=9, shard_memory=shard_memory)
+    # The sharded bank is cold (no first-write slots yet): compare it with a cold replicated bank.
+    return CRCDLoss(5, 7, embed_dim=8, num_samples=N, num_negatives=9, shard_memory=shard_memory, memory_init="cold")
 
 
 # Per step, each rank's batch size; the last step is uneven and its indices overlap across ranks.

@@ -19,7 +19,7 @@ def tiny_distiller():
 
 def test_sharded_bank_in_one_process_reads_and_writes_like_the_replicated_bank():
     torch.manual_seed(0)
-    replicated = MemoryBank(20, 4)
+    replicated = MemoryBank(20, 4, init="cold")  # the sharded bank is cold (no first-write slots yet)
     sharded = ShardedMemoryBank(20, 4)
     sharded.load_state_dict(replicated.state_dict())
     index, values = torch.tensor([3, 7, 3]), torch.randn(3, 4)

@@ -10,7 +10,6 @@ import logging
 import os
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 from naive import naive_infonce, naive_nce, naive_relations, naive_z
@@ -149,3 +148,88 @@ def test_triton_falls_back_to_eager_with_a_warning_where_it_cannot_run(caplog):
     expected = _run("eager", student, anchors, candidates, "infonce", mask=mask)
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[2], expected[2])
+
+
+def _shared_inputs(batch=6, num_anchors=4, num_queue=70, dim=24, seed=6):
+    """Anchors are the first rows of the batch (one 1e-3 from another); queue rows equal to and
+    1e-3 from anchors."""
+    g = torch.Generator().manual_seed(seed)
+    other = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    other[1] = F.normalize(other[0] + 1e-3 * torch.randn(dim, generator=g), dim=-1)
+    queue = F.normalize(torch.randn(num_queue, dim, generator=g), dim=-1)
+    queue[3] = other[2]
+    queue[5] = other[1] + 1e-3 * F.normalize(torch.randn(dim, generator=g), dim=-1)
+    student = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    return student, other[:num_anchors], queue, other
+
+
+def _run_shared(backend, student, anchors, candidates, positives, objective, log_z=0.0, z_ready=False):
+    from crcd_plugin.kernels import run_shared_relation_loss_core
+
+    query = student.detach().clone().requires_grad_()
+    loss, new_log_z = run_shared_relation_loss_core(
+        backend, query, anchors, candidates, positives, torch.tensor(log_z), torch.tensor(z_ready),
+        temperature=TAU, eps=1e-6, objective=objective, num_samples=N,
+    )
+    loss.backward()
+    return loss.detach(), new_log_z, query.grad
+
+
+def _naive_shared(student, anchors, candidates, positives, objective, log_z=None):
+    """The per-sample candidates the shared ones stand for, through the float64 naive loops."""
+    from crcd_plugin.memory import in_batch_candidate_index
+
+    if positives is None:
+        per_sample = candidates[in_batch_candidate_index(candidates.shape[0])]
+    else:
+        per_sample = torch.cat([positives[:, None], candidates[None].expand(len(positives), -1, -1)], dim=1)
+    return _naive(student, anchors, per_sample, objective, log_z)
+
+
+@pytest.mark.parametrize("objective", ["nce", "infonce"])
+@pytest.mark.parametrize("layout", ["batch", "queue"])
+def test_triton_shared_candidates_match_naive_values_and_gradients(objective, layout):
+    student, anchors, queue, other = _shared_inputs()
+    candidates, positives = (other, None) if layout == "batch" else (queue, other)
+    loss, _, grad = _run_shared("triton", student, anchors, candidates, positives, objective)
+    _assert_matches((loss, grad), _naive_shared(student, anchors, candidates, positives, objective))
+
+
+def test_triton_shared_nce_with_a_fixed_constant_matches_naive_and_keeps_it():
+    student, anchors, queue, other = _shared_inputs(seed=7)
+    loss, new_log_z, grad = _run_shared("triton", student, anchors, queue, other, "nce", log_z=2.0, z_ready=True)
+    assert new_log_z.item() == 2.0
+    _assert_matches((loss, grad), _naive_shared(student, anchors, queue, other, "nce", log_z=2.0))
+
+
+def test_triton_shared_nce_fixes_the_constant_like_eager():
+    student, anchors, queue, other = _shared_inputs(seed=8)
+    for candidates, positives in ((other, None), (queue, other)):
+        _, triton_log_z, _ = _run_shared("triton", student, anchors, candidates, positives, "nce")
+        _, eager_log_z, _ = _run_shared("eager", student, anchors, candidates, positives, "nce")
+        torch.testing.assert_close(triton_log_z, eager_log_z, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("negatives", ["batch", "queue"])
+def test_crcd_loss_with_shared_candidates_on_triton_trains_like_eager(negatives):
+    def make(backend):
+        torch.manual_seed(0)
+        queue = {"queue_size": 20} if negatives == "queue" else {}
+        return CRCDLoss(10, 14, embed_dim=16, negatives=negatives, num_anchors=4, backend=backend, **queue)
+
+    losses = {"triton": make("triton"), "eager": make("eager")}
+    for step in range(2):  # the first step fixes Z, the second uses it
+        g = torch.Generator().manual_seed(step)
+        student, teacher = torch.randn(6, 10, generator=g), torch.randn(6, 14, generator=g)
+        results = {}
+        for name, crcd in losses.items():
+            torch.manual_seed(step)  # same anchors
+            crcd.zero_grad()
+            loss = crcd(student, teacher)
+            loss.backward()
+            results[name] = (loss.detach(), [p.grad.clone() for p in crcd.parameters()])
+        torch.testing.assert_close(results["triton"][0], results["eager"][0], rtol=1e-5, atol=1e-5)
+        for got, expected in zip(results["triton"][1], results["eager"][1]):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for name, value in losses["eager"].state_dict().items():
+        torch.testing.assert_close(losses["triton"].state_dict()[name], value)

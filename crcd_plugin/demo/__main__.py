@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 if TYPE_CHECKING:
     from crcd_plugin.demo.data import DataConfig
@@ -25,6 +25,7 @@ def default_cache_dir() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The demo's argument parser (shared with ``--tune``)."""
+    from crcd_plugin.demo.models import TEACHER_ARCHS
     from crcd_plugin.demo.train import METHODS
 
     p = argparse.ArgumentParser(
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds; default 5, --quick 3")
     p.add_argument("--first-seed", type=int, default=0, help="seeds run from here (e.g. for a fresh replication)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: tuned value)")
+    p.add_argument(
+        "--teacher",
+        choices=TEACHER_ARCHS,
+        default=None,
+        help="teacher architecture (default: the one the tuning run chose; student settings stay tuned for it)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list out of {','.join(METHODS)}")
     p.add_argument("--out", type=Path, default=Path("crcd-demo-results"), help="output folder")
     p.add_argument("--quick", action="store_true", help="a short run (fewer epochs), under ~90 s")
@@ -71,7 +78,7 @@ def _configs(args: argparse.Namespace) -> tuple["DataConfig", "TrainConfig", tup
         )
     train = config.DEFAULT_TRAIN
     epochs = args.epochs if args.epochs is not None else (config.QUICK_EPOCHS if args.quick else train.epochs)
-    overrides = {"epochs": epochs}
+    overrides: dict[str, Any] = {"epochs": epochs}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.lr is not None:
@@ -108,7 +115,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     started = time.perf_counter()
-    data, teacher = prepare(data_cfg, config.DEFAULT_TEACHER, cache_dir, progress=progress)
+    teacher_cfg = config.DEFAULT_TEACHER
+    if args.teacher is not None:
+        teacher_cfg = dataclasses.replace(teacher_cfg, arch=args.teacher)
+    data, teacher = prepare(data_cfg, teacher_cfg, cache_dir, progress=progress)
     prepared = time.perf_counter() - started
     print(f"{data_cfg.name}: {len(data.y_train)} train / {len(data.y_test)} test, teacher test acc {teacher.acc:.4f} "
           f"({prepared:.1f} s for data + teacher)", flush=True)
@@ -121,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "paired_differences": summary["paired_differences"],
         "config": {
             "data": dataclasses.asdict(data_cfg),
-            "teacher": dataclasses.asdict(config.DEFAULT_TEACHER),
+            "teacher": dataclasses.asdict(teacher_cfg),
             "train": dataclasses.asdict(train),
             "student_arch": f"mlp {data.input_dim}-{'-'.join(map(str, train.hidden))}-{data.num_classes}",
             "methods": {m: dataclasses.asdict(config.DEFAULT_SETTINGS[m]) for m in methods},
@@ -142,7 +152,8 @@ def run_demo(args: argparse.Namespace) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``crcd-demo``."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
     torch.set_num_threads(max(1, args.threads))

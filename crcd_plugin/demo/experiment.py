@@ -23,7 +23,15 @@ from crcd_plugin.demo.train import (
 logger = logging.getLogger(__name__)
 
 # Paired comparisons reported next to the table: (method, baseline).
-PAIRS = (("ce", "kd"), ("crd", "kd"), ("crcd", "kd"), ("crcd_grad", "kd"), ("crcd", "crd"), ("crcd_grad", "crd"), ("crcd_grad", "crcd"))
+PAIRS = (
+    ("ce", "kd"),
+    ("crd", "kd"),
+    ("crcd", "kd"),
+    ("crcd_grad", "kd"),
+    ("crcd", "crd"),
+    ("crcd_grad", "crd"),
+    ("crcd_grad", "crcd"),
+)
 
 
 def prepare(
@@ -72,9 +80,9 @@ def run_methods(
             for method in methods:
                 bar.set_postfix_str(f"{method} seed {seed}")
 
-                def tick(epoch: int, acc: float) -> None:
+                def tick(epoch: int, acc: float, label: str = f"{method} seed {seed}") -> None:
                     bar.update(1)
-                    bar.set_postfix_str(f"{method} seed {seed} acc {acc:.3f}")
+                    bar.set_postfix_str(f"{label} acc {acc:.3f}")
 
                 run = train_student(method, data, teacher, train, settings[method], seed, on_epoch=tick)
                 results[method].append(run)

@@ -1,8 +1,11 @@
-"""The demo's teacher (a small 1-D CNN) and student (an MLP); both expose ``features`` and ``fc``."""
+"""The demo's teachers (small 1-D CNNs) and student (an MLP); all expose ``features`` and ``fc``.
+
+``TEACHER_ARCHS`` names the teachers that ``build_teacher`` makes and the tuning run chooses from.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -48,6 +51,74 @@ class TeacherCNN1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+class StridedCNN1d(nn.Module):
+    """Strided 1-D convolutions whose flattened output map is the penultimate feature, then a
+    linear head: no pooling and no hidden FC layer, so the feature keeps where along the signal
+    each pattern sits (the relation loss sees a 160-d feature on MNIST-1D's 40-long inputs).
+
+    Args:
+        input_dim: Input length ``L``.
+        num_classes: Number of classes.
+        channels: Channels of every convolution.
+        layers: Number of convolutions (kernel 5, stride 2, padding 2: each halves the length).
+
+    Shape:
+        input [B, L] -> logits [B, num_classes]; ``features`` gives [B, channels * ceil(L / 2**layers)].
+    """
+
+    def __init__(self, input_dim: int, num_classes: int = 10, channels: int = 32, layers: int = 3) -> None:
+        super().__init__()
+        convs: list[nn.Module] = []
+        width, length = 1, input_dim
+        for _ in range(layers):
+            convs += [nn.Conv1d(width, channels, 5, stride=2, padding=2), nn.ReLU()]
+            width, length = channels, (length + 1) // 2
+        self.body = nn.Sequential(*convs, nn.Flatten())
+        self.feat_dim = channels * length
+        self.fc = nn.Linear(self.feat_dim, num_classes)
+        self.arch = f"cnn1d({'-'.join([str(channels)] * layers)},k5,s2,flatten)-{self.feat_dim}-{num_classes}"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate feature, the input of ``fc``: the flattened last convolution map."""
+        return self.body(x.unsqueeze(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+Teacher = Union[StridedCNN1d, TeacherCNN1d]
+
+# Teachers the tuning run compares (by the validation accuracy of the students they teach).
+TEACHER_ARCHS = ("strided", "strided64", "maxpool")
+
+
+def build_teacher(arch: str, input_dim: int, num_classes: int, dataset: str = "mnist1d") -> Teacher:
+    """Make an untrained teacher by name.
+
+    Args:
+        arch: ``"strided"`` (``StridedCNN1d``, 32 channels, about 12k parameters), ``"strided64"``
+            (the same with 64 channels, 320-d feature) or ``"maxpool"`` (``TeacherCNN1d``, global max
+            pooling and a 128-d FC feature; on digits it pools to 8 positions, one per image row).
+        input_dim: Input length.
+        num_classes: Number of classes.
+        dataset: Dataset name (``"digits"`` changes the max-pool teacher's pooling).
+
+    Returns:
+        The teacher module, with ``features``, ``fc``, ``feat_dim`` and an ``arch`` string.
+
+    Raises:
+        ValueError: On an unknown ``arch``.
+    """
+    if arch == "strided":
+        return StridedCNN1d(input_dim, num_classes, channels=32)
+    if arch == "strided64":
+        return StridedCNN1d(input_dim, num_classes, channels=64)
+    if arch == "maxpool":
+        # Position matters in flattened 8x8 digits, so their teacher pools per image row, not globally.
+        return TeacherCNN1d(num_classes, pool_positions=8 if dataset == "digits" else 1)
+    raise ValueError(f"teacher arch must be one of {TEACHER_ARCHS}, got {arch!r}")
 
 
 class StudentMLP(nn.Module):

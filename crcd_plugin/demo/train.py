@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin.demo.data import DataConfig, Dataset
+from crcd_plugin.demo.models import StudentMLP, Teacher, build_teacher
 from crcd_plugin.functional import kd_loss
-from crcd_plugin.demo.models import StudentMLP, TeacherCNN1d
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +33,18 @@ METHODS = ("ce", "kd", "crd", "crcd", "crcd_grad")
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """Teacher training recipe (part of the teacher cache key).
+    """Teacher architecture and training recipe (part of the teacher cache key).
 
     Args:
+        arch: Teacher architecture, one of ``models.TEACHER_ARCHS``.
         epochs: Training epochs.
         batch_size: Mini-batch size.
         lr: Peak learning rate of the one-cycle schedule (AdamW).
         weight_decay: AdamW weight decay.
     """
 
-    epochs: int = 15
+    arch: str = "strided"
+    epochs: int = 30
     batch_size: int = 100
     lr: float = 1e-2
     weight_decay: float = 1e-4
@@ -72,6 +74,7 @@ class MethodSettings:
     """Loss settings of one method; which fields matter depends on the method.
 
     Args:
+        gamma: Weight of the cross-entropy term (every method but ``ce``, where it is 1).
         alpha: Weight of the KD term (``kd`` and every relational method).
         kd_temperature: KD softmax temperature.
         beta: Weight of the relation term on features (CRD or CRCD).
@@ -80,12 +83,20 @@ class MethodSettings:
             (the paper's ``w(t)`` schedule; 1.0 keeps them on throughout).
         temperature: Relation-loss temperature ``tau``.
         embed_dim: Embedding size ``d`` of the relation heads.
-        num_negatives: Negatives ``K`` per sample, drawn from the memory bank.
+        negatives: Where negatives come from: ``"bank"`` (one memory row per training sample),
+            ``"queue"`` (the last ``queue_size`` embeddings) or ``"batch"`` (the other samples).
+        num_negatives: Negatives ``K`` per sample: drawn from the bank, or a random subset of the
+            queue (``K >= queue_size`` takes the whole queue); ignored with ``"batch"``.
         num_anchors: Anchors ``A`` per batch (``None``: the whole batch; ignored by CRD).
         objective: ``"nce"`` or ``"infonce"``.
         momentum: Memory-bank momentum.
+        memory_init: Memory bank's start, ``"first_write"`` (rows right from their first write)
+            or ``"cold"`` (the reference: random rows, blended into by the first write).
+        symmetric: Add the teacher-side relation loss (``CRCDLoss(symmetric=...)``).
+        queue_size: Queue length for ``negatives="queue"``.
     """
 
+    gamma: float = 1.0
     alpha: float = 1.0
     kd_temperature: float = 4.0
     beta: float = 0.5
@@ -97,6 +108,10 @@ class MethodSettings:
     num_anchors: Optional[int] = 8
     objective: str = "infonce"
     momentum: float = 0.5
+    negatives: str = "bank"
+    memory_init: str = "first_write"
+    symmetric: bool = True
+    queue_size: int = 1024
 
 
 @dataclass
@@ -155,8 +170,8 @@ def train_teacher(
     cache_dir: Optional[Path] = None,
     progress: bool = True,
     tag: str = "",
-) -> tuple[TeacherCNN1d, float]:
-    """Train the 1-D CNN teacher, or load it from ``cache_dir`` (keyed by data config, recipe, seed).
+) -> tuple[Teacher, float]:
+    """Train the teacher ``cfg.arch``, or load it from ``cache_dir`` (keyed by data config, recipe, seed).
 
     Args:
         data: Dataset to train on (its train split) and score on (its test split).
@@ -170,10 +185,10 @@ def train_teacher(
     Returns:
         The teacher in eval mode and its accuracy on ``data``'s test split.
     """
-    # Position matters in flattened 8x8 digits, so their teacher pools per image row, not globally.
     torch.manual_seed(seed)
-    teacher = TeacherCNN1d(num_classes=data.num_classes, pool_positions=8 if data_cfg.name == "digits" else 1)
-    blob = json.dumps({"data": asdict(data_cfg), "recipe": asdict(cfg), "seed": seed, "arch": teacher.arch, "tag": tag}, sort_keys=True)
+    teacher = build_teacher(cfg.arch, data.input_dim, data.num_classes, data_cfg.name)
+    recipe = {"data": asdict(data_cfg), "recipe": asdict(cfg), "seed": seed, "arch": teacher.arch, "tag": tag}
+    blob = json.dumps(recipe, sort_keys=True)
     key = f"teacher-{data_cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
     if path is not None and path.exists():
@@ -205,7 +220,7 @@ def train_teacher(
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: TeacherCNN1d, data: Dataset, acc: float) -> TeacherOutputs:
+def teacher_outputs(teacher: Teacher, data: Dataset, acc: float) -> TeacherOutputs:
     """Precompute the frozen teacher's logits and penultimate features over the training set."""
     feats = teacher.features(data.x_train)
     return TeacherOutputs(
@@ -213,25 +228,32 @@ def teacher_outputs(teacher: TeacherCNN1d, data: Dataset, acc: float) -> Teacher
         features=feats,
         head_weight=teacher.fc.weight.detach().clone(),
         acc=acc,
-        arch=teacher.arch,
+        arch=str(teacher.arch),
     )
 
 
-def _relation_loss(student_dim: int, teacher_dim: int, num_samples: int, cfg: MethodSettings, anchored: bool) -> nn.Module:
+def _relation_loss(
+    student_dim: int, teacher_dim: int, num_samples: int, cfg: MethodSettings, anchored: bool
+) -> nn.Module:
     from crcd_plugin.loss import CRCDLoss
 
+    negatives: dict = {"negatives": cfg.negatives}
+    if cfg.negatives == "bank":
+        negatives.update(num_samples=num_samples, num_negatives=cfg.num_negatives, momentum=cfg.momentum)
+        negatives.update(memory_init=cfg.memory_init)
+    elif cfg.negatives == "queue":
+        subset = cfg.num_negatives if cfg.num_negatives < cfg.queue_size else None
+        negatives.update(queue_size=cfg.queue_size, num_negatives=subset)
     return CRCDLoss(
         student_dim,
         teacher_dim,
         embed_dim=cfg.embed_dim,
-        negatives="bank",
-        num_samples=num_samples,
-        num_negatives=cfg.num_negatives,
         num_anchors=cfg.num_anchors if anchored else None,
         temperature=cfg.temperature,
-        objective=cfg.objective,
-        momentum=cfg.momentum,
+        objective=cfg.objective,  # type: ignore[arg-type]  # checked by CRCDLoss
+        symmetric=cfg.symmetric,
         anchored=anchored,
+        **negatives,
     )
 
 
@@ -270,7 +292,7 @@ def train_student(
     order = torch.Generator().manual_seed(seed)
 
     relations: dict[str, nn.Module] = {}
-    if method in ("crd", "crcd", "crcd_grad"):
+    if teacher is not None and method in ("crd", "crcd", "crcd_grad"):
         torch.manual_seed(seed + 7919)
         n, dt = len(data.y_train), teacher.features.shape[1]
         relations["feature"] = _relation_loss(student.feat_dim, dt, n, settings, anchored=method != "crd")
@@ -298,8 +320,9 @@ def train_student(
             feat = student.features(x)
             logits = student.fc(feat)
             loss = F.cross_entropy(logits, y)
-            if method != "ce" and distill:
-                loss = loss + settings.alpha * kd_loss(logits, teacher.logits[idx], settings.kd_temperature)
+            if teacher is not None and method != "ce" and distill:
+                kd = kd_loss(logits, teacher.logits[idx], settings.kd_temperature)
+                loss = settings.gamma * loss + settings.alpha * kd
                 if "feature" in relations:
                     loss = loss + settings.beta * relations["feature"](feat, teacher.features[idx], index=idx)
                 if "gradient" in relations:

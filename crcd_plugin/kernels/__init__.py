@@ -4,7 +4,14 @@ The Triton kernel lives in ``crcd_plugin.kernels.triton_relation`` and is import
 ``backend="triton"`` runs, so that ``import crcd_plugin`` needs only torch.
 """
 
-from crcd_plugin.kernels.fused import BACKENDS, relation_loss_core, resolve_backend, run_relation_loss_core
+from crcd_plugin.kernels.fused import (
+    BACKENDS,
+    relation_loss_core,
+    resolve_backend,
+    run_relation_loss_core,
+    run_shared_relation_loss_core,
+    shared_relation_loss_core,
+)
 from crcd_plugin.kernels.relation import (
     RelationTerms,
     anchor_free_logits,
@@ -12,6 +19,7 @@ from crcd_plugin.kernels.relation import (
     naive_relation_logits,
     relation_terms,
 )
+from crcd_plugin.kernels.shared import shared_relation_logits
 
 __all__ = [
     "BACKENDS",
@@ -23,4 +31,7 @@ __all__ = [
     "relation_terms",
     "resolve_backend",
     "run_relation_loss_core",
+    "run_shared_relation_loss_core",
+    "shared_relation_logits",
+    "shared_relation_loss_core",
 ]

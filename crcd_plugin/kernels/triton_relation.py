@@ -17,9 +17,18 @@ import triton
 import triton.language as tl
 
 from crcd_plugin.kernels.objectives import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
-from crcd_plugin.kernels.relation import relation_terms
+from crcd_plugin.kernels.relation import (
+    RelationTerms,
+    anchor_tables,
+    candidate_terms,
+    per_sample_scores,
+    relation_terms,
+)
 
 MODE_NCE, MODE_INFONCE, MODE_STATS = 0, 1, 2
+# Where a row's positive sits among the candidates the kernel scores: nowhere (shared negatives,
+# positive scored apart), column 0 (per-sample candidates), column b (shared in-batch candidates).
+POSITIVE_NONE, POSITIVE_FIRST, POSITIVE_DIAGONAL = 0, 1, 2
 _MAX_DIM = 256  # one [BLOCK_K, D] residual tile per step; larger D would need a loop over D
 # The nearest-anchor search runs over chunks of candidates of at most this many [B, chunk, A]
 # entries (64 MiB in fp32), so that no tensor of the scores' size exists at any time.
@@ -27,16 +36,21 @@ SEARCH_ENTRIES = 2**24
 
 
 def unsupported_reason(
-    query: torch.Tensor, anchors: Optional[torch.Tensor], candidates: torch.Tensor, mask: Optional[torch.Tensor]
+    query: torch.Tensor,
+    anchors: Optional[torch.Tensor],
+    candidates: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    positives: Optional[torch.Tensor] = None,
 ) -> Optional[str]:
     """Why the Triton kernel cannot run these inputs, or ``None`` when it can."""
     if anchors is None:
         return "anchored=False (no anchors)"
     if mask is not None:
         return "masked scores (self_anchor='mask')"
-    if anchors.requires_grad or candidates.requires_grad:
+    others = (anchors, candidates) + (() if positives is None else (positives,))
+    if any(x.requires_grad for x in others):
         return "gradients for anchors or candidates (only the query may require grad)"
-    if any(x.dtype != torch.float32 for x in (query, anchors, candidates)):
+    if any(x.dtype != torch.float32 for x in (query,) + others):
         return "dtypes other than float32"
     if candidates.shape[-1] > _MAX_DIM:
         return f"embedding dims above {_MAX_DIM}"
@@ -64,25 +78,44 @@ def _tile_logits(
     b, j, jm, d, dm, k0, s, a,
     res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr,
     A, K1, D,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """Scores of candidates ``k0 .. k0+BLOCK_K`` against the program's anchors: ``[BLOCK_K, BLOCK_A]``."""
+    """Scores of candidates ``k0 .. k0+BLOCK_K`` against the program's anchors: ``[BLOCK_K, BLOCK_A]``.
+
+    ``SHARED``: every sample reads the same candidate tables (``[K1, ...]`` instead of ``[B, K1, ...]``).
+    """
     k = k0 + tl.arange(0, BLOCK_K)
     km = k < K1
-    r = tl.load(res_ptr + b * K1 * D + k[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    p = tl.load(near_ptr + b * K1 + k, mask=km, other=0)
+    if SHARED:
+        row = k
+    else:
+        row = b * K1 + k
+    r = tl.load(res_ptr + row[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    p = tl.load(near_ptr + row, mask=km, other=0)
     valid = km[:, None] & jm[None, :]
     # <c - a_j + eps, s_bj> / tau = <r, s_bj / tau> + <P[p, j], s_bj / tau>
     dot = tl.dot(r, tl.trans(s), input_precision="ieee")
     dot += tl.load(term_ptr + b * A * A + p[:, None] * A + j[None, :], mask=valid, other=0.0)
     # |c - a_j + eps|^2: from the Gram product for j != p, from r alone for j = p
-    far = tl.load(perc_ptr + b * K1 + k, mask=km, other=0.0)[:, None]
+    far = tl.load(perc_ptr + row, mask=km, other=0.0)[:, None]
     far += tl.load(dsq_ptr + p[:, None] * A + j[None, :], mask=valid, other=0.0)
     far -= 2.0 * tl.dot(r, tl.trans(a), input_precision="ieee")
-    near = tl.load(nsq_ptr + b * K1 + k, mask=km, other=1.0)[:, None]
+    near = tl.load(nsq_ptr + row, mask=km, other=1.0)[:, None]
     sq = tl.where(p[:, None] == j[None, :], near, far)
     rsq = 1.0 / tl.sqrt(tl.maximum(sq, 1e-24))
     return dot * rsq, rsq, r, p, k, valid
+
+
+@triton.jit
+def _is_positive(k, b, POSITIVE: tl.constexpr):
+    """``[BLOCK_K, 1]``: which of the tile's candidates ``k`` is row ``b``'s positive."""
+    if POSITIVE == 1:
+        hit = k == 0
+    elif POSITIVE == 2:
+        hit = k == b
+    else:
+        hit = k < 0
+    return hit[:, None]
 
 
 @triton.jit
@@ -100,8 +133,13 @@ def _rows_forward(
     out_ptr, lse_ptr,
     A, K1, D,
     MODE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, POSITIVE: tl.constexpr,
 ):
-    """Per row ``(b, j)``: NCE sum, or InfoNCE ``lse - positive``, or (stats) the scores' ``lse``."""
+    """Per row ``(b, j)``: NCE sum, or InfoNCE ``lse - positive``, or (stats) the scores' ``lse``.
+
+    Without a positive among the candidates (``POSITIVE == 0``) these are the negatives' NCE sum
+    and log-sum-exp, which the caller combines with the positive's score.
+    """
     b, j, jm, d, dm, s, a = _program_rows(srel_ptr, anc_ptr, A, D, BLOCK_A, BLOCK_D)
     shift = tl.load(shift_ptr)
     # The stats pass only matters before NCE's constant is fixed; afterwards it does no work.
@@ -112,9 +150,10 @@ def _rows_forward(
     run_sum = tl.zeros([BLOCK_A], dtype=tl.float32)
     for k0 in range(0, num_candidates, BLOCK_K):
         logits, rsq, r, p, k, valid = _tile_logits(
-            b, j, jm, d, dm, k0, s, a, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr, A, K1, D, BLOCK_K
+            b, j, jm, d, dm, k0, s, a, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr, A, K1, D, BLOCK_K,
+            SHARED,
         )
-        is_positive = (k == 0)[:, None]
+        is_positive = _is_positive(k, b, POSITIVE)
         if MODE == 0:
             x = logits - shift
             acc += tl.sum(tl.where(valid, _softplus(tl.where(is_positive, -x, x)), 0.0), 0)
@@ -139,7 +178,7 @@ def _rows_backward(
     gsrel_ptr, gterm_ptr,
     A, K1, D,
     MODE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, SHARED: tl.constexpr, POSITIVE: tl.constexpr,
 ):
     """Gradients of the row values for ``student_rel [B, A, D]`` and ``anchor_term [B, A, A]``.
 
@@ -156,9 +195,10 @@ def _rows_backward(
     grad_t = tl.zeros([BLOCK_P, BLOCK_A], dtype=tl.float32)
     for k0 in range(0, K1, BLOCK_K):
         logits, rsq, r, p, k, valid = _tile_logits(
-            b, j, jm, d, dm, k0, s, a, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr, A, K1, D, BLOCK_K
+            b, j, jm, d, dm, k0, s, a, res_ptr, near_ptr, perc_ptr, nsq_ptr, dsq_ptr, term_ptr, A, K1, D, BLOCK_K,
+            SHARED,
         )
-        is_positive = (k == 0)[:, None]
+        is_positive = _is_positive(k, b, POSITIVE)
         if MODE == 0:
             # d softplus(-x) / dx = -sigmoid(-x); d softplus(x) / dx = sigmoid(x)
             x = logits - shift
@@ -194,15 +234,22 @@ def _blocks_and_grid(student_rel: torch.Tensor) -> tuple[dict, tuple[int, int]]:
 
 
 def _launch_rows(
-    mode: int, tables: tuple, shift: torch.Tensor, skip: torch.Tensor
+    mode: int, tables: tuple, shift: torch.Tensor, skip: torch.Tensor, layout: tuple[bool, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the forward kernel; returns per-row values and log-sum-exps, both ``[B, A]``."""
+    """Runs the forward kernel; returns per-row values and log-sum-exps, both ``[B, A]``.
+
+    ``layout`` is ``(shared, positive)``: shared candidate tables or not, and a ``POSITIVE_*`` rule.
+    """
     student_rel, residual = tables[0], tables[3]
     batch, num_anchors, dim = student_rel.shape
     rows = student_rel.new_empty(batch, num_anchors)
     lse = student_rel.new_empty(batch, num_anchors)
     blocks, grid = _blocks_and_grid(student_rel)
-    _rows_forward[grid](*tables, shift, skip, rows, lse, num_anchors, residual.shape[1], dim, MODE=mode, **blocks)
+    shared, positive = layout
+    _rows_forward[grid](
+        *tables, shift, skip, rows, lse, num_anchors, residual.shape[-2], dim,
+        MODE=mode, SHARED=shared, POSITIVE=positive, **blocks,
+    )
     return rows, lse
 
 
@@ -211,12 +258,13 @@ class _RelationRows(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq, shift, mode
+        ctx, student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq, shift, mode, layout
     ):
         tables = (student_rel, anchor_term, anchors, residual, nearest, per_candidate, near_sq, diff_sq)
-        rows, lse = _launch_rows(mode, tables, shift, torch.zeros((), dtype=torch.int32, device=shift.device))
+        skip = torch.zeros((), dtype=torch.int32, device=shift.device)
+        rows, lse = _launch_rows(mode, tables, shift, skip, layout)
         ctx.save_for_backward(*tables, shift, lse)
-        ctx.mode = mode
+        ctx.mode, ctx.layout = mode, layout
         return rows
 
     @staticmethod
@@ -227,12 +275,13 @@ class _RelationRows(torch.autograd.Function):
         grad_srel = torch.empty_like(student_rel)
         grad_term = torch.empty_like(anchor_term)
         blocks, grid = _blocks_and_grid(student_rel)
+        shared, positive = ctx.layout
         _rows_backward[grid](
             *tables, shift, lse, grad_rows.contiguous(), grad_srel, grad_term,
-            num_anchors, tables[3].shape[1], dim,
-            MODE=ctx.mode, BLOCK_P=_one_hot_width(num_anchors), **blocks,
+            num_anchors, tables[3].shape[-2], dim,
+            MODE=ctx.mode, BLOCK_P=_one_hot_width(num_anchors), SHARED=shared, POSITIVE=positive, **blocks,
         )
-        return grad_srel, grad_term, *([None] * 8)
+        return grad_srel, grad_term, *([None] * 9)
 
 
 def triton_relation_loss_core(
@@ -256,22 +305,80 @@ def triton_relation_loss_core(
     """
     search_chunk = max(1, SEARCH_ENTRIES // (query.shape[0] * anchors.shape[0]))
     terms = relation_terms(query, anchors, candidates.contiguous(), temperature, eps, search_chunk)
+    return _rows_loss(terms, anchors, None, log_z, z_ready, objective, num_samples, (False, POSITIVE_FIRST))
+
+
+def triton_shared_relation_loss_core(
+    query: torch.Tensor,
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    positives: Optional[torch.Tensor],
+    log_z: torch.Tensor,
+    z_ready: torch.Tensor,
+    temperature: float,
+    eps: float,
+    objective: str,
+    num_samples: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-candidate loss core of one side on Triton; contract of ``shared_relation_loss_core``
+    (without masks).
+
+    The kernel is the per-sample one reading a single ``[M, ...]`` set of candidate tables for
+    every sample. In-batch (``positives=None``), sample ``b``'s positive is candidate ``b``; with
+    ``positives``, the kernel reduces the ``M`` negatives and the ``[B, A]`` positive scores are
+    made apart (eager, a ``[B, 1, D]`` candidate per sample) and combined with its rows.
+
+    Shape:
+        query ``[B, D]``, anchors ``[A, D]``, candidates ``[M, D]``, positives ``[B, D]`` or None
+        -> two scalars.
+    """
+    tables = anchor_tables(query, anchors, temperature, eps)
+    search_chunk = max(1, SEARCH_ENTRIES // anchors.shape[0])
+    shared = candidate_terms(anchors, candidates.contiguous(), eps, search_chunk)
+    terms = RelationTerms(**tables._asdict(), **shared._asdict())
+    positive = None
+    if positives is not None:
+        positive = per_sample_scores(tables, candidate_terms(anchors, positives[:, None], eps), anchors)[..., 0]
+    layout = (True, POSITIVE_DIAGONAL if positives is None else POSITIVE_NONE)
+    return _rows_loss(terms, anchors, positive, log_z, z_ready, objective, num_samples, layout)
+
+
+def _rows_loss(
+    terms: RelationTerms,
+    anchors: torch.Tensor,
+    positive: Optional[torch.Tensor],
+    log_z: torch.Tensor,
+    z_ready: torch.Tensor,
+    objective: str,
+    num_samples: int,
+    layout: tuple[bool, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss from the kernel's row values, and ``positive [B, A]`` where it is scored apart."""
     constants = tuple(
         x.detach().contiguous()
         for x in (anchors, terms.residual, terms.nearest, terms.per_candidate, terms.near_sq, terms.anchor_diff_sq)
     )
     differentiable = (terms.student_rel.contiguous(), terms.anchor_term.contiguous())
-    num_candidates = candidates.shape[1]
+    num_candidates = terms.residual.shape[-2]
     if objective == "infonce":
         shift = log_z.detach().float().contiguous()  # unused by InfoNCE
-        rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_INFONCE)
+        rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_INFONCE, layout)
+        if positive is not None:  # rows are the negatives' log-sum-exps
+            rows = torch.logaddexp(rows, positive) - positive
         return rows.mean(), log_z
 
     with torch.no_grad():
         tables = tuple(x.detach() for x in differentiable) + constants
-        _, row_lse = _launch_rows(MODE_STATS, tables, log_z.detach().float(), z_ready.to(torch.int32))
-        fresh = nce_log_normalizer_from_parts(row_lse, row_lse.numel() * num_candidates, num_samples)
+        _, row_lse = _launch_rows(MODE_STATS, tables, log_z.detach().float(), z_ready.to(torch.int32), layout)
+        num_scores = row_lse.numel() * num_candidates
+        if positive is not None:  # a single score's log-sum-exp is the score
+            row_lse = torch.cat([row_lse.reshape(-1), positive.detach().reshape(-1)])
+            num_scores += positive.numel()
+        fresh = nce_log_normalizer_from_parts(row_lse, num_scores, num_samples)
     log_z = keep_or_fix_log_z(log_z, z_ready, fresh)
-    shift = nce_shift(log_z.float(), num_candidates - 1, num_samples).contiguous()
-    rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_NCE)
+    num_negatives = num_candidates - (1 if layout[1] != POSITIVE_NONE else 0)
+    shift = nce_shift(log_z.float(), num_negatives, num_samples).contiguous()
+    rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_NCE, layout)
+    if positive is not None:  # rows are the negatives' sums
+        rows = rows + torch.nn.functional.softplus(shift - positive)
     return rows.mean(), log_z
