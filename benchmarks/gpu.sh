@@ -12,13 +12,14 @@
 #   train          training step CE / KD / CRCD feature / feature+gradient, backend auto (3-4 min)
 #   train_triton   KD and feature+gradient with backend="triton" (1-2 min)
 #   train_nochecks KD and feature+gradient without CRCDLoss's input checks (no host sync) (1-2 min)
+#   amp            fp16 + GradScaler and bf16 autocast vs fp32, default and reference presets (<1 min)
 #
 # Needs torch with CUDA, triton, einops and matplotlib; uses the checkout without installing it.
 set -euo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(check relation shared train train_triton train_nochecks)
+[ ${#stages[@]} -gt 0 ] || stages=(check relation shared train train_triton train_nochecks amp)
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_cuda.txt"
@@ -37,6 +38,7 @@ for stage in "${stages[@]}"; do
         --json "$out/train_step_cuda_triton.json" ;;
     train_nochecks) python benchmarks/train_step.py --device cuda --no-checks --configs kd crcd_feature_gradient \
         --json "$out/train_step_cuda_nochecks.json" ;;
+    amp) python benchmarks/amp_check.py --device cuda | tee "$out/amp_check_cuda.txt" ;;
     *) echo "unknown stage: $stage" >&2; exit 2 ;;
   esac
 done

@@ -47,7 +47,11 @@ _spec.loader.exec_module(_models)  # type: ignore[union-attr]
 create_model = _models.create_model
 
 CONFIGS = ("ce", "kd", "crcd_feature", "crcd_feature_gradient")
+# ``CRCDDistiller(student, teacher)`` with every default (no index: in-batch negatives, InfoNCE).
+EXTRA_CONFIGS = ("crcd_default", "crcd_default_gradient")
 LABELS = {
+    "crcd_default": "CRCDDistiller defaults (feature)",
+    "crcd_default_gradient": "CRCDDistiller defaults + gradient element",
     "ce": "CE only",
     "kd": "KD",
     "crcd_feature": "CRCD feature element",
@@ -93,6 +97,8 @@ def build_objective(
         return PlainObjective(student, teacher)
     from crcd_plugin.distiller import CRCDDistiller
 
+    if config in EXTRA_CONFIGS:
+        return CRCDDistiller(student, teacher, gradient_element=config == "crcd_default_gradient")
     return CRCDDistiller(
         student,
         teacher,
@@ -262,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat all configurations this many times, interleaved")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS + EXTRA_CONFIGS, default=list(CONFIGS))
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="CRCDLoss relation kernel (auto: compiled on CUDA, eager on CPU)")

@@ -36,6 +36,7 @@ from .functional import kd_loss
 from .gradients import student_gradient_element, teacher_gradient_element
 from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
 from .loss import CRCDLoss
+from .presets import PRESETS, Preset, default_negatives, distiller_preset
 
 _logger = logging.getLogger(__name__)
 
@@ -150,10 +151,18 @@ class CRCDDistiller(nn.Module):
         loss = gamma * CE + w(t) * (alpha * KD + beta * CRCD_feature + gradient_weight * CRCD_gradient)
 
     Negatives: with ``num_samples`` (dataset size) the CRCD losses use a per-sample memory bank
-    (the reference; ``forward`` then needs the dataset ``index`` of each sample); without it they
-    use a FIFO queue of ``queue_size`` past embeddings and need no index. ``crcd_options`` overrides
-    either choice and is forwarded to every :class:`~crcd_plugin.loss.CRCDLoss`; the gradient
-    element gets its own ``CRCDLoss`` (own heads and memory).
+    (the reference; ``forward`` then needs the dataset ``index`` of each sample); with
+    ``queue_size`` a FIFO queue of past embeddings; with neither, the other samples of the batch
+    (no index, no state). ``crcd_options`` overrides either choice and is forwarded to every
+    :class:`~crcd_plugin.loss.CRCDLoss`; the gradient element gets its own ``CRCDLoss`` (own heads
+    and memory).
+
+    ``preset="default"`` makes every default safe to add to a loop where CE alone trains, at no
+    more relation work per step than the reference (see docs/reliability.md for the measurements);
+    ``preset="reference"`` is the authors' recipe (NCE, all ``B`` anchors; a queue of 4096 with
+    ``K = 500`` when there is no index). Arguments passed explicitly always win over the preset.
+
+    A batch of one has no relations: its CRCD terms are 0 (logged once) and no state moves.
 
     The teacher is frozen (``requires_grad=False``), run under ``torch.no_grad()``, and kept in
     eval mode whatever ``train()`` is called with. Export the student with
@@ -182,7 +191,8 @@ class CRCDDistiller(nn.Module):
         gradient_weight: Weight of the CRCD gradient element.
         label_smoothing: Label smoothing of the task CE (and of the CE whose gradient is taken).
         num_samples: Dataset size; selects the memory-bank negatives (needs ``index``).
-        queue_size: Queue length when ``num_samples`` is not given.
+        queue_size: Queue length when ``num_samples`` is not given; ``None`` uses in-batch
+            negatives (the reference preset: a queue of 4096).
         crcd_options: Extra keyword arguments for ``CRCDLoss`` (``embed_dim``, ``temperature``,
             ``negatives``, ``objective``, ...), overriding the defaults above.
         schedule: Distillation weight ``w(t)``; ``None`` means ``w = 1`` throughout.
@@ -200,12 +210,15 @@ class CRCDDistiller(nn.Module):
             (under no grad) before every teacher forward, e.g. re-normalisation for a teacher
             trained with another mean/std. An ``nn.Module`` is registered, so it moves with
             ``.to()``. ``None``: the teacher sees the student's input.
+        warmup_steps: Ramp the distillation weight linearly from ``1/warmup_steps`` to 1 over the
+            first training-mode forward calls (counted in the ``warmup_progress`` buffer, so it
+            resumes with a ``state_dict``); 0 turns it off. ``None``: the preset's (0 for both).
+        preset: ``"default"`` or ``"reference"`` (see above).
 
     Example:
         >>> student = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> teacher = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
-        >>> distiller = CRCDDistiller(student, teacher, student_head="2", teacher_head="2",
-        ...                           crcd_options={"queue_size": 64})
+        >>> distiller = CRCDDistiller(student, teacher, student_head="2", teacher_head="2")
         >>> out = distiller(torch.randn(8, 10), torch.randint(0, 3, (8,)))
         >>> sorted(out)
         ['crcd_feature_loss', 'crcd_gradient_loss', 'kd_loss', 'logits', 'loss', 'task_loss']
@@ -214,6 +227,7 @@ class CRCDDistiller(nn.Module):
 
     crcd_feature: Optional[CRCDLoss]
     crcd_gradient: Optional[CRCDLoss]
+    warmup_progress: torch.Tensor
 
     def __init__(
         self,
@@ -230,7 +244,7 @@ class CRCDDistiller(nn.Module):
         gradient_weight: float = 1.0,
         label_smoothing: float = 0.0,
         num_samples: Optional[int] = None,
-        queue_size: int = 4096,
+        queue_size: Optional[int] = None,
         crcd_options: Optional[Mapping[str, Any]] = None,
         schedule: Optional[DistillSchedule] = None,
         feature_pool: Optional[PoolMode] = None,
@@ -238,8 +252,15 @@ class CRCDDistiller(nn.Module):
         example_input: Optional[Any] = None,
         feature_token: Optional[TokenSelector] = None,
         teacher_transform: Optional[Callable[[Any], Any]] = None,
+        warmup_steps: Optional[int] = None,
+        preset: Preset = "default",
     ) -> None:
         super().__init__()
+        check_choice("preset", preset, PRESETS)
+        if warmup_steps is None:
+            warmup_steps = distiller_preset(preset)["warmup_steps"]
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
@@ -262,7 +283,8 @@ class CRCDDistiller(nn.Module):
             isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0
         ):
             raise ValueError(f"num_samples must be None or a positive int (the dataset size), got {num_samples!r}")
-        check_positive_int("queue_size", queue_size)
+        if queue_size is not None:
+            check_positive_int("queue_size", queue_size)
         if crcd_options is not None and not isinstance(crcd_options, Mapping):
             raise TypeError(
                 f"crcd_options must be a dict of CRCDLoss keyword arguments, got {type(crcd_options).__name__}"
@@ -295,7 +317,12 @@ class CRCDDistiller(nn.Module):
         self.feature_token = feature_token
         self.schedule = schedule
         self.teacher_transform = teacher_transform
-        self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options)
+        self.preset = preset
+        self.warmup_steps = warmup_steps
+        # Training-mode forward calls so far, for the warm-up; a buffer so that it resumes exactly.
+        self.register_buffer("warmup_progress", torch.zeros((), dtype=torch.long))
+        self._warned_batch_of_one = False
+        self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options, preset)
         self.crcd_feature = None
         self.crcd_gradient = None
 
@@ -310,16 +337,24 @@ class CRCDDistiller(nn.Module):
 
     @staticmethod
     def _crcd_kwargs(
-        num_samples: Optional[int], queue_size: int, crcd_options: Optional[Mapping[str, Any]]
+        num_samples: Optional[int],
+        queue_size: Optional[int],
+        crcd_options: Optional[Mapping[str, Any]],
+        preset: str,
     ) -> Dict[str, Any]:
         options = dict(crcd_options or {})
-        negatives = options.setdefault("negatives", "bank" if num_samples is not None else "queue")
+        options.setdefault("preset", preset)
+        if num_samples is None and preset == "reference":
+            queue_size = 4096 if queue_size is None else queue_size  # the reference's index-free stand-in
+        queue_size = options.get("queue_size", queue_size)
+        negatives = options.get("negatives") or default_negatives("default", num_samples, queue_size)
+        options["negatives"] = negatives
         if negatives == "bank":
             options.setdefault("num_samples", num_samples)
             if options["num_samples"] is None:
                 raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
         elif negatives == "queue":
-            options.setdefault("queue_size", queue_size)
+            options["queue_size"] = 4096 if queue_size is None else queue_size
         return options
 
     @property
@@ -639,11 +674,11 @@ class CRCDDistiller(nn.Module):
             self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
 
         kd = kd_loss(logits_s, logits_t, self.kd_temperature) if self.alpha > 0 else zero
-        feature_loss = zero
-        if self.crcd_feature is not None:
-            feature_loss = self.crcd_feature(self._reduce(f_s), self._reduce(f_t), index)
+        relations = self._has_relations(logits_s.shape[0])
+        # The gradient element runs first: bad values in the features also reach their gradients,
+        # so it raises before either loss has written its memory, and a failed step moves no state.
         gradient_loss = zero
-        if self.crcd_gradient is not None:
+        if self.crcd_gradient is not None and relations:
             if head_logits_s.dim() != 2:
                 raise ValueError(
                     f"the gradient element needs head logits shaped [B, C], got {tuple(head_logits_s.shape)}"
@@ -658,11 +693,33 @@ class CRCDDistiller(nn.Module):
                     logits=head_logits_t, label_smoothing=self.label_smoothing,
                 )
                 gradient_loss = self.crcd_gradient(self._reduce(g_s), self._reduce(g_t), index)
+        feature_loss = zero
+        if self.crcd_feature is not None and relations:
+            feature_loss = self.crcd_feature(self._reduce(f_s), self._reduce(f_t), index)
 
-        weight = self.schedule() if self.schedule is not None else 1.0
+        weight = self._distill_weight()
         distill = self.alpha * kd + self.beta * feature_loss + self.gradient_weight * gradient_loss
         loss = self.gamma * task_loss + weight * distill
         return self._losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
+
+    def _has_relations(self, batch: int) -> bool:
+        """Relations need two samples; a batch of one (a ragged last batch) gets CE and KD only."""
+        if batch >= 2:
+            return True
+        if not self._warned_batch_of_one:
+            self._warned_batch_of_one = True
+            _logger.warning("a batch of one sample has no relations: its CRCD terms are 0 and no memory moves")
+        return False
+
+    def _distill_weight(self) -> Union[float, torch.Tensor]:
+        """``w(t)`` of the schedule times the warm-up ramp; advances the warm-up in training mode."""
+        weight: Union[float, torch.Tensor] = self.schedule() if self.schedule is not None else 1.0
+        if self.warmup_steps > 0:
+            ramp = ((self.warmup_progress + 1).float() / self.warmup_steps).clamp(max=1.0)
+            weight = weight * ramp
+            if self.training:
+                self.warmup_progress.add_(1)  # in place on the device: no host sync
+        return weight
 
     @staticmethod
     def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[str, torch.Tensor]:

@@ -12,13 +12,21 @@ from crcd_plugin.distributed import average, gather_rows, world_size
 from crcd_plugin.heads import EmbedHead
 from crcd_plugin.kernels.fused import BACKENDS, resolve_backend, run_relation_loss_core, run_shared_relation_loss_core
 from crcd_plugin.memory import MEMORY_INITS, FeatureQueue, MemoryBank, in_batch_candidate_index
+from crcd_plugin.presets import (
+    PRESETS,
+    REFERENCE_NUM_NEGATIVES,
+    Preset,
+    default_negatives,
+    default_objective,
+    loss_preset,
+)
 from crcd_plugin.sharded_memory import ShardedMemoryBank
 
 NEGATIVE_MODES = ("bank", "queue", "batch")
 OBJECTIVES = ("nce", "infonce")
 SELF_ANCHOR_MODES = ("keep", "mask")
 NONFINITE_MODES = ("raise", "skip")
-DEFAULT_BANK_NEGATIVES = 500
+DEFAULT_BANK_NEGATIVES = REFERENCE_NUM_NEGATIVES
 
 
 class CRCDLoss(nn.Module):
@@ -31,7 +39,14 @@ class CRCDLoss(nn.Module):
     and is on by default (``symmetric=True``). With ``anchored=False`` the relations are dropped and
     the loss is CRD (Tian et al., 2020), for ablations and baselines.
 
-    Where anchors and candidates come from (``negatives``):
+    ``preset`` picks the settings an argument left at ``None`` takes: ``"default"`` (bounded
+    gradients and work, safe to add to any loop) or ``"reference"`` (the authors' code). They
+    differ where there is no memory bank (``objective`` InfoNCE vs NCE), in ``num_anchors``
+    (at most 500 vs all ``B``) and in the bank's ``memory_init`` (first write vs the reference's
+    cold start); docs/reliability.md has the measurements. Arguments passed explicitly always win.
+
+    Where anchors and candidates come from (``negatives``; by default a bank when ``num_samples``
+    is given, a queue when ``queue_size`` is, else the batch):
 
     - ``"bank"`` (the reference): one memory row per training sample on each side, updated with
       momentum; anchors ``M[index_j]``, positive ``M[index_i]``, ``K`` negatives drawn uniformly
@@ -42,8 +57,8 @@ class CRCDLoss(nn.Module):
       reference: random rows are samples from the start and the first write blends with them.
       :meth:`fill_memory` writes real rows before training, for users who can afford one pass.
     - ``"queue"``: no dataset index; anchors and positive are the other network's current
-      embeddings (detached), negatives the last ``queue_size`` embeddings (all of them, or a random
-      ``num_negatives`` subset).
+      embeddings (detached), negatives ``num_negatives`` rows drawn uniformly from the last
+      ``queue_size`` embeddings.
     - ``"batch"``: no state; anchors as for the queue, negatives the other ``B - 1`` samples.
 
     The memory and queue are updated, and the NCE constant ``Z`` is fixed, in training mode only.
@@ -64,21 +79,24 @@ class CRCDLoss(nn.Module):
         embed_dim: Size ``d`` of the contrastive embedding.
         head: Embedding head, ``"linear"``, ``"mlp"`` or ``"identity"`` (needs ``Ds = Dt = d``).
         head_hidden_dim: Hidden width of the ``"mlp"`` head.
-        negatives: ``"bank"``, ``"queue"`` or ``"batch"`` (see above).
+        negatives: ``"bank"``, ``"queue"`` or ``"batch"`` (see above); ``None`` picks from
+            ``num_samples`` / ``queue_size`` (the reference preset always asks for a bank).
         num_samples: Training-set size ``N``; required for ``"bank"``.
         queue_size: Queue length ``Q``; required for ``"queue"``.
-        num_negatives: ``K``. Bank: default 500 (the reference). Queue: default all ``Q`` rows.
+        num_negatives: ``K``. Bank: default 500 (the reference). Queue: default
+            ``min(Q, 500)`` rows, drawn uniformly each step (``K = Q`` uses the whole queue).
             Batch: must stay ``None`` (``K = B - 1``).
         temperature: ``tau`` of the scores (reference 0.05).
         objective: ``"nce"`` (the reference, CRD's NCE with ``Z`` fixed on the first batch) or
-            ``"infonce"`` (cross-entropy over the ``K+1`` scores).
+            ``"infonce"`` (cross-entropy over the ``K+1`` scores). ``None``: ``"nce"`` with a
+            bank or ``preset="reference"``, else ``"infonce"`` (bounded gradients for any ``K``).
         momentum: Bank update momentum ``m`` (reference 0.5).
         memory_init: Bank: ``"first_write"`` (rows are right from their first write, see above) or
             ``"cold"`` (the reference: random rows act as samples until washed out by momentum).
-            ``None``: ``"first_write"``, or ``"cold"`` with ``shard_memory=True``, which supports
-            only that for now.
-        num_anchors: Use a random subset of ``A`` of the batch's anchors each step; ``None`` or
-            ``A >= B`` uses all ``B`` (the reference).
+            ``None``: ``"first_write"``, or ``"cold"`` with ``preset="reference"`` or
+            ``shard_memory=True`` (which supports only that for now).
+        num_anchors: Use a random subset of ``A`` of the batch's anchors each step when the batch
+            has more; ``None`` takes the preset's (default 500, reference all ``B``).
         self_anchor: ``"keep"`` (the reference) keeps entries whose candidate is the anchor's own
             sample (their relation is the constant ``eps`` direction); ``"mask"`` drops them, and
             drops the whole row when it is the positive that coincides with its anchor.
@@ -103,6 +121,7 @@ class CRCDLoss(nn.Module):
             backward: peak memory ``O(B * A * chunk_size)`` instead of ``O(B * A * (K+1))`` for
             about one more forward of time (two with NCE). Runs the eager kernels. ``None``: one
             chunk.
+        preset: ``"default"`` or ``"reference"``: the values of the arguments left at ``None``.
         shard_memory: Bank mode under ``torch.distributed``: split each bank's rows across the
             ranks (:class:`~crcd_plugin.sharded_memory.ShardedMemoryBank`, ``1/W`` of the memory
             per rank, rows fetched from their owners each step) instead of a full copy on every
@@ -132,12 +151,12 @@ class CRCDLoss(nn.Module):
         embed_dim: int = 128,
         head: Literal["linear", "mlp", "identity"] = "linear",
         head_hidden_dim: Optional[int] = None,
-        negatives: Literal["bank", "queue", "batch"] = "bank",
+        negatives: Optional[Literal["bank", "queue", "batch"]] = None,
         num_samples: Optional[int] = None,
         queue_size: Optional[int] = None,
         num_negatives: Optional[int] = None,
         temperature: float = 0.05,
-        objective: Literal["nce", "infonce"] = "nce",
+        objective: Optional[Literal["nce", "infonce"]] = None,
         momentum: float = 0.5,
         memory_init: Optional[Literal["first_write", "cold"]] = None,
         num_anchors: Optional[int] = None,
@@ -150,9 +169,16 @@ class CRCDLoss(nn.Module):
         check_index: bool = True,
         backend: str = "auto",
         chunk_size: Optional[int] = None,
+        preset: Preset = "default",
         shard_memory: bool = False,
     ) -> None:
         super().__init__()
+        check_choice("preset", preset, PRESETS)
+        settings = loss_preset(preset)
+        negatives = negatives or default_negatives(preset, num_samples, queue_size)  # type: ignore[assignment]
+        objective = objective or default_objective(preset, negatives)  # type: ignore[assignment,arg-type]
+        if num_anchors is None:
+            num_anchors = settings["num_anchors"]
         check_choice("negatives", negatives, NEGATIVE_MODES)
         check_choice("objective", objective, OBJECTIVES)
         check_choice("self_anchor", self_anchor, SELF_ANCHOR_MODES)
@@ -172,7 +198,7 @@ class CRCDLoss(nn.Module):
             raise ValueError(f'shard_memory=True shards the memory bank: it needs negatives="bank", got {negatives!r}')
         if memory_init is None:
             # The sharded bank's rows live on their owner ranks; it has no first-write slots yet.
-            memory_init = "cold" if shard_memory else "first_write"
+            memory_init = "cold" if shard_memory else settings["memory_init"]
         if shard_memory and memory_init != "cold":
             raise ValueError('shard_memory=True supports memory_init="cold" only (the default with it)')
 
@@ -182,7 +208,7 @@ class CRCDLoss(nn.Module):
         self.symmetric, self.anchored = symmetric, anchored
         self.teacher_head_grad, self.memory_init = bool(teacher_head_grad), memory_init
         self.on_nonfinite, self.check_index, self.backend = on_nonfinite, check_index, backend
-        self.chunk_size = chunk_size
+        self.chunk_size, self.preset = chunk_size, preset
 
         self.embed_student = EmbedHead(student_dim, embed_dim, head, head_hidden_dim)
         self.embed_teacher = EmbedHead(teacher_dim, embed_dim, head, head_hidden_dim)
@@ -206,8 +232,9 @@ class CRCDLoss(nn.Module):
             if queue_size is None:
                 raise ValueError('negatives="queue" needs queue_size')
             check_positive_int("queue_size", queue_size)
-            if num_negatives is not None:
-                check_positive_int("num_negatives", num_negatives)
+            if num_negatives is None:
+                num_negatives = min(queue_size, REFERENCE_NUM_NEGATIVES)
+            check_positive_int("num_negatives", num_negatives)
             self.num_negatives = num_negatives
             self.memory_student = FeatureQueue(queue_size, embed_dim)
             self.memory_teacher = FeatureQueue(queue_size, embed_dim)
@@ -325,7 +352,7 @@ class CRCDLoss(nn.Module):
             return torch.cat([positives[:, None], negatives], dim=1), positives[anchor_pos]
         if self.negatives == "batch":
             return in_batch_candidate_index(batch, device), anchor_pos
-        num_negatives = self.memory_teacher.size if self.num_negatives is None else self.num_negatives
+        num_negatives = self.num_negatives
         positives = torch.arange(batch, device=device)[:, None]
         return torch.cat([positives, positives.new_full((batch, num_negatives), -1)], dim=1), anchor_pos
 

@@ -16,10 +16,11 @@ WORLD = 2
 
 def _make(negatives):
     torch.manual_seed(0)  # identical heads and memories on every rank, as DDP would broadcast
+    # NCE explicitly: its constant Z is part of the state under test (a queue defaults to InfoNCE).
     if negatives.startswith("bank"):
         init = "cold" if negatives == "bank-cold" else "first_write"
-        return CRCDLoss(DS, DT, embed_dim=EMBED, num_samples=N, num_negatives=5, memory_init=init)
-    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=16)
+        return CRCDLoss(DS, DT, embed_dim=EMBED, num_samples=N, num_negatives=5, memory_init=init, objective="nce")
+    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=16, objective="nce")
 
 
 def _rank_batch(rank):
