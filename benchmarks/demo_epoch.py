@@ -1,4 +1,6 @@
-"""Per-epoch time of each demo method (and ``crd_matched``: CRD with CRCD's bank settings) with the tuned settings, measured side by side.
+"""Per-epoch time of each demo method with the tuned settings, measured side by side.
+
+The methods include ``crd_matched``: CRD with CRCD's bank settings.
 
 The methods run interleaved (round-robin, a few epochs each, several rounds) in one process on one
 thread, so that load from other processes hits all of them alike; the figure is the median epoch.

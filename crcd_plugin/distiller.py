@@ -447,6 +447,11 @@ class CRCDDistiller(nn.Module):
                         resolve_module(self.teacher, self.teacher_head), f_t, target,
                         logits=head_logits_t, label_smoothing=smoothing,
                     )
+                    if g_s is None or g_t is None:  # a non-linear head: autograd cannot run
+                        raise RuntimeError(
+                            "fill_memory cannot compute the gradient element of a non-linear classifier head "
+                            "inside torch.inference_mode(); call it outside inference mode"
+                        )
                     self.crcd_gradient.fill_memory(self._reduce(g_s), self._reduce(g_t), index)
         finally:
             self.train(was_training)
@@ -692,6 +697,7 @@ class CRCDDistiller(nn.Module):
                     resolve_module(self.teacher, self.teacher_head), f_t, target,
                     logits=head_logits_t, label_smoothing=self.label_smoothing,
                 )
+                assert g_t is not None  # None only in inference mode, where g_s is None too
                 gradient_loss = self.crcd_gradient(self._reduce(g_s), self._reduce(g_t), index)
         feature_loss = zero
         if self.crcd_feature is not None and relations:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Literal, Optional, Union
+from typing import Dict, Literal, Optional, TypedDict, Union, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,22 @@ OBJECTIVES = ("nce", "infonce")
 SELF_ANCHOR_MODES = ("keep", "mask")
 NONFINITE_MODES = ("raise", "skip")
 DEFAULT_BANK_NEGATIVES = REFERENCE_NUM_NEGATIVES
+
+NegativeMode = Literal["bank", "queue", "batch"]
+Objective = Literal["nce", "infonce"]
+# The memory kinds: a bank for negatives="bank" (sharded or not), a queue for "queue".
+Bank = Union[MemoryBank, ShardedMemoryBank]
+Memory = Union[MemoryBank, ShardedMemoryBank, FeatureQueue]
+
+
+class _CoreOptions(TypedDict):
+    """The keyword options ``forward`` passes to the loss cores."""
+
+    temperature: float
+    eps: float
+    objective: str
+    num_samples: int
+    chunk_size: Optional[int]
 
 
 class CRCDLoss(nn.Module):
@@ -143,6 +159,13 @@ class CRCDLoss(nn.Module):
     # path (the same loss, slower), which tests and benchmarks compare against.
     _share_candidates: bool = True
 
+    # One memory per side (absent with negatives="batch"); the mode fixes the kind, see _banks/_queues.
+    memory_student: Memory
+    memory_teacher: Memory
+    log_z: torch.Tensor
+    z_ready: torch.Tensor
+    noise_size: int
+
     def __init__(
         self,
         student_dim: int,
@@ -175,8 +198,9 @@ class CRCDLoss(nn.Module):
         super().__init__()
         check_choice("preset", preset, PRESETS)
         settings = loss_preset(preset)
-        negatives = negatives or default_negatives(preset, num_samples, queue_size)  # type: ignore[assignment]
-        objective = objective or default_objective(preset, negatives)  # type: ignore[assignment,arg-type]
+        # The preset helpers return one of NEGATIVE_MODES / OBJECTIVES (checked just below).
+        negatives = negatives or cast(NegativeMode, default_negatives(preset, num_samples, queue_size))
+        objective = objective or cast(Objective, default_objective(preset, negatives))
         if num_anchors is None:
             num_anchors = settings["num_anchors"]
         check_choice("negatives", negatives, NEGATIVE_MODES)
@@ -292,7 +316,7 @@ class CRCDLoss(nn.Module):
         else:
             cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
             mask = cand_ids[:, None, :] == anchor_ids[None, :, None] if masked else None  # [B, A, K+1]
-        options = dict(
+        options = _CoreOptions(
             temperature=self.temperature,
             eps=self.eps,
             objective=self.objective,
@@ -345,14 +369,17 @@ class CRCDLoss(nn.Module):
         """Identity of every candidate ``[B, K+1]`` and anchor ``[A]``: bank slots (the row once
         written, else the batch sample that stands in for it, see ``MemoryBank.slots``), batch
         positions otherwise (queue rows are ``-1``, never an anchor's own sample)."""
+        num_negatives = self.num_negatives
         if self.negatives == "bank":
+            assert index is not None and num_negatives is not None  # _check_inputs / __init__ set both
             # Both memories are written together, so the teacher bank's slots address both.
-            positives = self.memory_teacher.slots(index)  # [B]
-            negatives = self.memory_teacher.sample(index, (batch, self.num_negatives))  # [B, K]
+            _, bank = self._banks()
+            positives = bank.slots(index)  # [B]
+            negatives = bank.sample(index, (batch, num_negatives))  # [B, K]
             return torch.cat([positives[:, None], negatives], dim=1), positives[anchor_pos]
         if self.negatives == "batch":
             return in_batch_candidate_index(batch, device), anchor_pos
-        num_negatives = self.num_negatives
+        assert num_negatives is not None  # set for the queue in __init__
         positives = torch.arange(batch, device=device)[:, None]
         return torch.cat([positives, positives.new_full((batch, num_negatives), -1)], dim=1), anchor_pos
 
@@ -371,7 +398,7 @@ class CRCDLoss(nn.Module):
         return None, samples[:, None] == anchor_pos[None, :]
 
     def _shared_candidates(
-        self, other: torch.Tensor, store: Optional[nn.Module], anchor_pos: torch.Tensor
+        self, other: torch.Tensor, store: Optional[Memory], anchor_pos: torch.Tensor
     ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
         """Anchors ``[A, d]`` (None when not anchored), shared candidates ``[M, d]`` and separate
         positives ``[B, d]`` of one side: in-batch, the candidates are the batch itself
@@ -379,7 +406,7 @@ class CRCDLoss(nn.Module):
         anchors = other[anchor_pos] if self.anchored else None
         if self.negatives == "batch":
             return anchors, other, None
-        queue = store.weight
+        queue = cast(FeatureQueue, store).weight  # the other mode here is "queue"
         num_negatives = queue.shape[0] if self.num_negatives is None else self.num_negatives
         if num_negatives != queue.shape[0]:  # the same draw as the per-sample path makes
             return anchors, queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)], other
@@ -390,26 +417,27 @@ class CRCDLoss(nn.Module):
     def _anchors_and_candidates(
         self,
         other: torch.Tensor,
-        store: Optional[nn.Module],
+        store: Optional[Memory],
         cand_ids: torch.Tensor,
         anchor_pos: torch.Tensor,
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Anchors ``[A, d]`` (None when not anchored) and candidates ``[B, K+1, d]`` of one side."""
         if self.negatives == "bank":
+            bank = cast(Bank, store)
             if self.teacher_head_grad and store is self.memory_teacher:
                 # The batch's own teacher rows are its current embeddings, which carry the gradient.
                 anchors = other[anchor_pos]
-                negatives = store.read(cand_ids[:, 1:], other.detach())
+                negatives = bank.read(cand_ids[:, 1:], other.detach())
                 candidates = torch.cat([other[:, None, :], negatives.to(other.dtype)], dim=1)
             else:
                 # Anchors are the positives' rows: one fetch (a collective for a sharded bank) serves both.
-                candidates = store.read(cand_ids, other)
+                candidates = bank.read(cand_ids, other)
                 anchors = candidates[anchor_pos, 0]
         elif self.negatives == "batch":
             anchors, candidates = other[anchor_pos], other[cand_ids]
         else:
             anchors = other[anchor_pos]
-            queue = store.weight
+            queue = cast(FeatureQueue, store).weight
             num_negatives = cand_ids.shape[1] - 1
             if num_negatives != queue.shape[0]:
                 queue = queue[torch.randint(queue.shape[0], (num_negatives,), device=queue.device)]
@@ -443,13 +471,23 @@ class CRCDLoss(nn.Module):
     ) -> None:
         # Under DDP every rank applies every rank's rows, so the state stays identical everywhere.
         if self.negatives == "bank":
+            assert index is not None  # _check_inputs requires it for the bank
             student_emb, teacher_emb, index, finite = gather_rows(student_emb, teacher_emb, index, finite)
-            for bank, rows in ((self.memory_student, student_emb), (self.memory_teacher, teacher_emb)):
+            for bank, rows in zip(self._banks(), (student_emb, teacher_emb)):
                 (bank.write if first_write else bank.update)(index, rows, finite)
         elif self.negatives == "queue":
             student_emb, teacher_emb, finite = gather_rows(student_emb, teacher_emb, finite)
-            self.memory_student.enqueue(student_emb, finite)
-            self.memory_teacher.enqueue(teacher_emb, finite)
+            student_queue, teacher_queue = self._queues()
+            student_queue.enqueue(student_emb, finite)
+            teacher_queue.enqueue(teacher_emb, finite)
+
+    def _banks(self) -> tuple[Bank, Bank]:
+        """The (student, teacher) memories as banks; only with negatives="bank"."""
+        return cast(Bank, self.memory_student), cast(Bank, self.memory_teacher)
+
+    def _queues(self) -> tuple[FeatureQueue, FeatureQueue]:
+        """The (student, teacher) memories as queues; only with negatives="queue"."""
+        return cast(FeatureQueue, self.memory_student), cast(FeatureQueue, self.memory_teacher)
 
     @torch.no_grad()
     def fill_memory(
@@ -516,10 +554,10 @@ class CRCDLoss(nn.Module):
             )
         if relations and batch < 2 and (self.anchored or self.negatives == "batch"):
             raise ValueError(f"relations need at least two samples per batch, got a batch of {batch}")
-        if self.negatives == "queue" and batch * world_size() > self.memory_teacher.size:
+        if self.negatives == "queue" and batch * world_size() > self._queues()[1].size:
             raise ValueError(
                 f"a batch of {batch} on each of {world_size()} rank(s) does not fit a queue of "
-                f"queue_size={self.memory_teacher.size}"
+                f"queue_size={self._queues()[1].size}"
             )
         if self.negatives != "bank":
             return None
@@ -540,8 +578,7 @@ class CRCDLoss(nn.Module):
         flags = []
         if self.on_nonfinite == "raise":
             flags.append(~finite.all())
-        check_index = self.check_index and index is not None
-        if check_index:
+        if self.check_index and index is not None:
             flags.append(((index < 0) | (index >= self.noise_size)).any())
         if not flags or not bool(torch.stack(flags).any()):
             return
@@ -551,6 +588,7 @@ class CRCDLoss(nn.Module):
                 f"non-finite values in student_feat or teacher_feat (or their embeddings) at batch rows {rows[:10]}; "
                 'pass on_nonfinite="skip" to leave such rows out of the memory instead of raising'
             )
+        assert index is not None  # only the index check is left to have failed
         raise ValueError(
             f"index must be in [0, num_samples={self.noise_size}), got values from "
             f"{int(index.min())} to {int(index.max())}"

@@ -271,6 +271,9 @@ class FeatureQueue(nn.Module):
         2
     """
 
+    weight: torch.Tensor
+    pointer: torch.Tensor
+
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         check_positive_int("queue_size", size)

@@ -5,7 +5,6 @@ Tiny BERT, ViT and Llama models built from configs (no hub access), CPU only.
 
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -245,7 +244,9 @@ def parameter_update(trainer: CRCDTrainer) -> dict:
     return {n: p.detach() - before[n] for n, p in trainer.distiller.named_parameters() if n in before}
 
 
-SGD = dict(optim="sgd", learning_rate=0.5, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=1)
+SGD = dict(
+    optim="sgd", learning_rate=0.5, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant", max_steps=1
+)
 
 
 def test_accumulating_two_batches_of_8_equals_one_batch_of_16_without_relation_terms(tmp_path):

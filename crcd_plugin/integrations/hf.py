@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union, cast
 
 import torch
 from torch import nn
 
-from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+from crcd_plugin.distiller import CRCDDistiller, DistillSchedule, ScheduleKind
 from crcd_plugin.distributed import average, average_gradients
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
@@ -107,12 +107,16 @@ class CRCDConfig:
             )
         if isinstance(self.schedule, str):
             if self.schedule not in _SCHEDULE_KINDS:
-                raise ValueError(f"CRCDConfig.schedule must be None, one of {_SCHEDULE_KINDS} or a DistillSchedule, "
-                                 f"got {self.schedule!r}")
-            DistillSchedule(1, self.schedule, self.schedule_until, self.schedule_start)  # validates the fractions
+                raise ValueError(
+                    f"CRCDConfig.schedule must be None, one of {_SCHEDULE_KINDS} or a DistillSchedule, "
+                    f"got {self.schedule!r}"
+                )
+            kind = cast(ScheduleKind, self.schedule)  # one of _SCHEDULE_KINDS, checked just above
+            DistillSchedule(1, kind, self.schedule_until, self.schedule_start)  # validates the fractions
         elif self.schedule is not None and not isinstance(self.schedule, DistillSchedule):
             raise TypeError(
-                f"CRCDConfig.schedule must be None, a kind name or a DistillSchedule, got {type(self.schedule).__name__}"
+                "CRCDConfig.schedule must be None, a kind name or a DistillSchedule, "
+                f"got {type(self.schedule).__name__}"
             )
         if not isinstance(self.index_column, str) or not self.index_column:
             raise ValueError(f"CRCDConfig.index_column must be a column name, got {self.index_column!r}")
@@ -273,6 +277,13 @@ class CRCDTrainer(Trainer):
     # Our loss is a per-micro-batch mean: Trainer divides it by the accumulation steps, once.
     loss_is_scaled_for_ga = False
 
+    # Set in __init__ (after Trainer's own __init__, whose attributes mypy cannot see through).
+    distiller: CRCDDistiller
+    crcd_config: CRCDConfig
+    _crcd_device: torch.device
+    _component_sums: torch.Tensor
+    _component_count: int
+
     def __init__(
         self,
         model: Optional[nn.Module] = None,
@@ -299,7 +310,9 @@ class CRCDTrainer(Trainer):
             raise ValueError(f"CRCDTrainer needs exactly one label column, got label_names={self.label_names}")
         classes = (_check_classifier(self.model, "model"), _check_classifier(teacher_model, "teacher_model"))
         if None not in classes and classes[0] != classes[1]:
-            raise ValueError(f"student and teacher must have the same classes, got num_labels {classes[0]} and {classes[1]}")
+            raise ValueError(
+                f"student and teacher must have the same classes, got num_labels {classes[0]} and {classes[1]}"
+            )
         if config.negatives == "bank" and self.args.remove_unused_columns:
             raise ValueError(
                 f"negatives='bank' needs the dataset's {config.index_column!r} column, which Trainer drops: set "
@@ -351,7 +364,7 @@ class CRCDTrainer(Trainer):
         if self.crcd_config.num_samples is not None:
             return self.crcd_config.num_samples
         try:
-            return len(self.train_dataset)
+            return len(self.train_dataset)  # type: ignore[arg-type]  # no len() raises TypeError, handled here
         except TypeError:
             raise ValueError(
                 "negatives='bank' needs the dataset size: set CRCDConfig(num_samples=...) for a dataset without len()"
@@ -455,14 +468,17 @@ class CRCDTrainer(Trainer):
         """Trainer's LR scheduler; a schedule kind in ``CRCDConfig`` gets the same number of steps."""
         if isinstance(self.crcd_config.schedule, str):
             config = self.crcd_config
-            schedule = DistillSchedule(num_training_steps, config.schedule, config.schedule_until, config.schedule_start)
+            kind = cast(ScheduleKind, config.schedule)  # a kind name, checked by CRCDConfig
+            schedule = DistillSchedule(num_training_steps, kind, config.schedule_until, config.schedule_start)
             self.distiller.schedule = schedule.to(self._crcd_device)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # Written first, so that checkpoint rotation and hub pushes see a complete folder.
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             os.makedirs(folder, exist_ok=True)
             torch.save(self.distiller.crcd_state_dict(), os.path.join(folder, CRCD_STATE_NAME))
         super()._save_checkpoint(model, trial)

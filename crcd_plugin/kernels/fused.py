@@ -7,7 +7,7 @@ Fusing the objective with the scores lets the compiler merge the element-wise ta
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ def chunked_relation_loss_core(
 
     if objective == "infonce":
 
-        def chunk_lse(start: int) -> torch.Tensor:
+        def chunk_lse(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             scores = chunk_scores(start)
             return torch.logsumexp(masked_negatives(scores, chunk_mask(start), start == 0), -1), scores[..., 0]
 
@@ -123,7 +123,8 @@ def chunked_relation_loss_core(
     def chunk_sums(start: int) -> torch.Tensor:
         return nce_row_sums(chunk_scores(start), shift, chunk_mask(start), start == 0)
 
-    per_row = sum(checkpoint(chunk_sums, start, use_reentrant=False) for start in starts)
+    # ``sum`` starts from the int 0; there is always at least one chunk, so the result is a tensor.
+    per_row = cast(torch.Tensor, sum(checkpoint(chunk_sums, start, use_reentrant=False) for start in starts))
     return masked_row_mean(per_row, mask), log_z
 
 
@@ -335,7 +336,8 @@ def chunked_shared_relation_loss_core(
         chunk_mask, is_positive = chunk_pieces(start)
         return nce_row_sums(chunk_scores(start), shift, chunk_mask, has_positive=False, is_positive=is_positive)
 
-    per_row = sum(checkpoint(chunk_sums, start, use_reentrant=False) for start in starts)
+    # ``sum`` starts from the int 0; there is always at least one chunk, so the result is a tensor.
+    per_row = cast(torch.Tensor, sum(checkpoint(chunk_sums, start, use_reentrant=False) for start in starts))
     if positive is not None:
         per_row = per_row + F.softplus(shift - positive)
     return kept_row_mean(per_row, dropped), log_z
@@ -412,6 +414,7 @@ def run_relation_loss_core(
         if reason is None:
             from crcd_plugin.kernels.triton_relation import triton_relation_loss_core
 
+            assert anchors is not None  # triton_unsupported_reason refuses the anchor-free setting
             return triton_relation_loss_core(query, anchors, candidates, log_z, z_ready, *options)
         _warn_triton_refusal(reason)
     if chunk_size is not None and chunk_size < candidates.shape[1] and backend != "naive":
@@ -454,6 +457,7 @@ def run_shared_relation_loss_core(
         if reason is None:
             from crcd_plugin.kernels.triton_relation import triton_shared_relation_loss_core
 
+            assert anchors is not None  # triton_unsupported_reason refuses the anchor-free setting
             return triton_shared_relation_loss_core(query, anchors, candidates, positives, log_z, z_ready, *options)
         _warn_triton_refusal(reason)
     if chunk_size is not None and chunk_size < candidates.shape[0] and backend != "naive":
@@ -478,7 +482,10 @@ def _run_plain_or_compiled(
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eager
             _compile_failure["error"] = error
             logger.warning("torch.compile of the CRCD loss core failed, running eager: %s", error)
-    core = shared_relation_loss_core if shared else relation_loss_core
+    # ``tensors`` holds the six (or eight, shared) leading arguments of the chosen core.
+    core: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
+        shared_relation_loss_core if shared else relation_loss_core
+    )
     return core(*tensors, *options, naive=backend == "naive")
 
 

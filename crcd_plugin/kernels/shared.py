@@ -8,7 +8,7 @@ on the per-sample candidates (``candidates`` expanded to ``[B, M, D]``) up to ro
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ def uses_gram_form(batch: int, dim: int) -> bool:
 
 
 def shared_student_relations(
-    student: torch.Tensor, anchors: torch.Tensor, temperature: float, eps: float = 1e-6
+    student: torch.Tensor, anchors: torch.Tensor, temperature: Union[float, torch.Tensor], eps: float = 1e-6
 ) -> SharedRelations:
     """Student relations (and, for the Gram form, the anchor-pair tables); see :class:`SharedRelations`.
 
