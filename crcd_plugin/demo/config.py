@@ -18,7 +18,7 @@ DEFAULT_SEEDS = 5
 QUICK_SEEDS = 3
 QUICK_EPOCHS = 12
 
-# Chosen by the tuning run of 2026-11-27 on this project's 2-vCPU box (shared, busy; about 48 min):
+# Chosen by the tuning run of 2026-11-26 on this project's 2-vCPU box (shared, busy; about 48 min):
 #   python -m crcd_plugin.demo.tune --out /tmp/tune-v2 --cache-dir /tmp/crcdcache_demo --no-progress -v
 # (MNIST-1D, 3200 train / 800 validation carved from the 4000 training samples, seeds 100-102,
 # 40 epochs, memory bank right from each row's first write). The teacher is the one whose KD
