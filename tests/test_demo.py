@@ -29,6 +29,14 @@ from crcd_plugin.demo.tune import _Search, format_tuning_table  # noqa: E402
 TINY = ["--num-train", "400", "--num-test", "200", "--epochs", "2", "--seeds", "2", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def restore_denormals():
+    """The demo flushes denormal floats (a process-wide setting, for speed); tests that run it in
+    this process hand the process back as they found it (IEEE denormals), for the tests after."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data/teacher cache for the module: MNIST-1D generation takes seconds, so do it once."""

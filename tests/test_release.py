@@ -24,6 +24,12 @@ def _run(command, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, **kwargs)
 
 
+def _isolated_env() -> dict:
+    """The environment without PYTHONPATH: a checkout on it would make pip see the package as
+    installed already (its egg-info) and the fresh environment import the checkout."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 @pytest.fixture(scope="module")
 def dist_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
@@ -51,11 +57,12 @@ def test_the_wheel_runs_in_a_fresh_environment_and_extras_name_their_install(dis
     venv = tmp_path / "venv"
     assert _run([sys.executable, "-m", "venv", str(venv)], timeout=300).returncode == 0
     python = venv / "bin" / "python"
-    torch_install = _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], timeout=900)
+    env = _isolated_env()
+    torch_install = _run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], timeout=900, env=env)
     if torch_install.returncode != 0:
         pytest.skip(f"the CPU torch wheel is not available to pip here: {torch_install.stderr[-500:]}")
     wheel = next(dist_dir.glob("*.whl"))
-    install = _run([str(python), "-m", "pip", "install", "-q", str(wheel)], timeout=900)
+    install = _run([str(python), "-m", "pip", "install", "-q", str(wheel)], timeout=900, env=env)
     assert install.returncode == 0, install.stderr[-3000:]
     check = """
 import importlib.util, torch
@@ -75,7 +82,6 @@ for module, extra in (("hf", "hf"), ("timm", "timm")):
         raise AssertionError(f"crcd_plugin.integrations.{module} imported without its extra")
 print("ok")
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = _run([str(python), "-c", check], cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
 

@@ -258,7 +258,21 @@ def per_sample_scores(tables: AnchorTables, terms: CandidateTerms, anchors: torc
         torch.gather(tables.anchor_term, 1, rows_of_p), terms.residual, tables.student_rel.transpose(1, 2)
     )
     logits = dot * inverse_norms(tables.anchor_diff_sq, terms, anchors)  # [B, K+1, A]
-    return rearrange(logits, "b k a -> b a k")
+    bound = torch.linalg.vector_norm(tables.student_rel, dim=-1)[:, None, :]  # [B, 1, A]: 1 / tau
+    return rearrange(within_cosine_bound(logits, bound), "b k a -> b a k")
+
+
+def within_cosine_bound(logits: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``logits`` clamped to ``[-bound, bound]``, ``bound = |s_bj| = 1 / tau``: a cosine over tau.
+
+    Exact scores never leave that range, so this changes nothing but rounding there. It guards
+    against the one case the re-centring cannot make exact: when embeddings collapse (all rows
+    within about 1e-7 of each other, as gradient-element embeddings of a confident teacher do),
+    ``|c - a_j + eps|^2`` for ``j != p`` is a difference of terms of size ``|r|`` whose rounding
+    error is as large as the result, and ``1 / |c - a_j + eps|`` can come out orders of magnitude
+    too large. Clamped entries get no gradient (their value is rounding noise).
+    """
+    return torch.minimum(torch.maximum(logits, -bound), bound)
 
 
 def inverse_norms(anchor_diff_sq: torch.Tensor, terms: CandidateTerms, anchors: torch.Tensor) -> torch.Tensor:

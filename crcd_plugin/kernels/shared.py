@@ -13,7 +13,13 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin.kernels.relation import CandidateTerms, anchor_relations, candidate_terms, inverse_norms
+from crcd_plugin.kernels.relation import (
+    CandidateTerms,
+    anchor_relations,
+    candidate_terms,
+    inverse_norms,
+    within_cosine_bound,
+)
 
 
 class SharedRelations(NamedTuple):
@@ -122,7 +128,8 @@ def shared_positive_scores(
     # <c_b - a_j + eps, s_bj> / tau = <r_b, s_bj / tau> + <P[p_b, j], s_bj / tau>
     dot = torch.einsum("jbd,bd->bj", student_rel, terms.residual)
     looked_up = relations.anchor_term[:, samples, terms.nearest].T  # [B, A]
-    return (dot + looked_up) * inverse_norms(relations.anchor_diff_sq, terms, anchors)
+    logits = (dot + looked_up) * inverse_norms(relations.anchor_diff_sq, terms, anchors)
+    return within_cosine_bound(logits, torch.linalg.vector_norm(student_rel, dim=-1).T)  # [B, A]
 
 
 def _gram_scores(relations: SharedRelations, terms: CandidateTerms, anchors: torch.Tensor) -> torch.Tensor:
@@ -142,4 +149,5 @@ def _gram_scores(relations: SharedRelations, terms: CandidateTerms, anchors: tor
     dot = dot.addmm_(student_rel.reshape(num_anchors * batch, dim), terms.residual.T)
     norms = inverse_norms(relations.anchor_diff_sq, terms, anchors).T  # [A, M]
     logits = dot.view(num_anchors, batch, num_candidates) * norms[:, None, :]  # [A, B, M]
-    return logits.transpose(0, 1)
+    bound = torch.linalg.vector_norm(student_rel, dim=-1)[:, :, None]  # [A, B, 1]: 1 / tau
+    return within_cosine_bound(logits, bound).transpose(0, 1)
