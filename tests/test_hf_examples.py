@@ -1,4 +1,7 @@
-"""The Hugging Face examples run as printed in docs/huggingface.md (here with fewer samples and epochs)."""
+"""The Hugging Face examples run as printed in docs/huggingface.md (here with fewer samples and epochs).
+
+OMP_NUM_THREADS=1 only keeps import-time thread pools small; the examples set one torch thread themselves.
+"""
 
 import os
 import subprocess
@@ -25,8 +28,8 @@ def run_example(printed: str, tmp_path, *flags: str) -> str:
 @pytest.mark.parametrize(
     "name, flags",
     [
-        ("python examples/hf_text_classification.py", ["--train-size", "64", "--eval-size", "32", "--teacher-epochs", "1",
-                                       "--epochs", "1", "--batch-size", "16"]),
+        ("python examples/hf_text_classification.py",
+         ["--train-size", "64", "--eval-size", "32", "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "16"]),
         ("python examples/hf_image_classification.py", ["--train-size", "64", "--teacher-epochs", "1", "--epochs", "1",
                                         "--batch-size", "16"]),
     ],
