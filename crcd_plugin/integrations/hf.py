@@ -48,9 +48,11 @@ class CRCDConfig:
         kd_temperature: KD temperature.
         gradient_element: Also distil the relations of the CE gradients w.r.t. the features.
         gradient_weight: Weight of the gradient element.
-        negatives: ``"queue"`` (default: needs no dataset index, which Trainer would drop),
-            ``"bank"`` (the reference memory bank: the dataset must return ``index_column`` and
-            ``TrainingArguments(remove_unused_columns=False)`` must be set) or ``"batch"``.
+        negatives: ``None`` (default): the library's default without a dataset index (which
+            Trainer would drop): ``"batch"`` (the other samples of the batch, InfoNCE; stable in
+            every setting of docs/reliability.md), or ``"queue"`` when ``queue_size`` is given.
+            ``"bank"`` is the reference memory bank: the dataset must return ``index_column`` and
+            ``TrainingArguments(remove_unused_columns=False)`` must be set.
         queue_size: Queue length for ``"queue"``.
         num_samples: Bank size for ``"bank"``; default ``len(train_dataset)``.
         index_column: Name of the dataset-index column for ``"bank"``.
@@ -73,6 +75,8 @@ class CRCDConfig:
 
     Example:
         >>> CRCDConfig(gradient_element=True, schedule="step").negatives
+        'batch'
+        >>> CRCDConfig(queue_size=1024).negatives
         'queue'
     """
 
@@ -82,7 +86,7 @@ class CRCDConfig:
     kd_temperature: Optional[float] = None
     gradient_element: bool = False
     gradient_weight: Optional[float] = None
-    negatives: Literal["queue", "bank", "batch"] = "queue"
+    negatives: Optional[Literal["queue", "bank", "batch"]] = None
     queue_size: Optional[int] = None
     num_samples: Optional[int] = None
     index_column: str = "index"
@@ -96,6 +100,9 @@ class CRCDConfig:
     eval_loss: Literal["task", "total"] = "task"
 
     def __post_init__(self) -> None:
+        if self.negatives is None:
+            # The distiller's own rule without an index: a queue only when its size is asked for.
+            self.negatives = "queue" if self.queue_size is not None else "batch"
         if self.negatives not in ("queue", "bank", "batch"):
             raise ValueError(f"CRCDConfig.negatives must be 'queue', 'bank' or 'batch', got {self.negatives!r}")
         if self.eval_loss not in ("task", "total"):
@@ -264,7 +271,7 @@ class CRCDTrainer(Trainer):
             CE whose gradient the gradient element uses).
         *trainer_args: Further positional ``Trainer`` arguments.
         teacher_model: The trained teacher; same label set and inputs as the student.
-        crcd_config: What to distil (:class:`CRCDConfig`); default: KD + CRCD feature, queue negatives.
+        crcd_config: What to distil (:class:`CRCDConfig`); default: KD + CRCD feature, in-batch negatives.
         **trainer_kwargs: Further ``Trainer`` keyword arguments (datasets, collator, callbacks, ...).
 
     Example:

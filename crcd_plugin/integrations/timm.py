@@ -281,8 +281,9 @@ class CRCDDistillationTask(TrainingTask):
     When the two models' ``pretrained_cfg`` normalisations differ, the teacher sees the student's
     input re-normalised for it, as in timm's own distillation tasks.
 
-    Negatives come from a queue by default (timm loaders give no dataset index). With
-    ``num_samples`` the reference memory bank is used and ``forward`` needs ``index``.
+    Negatives need no dataset index by default (timm loaders give none): the other samples of the
+    batch with InfoNCE, the library's default (docs/reliability.md), or a queue when ``queue_size``
+    is given. With ``num_samples`` the reference memory bank is used and ``forward`` needs ``index``.
 
     Args:
         student_model: The student, a timm classifier (or any ``nn.Module`` with ``student_head``).
@@ -305,7 +306,7 @@ class CRCDDistillationTask(TrainingTask):
             paper's complementary element).
         gradient_loss_weight: Weight of the CRCD gradient element.
         num_samples: Dataset size: memory-bank negatives (``forward`` then needs ``index``).
-        queue_size: Queue length of the default queue negatives.
+        queue_size: Use a queue of this length for the negatives instead of the batch.
         crcd_options: More ``CRCDLoss`` arguments (``embed_dim``, ``temperature``, ``objective``, ...).
         schedule: Distillation weight ``w(t)``; advance it with :meth:`set_progress`.
         student_head: Dotted path of the student's classifier; default that of ``get_classifier()``.
@@ -346,7 +347,7 @@ class CRCDDistillationTask(TrainingTask):
         gradient_element: bool = True,
         gradient_loss_weight: float = 1.0,
         num_samples: Optional[int] = None,
-        queue_size: int = 4096,
+        queue_size: Optional[int] = None,
         crcd_options: Optional[Mapping[str, Any]] = None,
         schedule: Optional[DistillSchedule] = None,
         student_head: Optional[str] = None,
