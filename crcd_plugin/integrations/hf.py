@@ -102,7 +102,8 @@ class CRCDConfig:
     def __post_init__(self) -> None:
         if self.negatives is None:
             # The distiller's own rule without an index: a queue only when its size is asked for.
-            self.negatives = "queue" if self.queue_size is not None else "batch"
+            wants_queue = self.queue_size is not None or "queue_size" in (self.crcd_options or {})
+            self.negatives = "queue" if wants_queue else "batch"
         if self.negatives not in ("queue", "bank", "batch"):
             raise ValueError(f"CRCDConfig.negatives must be 'queue', 'bank' or 'batch', got {self.negatives!r}")
         if self.eval_loss not in ("task", "total"):
