@@ -31,9 +31,10 @@ BLOCK = re.compile(r"(?:<!--\s*(excerpt|not-run):\s*(.*?)\s*-->\s*\n)?```(\w*)[^
 
 
 def _blocks(page: Path):
-    for match in BLOCK.finditer(page.read_text()):
+    text = page.read_text()
+    for match in BLOCK.finditer(text):
         marker, argument, language, body = match.groups()
-        line = page.read_text()[: match.start(3)].count("\n") + 1
+        line = text.count("\n", 0, match.start(3)) + 1
         yield line, marker, argument, language, body
 
 

@@ -20,6 +20,7 @@ from crcd_plugin.distiller import CRCDDistiller, DistillSchedule, ScheduleKind
 from crcd_plugin.distributed import average, average_gradients
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
+from crcd_plugin.presets import default_negatives
 
 transformers = require("transformers", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402  (after require, which names the extra if missing)
@@ -35,6 +36,8 @@ CRCD_STATE_NAME = "crcd_state.pt"
 LOSS_COMPONENTS: Tuple[str, ...] = ("task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss")
 _SCHEDULE_KINDS = ("step", "linear", "constant")
 
+
+NegativeMode = Literal["queue", "bank", "batch"]
 
 @dataclasses.dataclass
 class CRCDConfig:
@@ -86,7 +89,7 @@ class CRCDConfig:
     kd_temperature: Optional[float] = None
     gradient_element: bool = False
     gradient_weight: Optional[float] = None
-    negatives: Optional[Literal["queue", "bank", "batch"]] = None
+    negatives: Optional[NegativeMode] = None
     queue_size: Optional[int] = None
     num_samples: Optional[int] = None
     index_column: str = "index"
@@ -101,9 +104,9 @@ class CRCDConfig:
 
     def __post_init__(self) -> None:
         if self.negatives is None:
-            # The distiller's own rule without an index: a queue only when its size is asked for.
-            wants_queue = self.queue_size is not None or "queue_size" in (self.crcd_options or {})
-            self.negatives = "queue" if wants_queue else "batch"
+            # The distiller's own rule without an index (the bank is only ever asked for by name here).
+            queue_size = (self.crcd_options or {}).get("queue_size", self.queue_size)
+            self.negatives = cast(NegativeMode, default_negatives("default", None, queue_size))
         if self.negatives not in ("queue", "bank", "batch"):
             raise ValueError(f"CRCDConfig.negatives must be 'queue', 'bank' or 'batch', got {self.negatives!r}")
         if self.eval_loss not in ("task", "total"):
