@@ -39,6 +39,7 @@ _SCHEDULE_KINDS = ("step", "linear", "constant")
 
 NegativeMode = Literal["queue", "bank", "batch"]
 
+
 @dataclasses.dataclass
 class CRCDConfig:
     """What :class:`CRCDTrainer` distils and how. Every field has a default; ``None`` means the default of
