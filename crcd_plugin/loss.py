@@ -143,6 +143,11 @@ class CRCDLoss(nn.Module):
             per rank, rows fetched from their owners each step) instead of a full copy on every
             rank (the default). Same loss for the same draws. Build the loss after
             ``init_process_group``.
+        share_negatives: Bank mode: draw the ``K`` negatives once per step for the whole batch
+            (as a queue does) instead of ``K`` per sample (the reference). The candidate side of
+            the scores is then made once per batch, ``A * K`` relations instead of ``B * A * K``
+            (the shared-candidate kernels), so a step costs several times less at the same ``K``,
+            or affords a larger ``K``. Anchors and positives are the batch's memory rows as before.
 
     Shape:
         student_feat ``[B, Ds]``, teacher_feat ``[B, Dt]``, index ``[B]`` -> scalar (the sum of
@@ -194,6 +199,7 @@ class CRCDLoss(nn.Module):
         chunk_size: Optional[int] = None,
         preset: Preset = "default",
         shard_memory: bool = False,
+        share_negatives: bool = False,
     ) -> None:
         super().__init__()
         check_choice("preset", preset, PRESETS)
@@ -218,6 +224,11 @@ class CRCDLoss(nn.Module):
             check_positive_int("num_anchors", num_anchors)
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
+        if share_negatives and negatives != "bank":
+            raise ValueError(
+                f'share_negatives=True draws the bank\'s negatives once per step: it needs negatives="bank", got '
+                f"{negatives!r} (queue and in-batch negatives are always shared by the batch)"
+            )
         if shard_memory and negatives != "bank":
             raise ValueError(f'shard_memory=True shards the memory bank: it needs negatives="bank", got {negatives!r}')
         if memory_init is None:
@@ -233,6 +244,7 @@ class CRCDLoss(nn.Module):
         self.teacher_head_grad, self.memory_init = bool(teacher_head_grad), memory_init
         self.on_nonfinite, self.check_index, self.backend = on_nonfinite, check_index, backend
         self.chunk_size, self.preset = chunk_size, preset
+        self.share_negatives = bool(share_negatives)
 
         self.embed_student = EmbedHead(student_dim, embed_dim, head, head_hidden_dim)
         self.embed_teacher = EmbedHead(teacher_dim, embed_dim, head, head_hidden_dim)
@@ -310,8 +322,11 @@ class CRCDLoss(nn.Module):
         # In-batch and queue negatives are the same for every sample: their candidate side is
         # computed once for the batch (``run_shared_relation_loss_core``), which equals the
         # per-sample path on the same inputs and random draws (tested).
-        shared = self.negatives != "bank" and self._share_candidates
-        if shared:
+        shared = (self.negatives != "bank" or self.share_negatives) and self._share_candidates
+        if shared and self.negatives == "bank":
+            bank_slots = self._shared_bank_slots(index, anchor_pos)
+            masks = self._shared_bank_masks(*bank_slots, anchor_pos) if masked else (None, None)
+        elif shared:
             masks = self._shared_masks(batch, anchor_pos, device) if masked else (None, None)
         else:
             cand_ids, anchor_ids = self._candidate_ids(batch, index, anchor_pos, device)
@@ -334,7 +349,13 @@ class CRCDLoss(nn.Module):
             if side > 0 or not self.teacher_head_grad:
                 other = other.detach()
             z_state = (self.log_z[side], self.z_ready[side])
-            if shared:
+            if shared and self.negatives == "bank":
+                anchors, candidates, positives = self._shared_bank_candidates(other, store, bank_slots, anchor_pos)
+                with torch.autocast(device_type=device.type, enabled=False):
+                    loss, log_z = run_shared_relation_loss_core(
+                        backend, query, anchors, candidates, positives, *z_state, *masks, **options
+                    )
+            elif shared:
                 anchors, candidates, positives = self._shared_candidates(other, store, anchor_pos)
                 with torch.autocast(device_type=device.type, enabled=False):
                     loss, log_z = run_shared_relation_loss_core(
@@ -382,6 +403,45 @@ class CRCDLoss(nn.Module):
         assert num_negatives is not None  # set for the queue in __init__
         positives = torch.arange(batch, device=device)[:, None]
         return torch.cat([positives, positives.new_full((batch, num_negatives), -1)], dim=1), anchor_pos
+
+    def _shared_bank_slots(
+        self, index: Optional[torch.Tensor], anchor_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``share_negatives=True``: the batch's slots ``[B]`` and the ``K`` negatives' slots ``[K]``,
+        one draw for the whole batch (see ``MemoryBank.slots`` / ``sample``)."""
+        assert index is not None and self.num_negatives is not None  # _check_inputs / __init__ set both
+        _, bank = self._banks()  # both memories are written together: the teacher bank's slots address both
+        return bank.slots(index), bank.sample(index, (self.num_negatives,))
+
+    @staticmethod
+    def _shared_bank_masks(
+        positives: torch.Tensor, negatives: torch.Tensor, anchor_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self_anchor="mask"`` for shared bank negatives: ``(mask [A, K], positive_mask [B, A])``,
+        True where the candidate is the anchor's own sample (equal slots)."""
+        anchor_slots = positives[anchor_pos]  # [A]
+        return anchor_slots[:, None] == negatives[None, :], positives[:, None] == anchor_slots[None, :]
+
+    def _shared_bank_candidates(
+        self,
+        other: torch.Tensor,
+        store: Optional[Memory],
+        slots: tuple[torch.Tensor, torch.Tensor],
+        anchor_pos: torch.Tensor,
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``share_negatives=True``: anchors ``[A, d]`` (None when not anchored), the shared
+        negatives ``[K, d]`` and the positives ``[B, d]`` of one side, read from its bank."""
+        bank = cast(Bank, store)
+        positive_slots, negative_slots = slots
+        if self.teacher_head_grad and store is self.memory_teacher:
+            # The batch's own teacher rows are its current embeddings, which carry the gradient.
+            positives = other
+            negatives = bank.read(negative_slots, other.detach()).to(other.dtype)
+        else:
+            # One read (a collective for a sharded bank) serves positives, anchors and negatives.
+            rows = bank.read(torch.cat([positive_slots, negative_slots]), other)
+            positives, negatives = rows[: other.shape[0]], rows[other.shape[0] :]
+        return (positives[anchor_pos] if self.anchored else None), negatives, positives
 
     def _shared_masks(
         self, batch: int, anchor_pos: torch.Tensor, device: torch.device
@@ -600,5 +660,6 @@ class CRCDLoss(nn.Module):
             f"negatives={self.negatives!r}, num_negatives={self.num_negatives}, objective={self.objective!r}, "
             f"temperature={self.temperature}, anchored={self.anchored}, self_anchor={self.self_anchor!r}, "
             f"memory_init={self.memory_init!r}, teacher_head_grad={self.teacher_head_grad}"
+            + (", share_negatives=True" if self.share_negatives else "")
         )
 

@@ -254,3 +254,76 @@ def test_crcd_loss_shared_path_equals_the_per_sample_path(config):
     assert shared_state.keys() == state.keys()
     for name, value in state.items():
         torch.testing.assert_close(shared_state[name], value, rtol=1e-5, atol=1e-6)
+
+
+BANK_CONFIGS = [
+    dict(objective="nce"),
+    dict(objective="infonce", self_anchor="mask", symmetric=False),
+    dict(objective="nce", anchored=False),
+    dict(objective="infonce", memory_init="cold", chunk_size=5),
+    dict(objective="nce", embed_dim=32),  # D > B: the Gram form
+    dict(objective="infonce", symmetric=False, teacher_head_grad=True, dtype=torch.float64),
+]
+
+
+def _train_bank(config, share, num_negatives=7, num_samples=20):
+    """Three steps of a bank loss; the per-sample path gets every sample the one draw that the
+    shared path made (recorded from the shared run), so both must give the same losses, gradients
+    and memory."""
+    torch.manual_seed(0)
+    config = dict(config)
+    dtype = config.pop("dtype", torch.float32)
+    config = {"embed_dim": 6, "num_anchors": 5, **config}
+    crcd = CRCDLoss(
+        10, 12, negatives="bank", num_samples=num_samples, num_negatives=num_negatives, share_negatives=share, **config
+    ).to(dtype)
+    bank = crcd.memory_teacher
+    draw = bank.sample
+    steps, draws = [], []
+    for step in range(3):  # the first step reads unwritten rows as the batch's own embeddings
+        g = torch.Generator().manual_seed(step)
+        student, teacher = torch.randn(8, 10, generator=g).to(dtype), torch.randn(8, 12, generator=g).to(dtype)
+        index = torch.randperm(num_samples, generator=g)[:8]
+        index[7] = index[0]  # a sample twice in the batch
+        torch.manual_seed(100 + step)
+        shared_draw = draw(index, (num_negatives,))  # the draw both paths use
+        draws.append(shared_draw)
+        sample = (lambda _, shape, d=shared_draw: d) if share else (lambda _, shape, d=shared_draw: d.expand(*shape))
+        bank.sample = sample  # an instance attribute: only this bank's draws are replaced
+        torch.manual_seed(200 + step)  # same anchors on both paths
+        crcd.zero_grad()
+        loss = crcd(student, teacher, index=index)
+        loss.backward()
+        steps.append((loss.detach(), [p.grad.clone() for p in crcd.parameters() if p.grad is not None]))
+    return steps, crcd.state_dict(), draws
+
+
+@pytest.mark.parametrize("config", BANK_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_shared_bank_negatives_equal_the_per_sample_path_given_the_same_draw(config):
+    (shared_steps, shared_state, draws), (steps, state, ref_draws) = _train_bank(config, True), _train_bank(config, False)
+    assert all(torch.equal(a, b) for a, b in zip(draws, ref_draws))
+    assert any(len(set(d.tolist())) > 1 for d in draws)  # real draws, not one repeated row
+    for (loss, grads), (ref_loss, ref_grads) in zip(shared_steps, steps):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        assert len(grads) == len(ref_grads) > 0
+        for got, expected in zip(grads, ref_grads):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    for name, value in state.items():
+        torch.testing.assert_close(shared_state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_bank_negatives_are_one_draw_for_the_whole_batch():
+    torch.manual_seed(0)
+    crcd = CRCDLoss(10, 12, embed_dim=6, negatives="bank", num_samples=50, num_negatives=9, share_negatives=True)
+    drawn = []
+    sample = crcd.memory_teacher.sample
+    crcd.memory_teacher.sample = lambda index, shape: drawn.append(shape) or sample(index, shape)
+    crcd(torch.randn(8, 10), torch.randn(8, 12), index=torch.arange(8)).backward()
+    assert drawn == [(9,)]  # K slots, not [B, K]
+    assert "share_negatives=True" in repr(crcd)
+
+
+@pytest.mark.parametrize("negatives", ["queue", "batch"])
+def test_share_negatives_needs_a_bank(negatives):
+    with pytest.raises(ValueError, match='share_negatives=True .* needs negatives="bank"'):
+        CRCDLoss(10, 12, negatives=negatives, queue_size=32, share_negatives=True)

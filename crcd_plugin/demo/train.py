@@ -94,6 +94,8 @@ class MethodSettings:
             or ``"cold"`` (the reference: random rows, blended into by the first write).
         symmetric: Add the teacher-side relation loss (``CRCDLoss(symmetric=...)``).
         queue_size: Queue length for ``negatives="queue"``.
+        share_negatives: Bank: draw the ``K`` negatives once per step for the whole batch
+            (``CRCDLoss(share_negatives=True)``, the shared-candidate kernels) instead of per sample.
     """
 
     gamma: float = 1.0
@@ -112,6 +114,7 @@ class MethodSettings:
     memory_init: str = "first_write"
     symmetric: bool = True
     queue_size: int = 1024
+    share_negatives: bool = False
 
 
 @dataclass
@@ -240,7 +243,7 @@ def _relation_loss(
     negatives: dict = {"negatives": cfg.negatives}
     if cfg.negatives == "bank":
         negatives.update(num_samples=num_samples, num_negatives=cfg.num_negatives, momentum=cfg.momentum)
-        negatives.update(memory_init=cfg.memory_init)
+        negatives.update(memory_init=cfg.memory_init, share_negatives=cfg.share_negatives)
     elif cfg.negatives == "queue":
         subset = cfg.num_negatives if cfg.num_negatives < cfg.queue_size else None
         negatives.update(queue_size=cfg.queue_size, num_negatives=subset)

@@ -177,8 +177,7 @@ def shared_relation_loss_core(
         if positives is None:
             return kept_row_mean(_diagonal_cross_entropy(masked), dropped), log_z
         assert positive is not None  # scored apart whenever positives are given
-        per_row = torch.logaddexp(torch.logsumexp(masked, dim=-1), positive) - positive
-        return kept_row_mean(per_row, dropped), log_z
+        return kept_row_mean(_separate_positive_cross_entropy(positive, masked), dropped), log_z
     if positive is None:
         fresh = nce_log_normalizer(scores, num_samples)
     else:
@@ -209,6 +208,20 @@ def _diagonal_cross_entropy(scores: torch.Tensor) -> torch.Tensor:
     batch, num_anchors, num_candidates = scores.shape
     rows = scores.transpose(0, 1).reshape(num_anchors * batch, num_candidates)  # row (j, b)
     targets = torch.arange(batch, device=scores.device).repeat(num_anchors)
+    return F.cross_entropy(rows, targets, reduction="none").view(num_anchors, batch).T
+
+
+def _separate_positive_cross_entropy(positive: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """InfoNCE rows ``[B, A]`` of separate positives ``[B, A]`` and shared scores ``[B, A, M]``.
+
+    One fused ``cross_entropy`` over the ``[A * B, 1 + M]`` rows, the positive first (on CPU about
+    2x faster in forward and backward than a log-sum-exp, a ``logaddexp`` and a subtraction, whose
+    backward passes make several tensors of the scores' size).
+    """
+    batch, num_anchors, _ = scores.shape
+    rows = torch.cat([positive.T[:, :, None], scores.transpose(0, 1)], dim=-1)  # [A, B, 1 + M]
+    rows = rows.reshape(num_anchors * batch, -1)
+    targets = torch.zeros(num_anchors * batch, dtype=torch.long, device=scores.device)
     return F.cross_entropy(rows, targets, reduction="none").view(num_anchors, batch).T
 
 

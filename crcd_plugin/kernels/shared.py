@@ -121,7 +121,9 @@ def shared_positive_scores(
     student_rel = relations.student_rel
     if relations.anchor_term is None:
         teacher_rel = anchor_relations(positives, anchors, eps)  # [A, B, D]
-        return torch.einsum("jbd,jbd->bj", student_rel, teacher_rel)
+        # A product and a sum: an einsum here runs as [A * B] batched 1 x 1 products, whose
+        # backward is an order of magnitude slower on CPU.
+        return (student_rel * teacher_rel).sum(-1).T
     assert relations.anchor_diff_sq is not None  # the Gram form has both tables
     terms = candidate_terms(anchors, positives, eps)
     samples = torch.arange(student_rel.shape[1], device=anchors.device)
