@@ -300,7 +300,8 @@ def _train_bank(config, share, num_negatives=7, num_samples=20):
 
 @pytest.mark.parametrize("config", BANK_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_shared_bank_negatives_equal_the_per_sample_path_given_the_same_draw(config):
-    (shared_steps, shared_state, draws), (steps, state, ref_draws) = _train_bank(config, True), _train_bank(config, False)
+    shared_steps, shared_state, draws = _train_bank(config, True)
+    steps, state, ref_draws = _train_bank(config, False)
     assert all(torch.equal(a, b) for a, b in zip(draws, ref_draws))
     assert any(len(set(d.tolist())) > 1 for d in draws)  # real draws, not one repeated row
     for (loss, grads), (ref_loss, ref_grads) in zip(shared_steps, steps):
