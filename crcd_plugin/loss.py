@@ -514,7 +514,8 @@ class CRCDLoss(nn.Module):
         finite: torch.Tensor,
         new_log_z: list,
     ) -> None:
-        self._write_memory(student_emb, teacher_emb, index, finite, first_write=False)
+        # One-sided (symmetric=False), nothing reads the student memory: it is left as it is.
+        self._write_memory(student_emb, teacher_emb, index, finite, first_write=False, student=self.symmetric)
         if self.objective == "nce":
             sides = len(new_log_z)
             self.log_z[:sides].copy_(average(torch.stack(new_log_z)))
@@ -528,18 +529,23 @@ class CRCDLoss(nn.Module):
         index: Optional[torch.Tensor],
         finite: torch.Tensor,
         first_write: bool,
+        student: bool = True,
     ) -> None:
+        """Write the rows to the teacher memory and, with ``student``, to the student memory."""
         # Under DDP every rank applies every rank's rows, so the state stays identical everywhere.
         if self.negatives == "bank":
             assert index is not None  # _check_inputs requires it for the bank
             student_emb, teacher_emb, index, finite = gather_rows(student_emb, teacher_emb, index, finite)
-            for bank, rows in zip(self._banks(), (student_emb, teacher_emb)):
-                (bank.write if first_write else bank.update)(index, rows, finite)
+            student_bank, teacher_bank = self._banks()
+            (teacher_bank.write if first_write else teacher_bank.update)(index, teacher_emb, finite)
+            if student:
+                (student_bank.write if first_write else student_bank.update)(index, student_emb, finite)
         elif self.negatives == "queue":
             student_emb, teacher_emb, finite = gather_rows(student_emb, teacher_emb, finite)
             student_queue, teacher_queue = self._queues()
-            student_queue.enqueue(student_emb, finite)
             teacher_queue.enqueue(teacher_emb, finite)
+            if student:
+                student_queue.enqueue(student_emb, finite)
 
     def _banks(self) -> tuple[Bank, Bank]:
         """The (student, teacher) memories as banks; only with negatives="bank"."""
