@@ -323,6 +323,7 @@ class CRCDLoss(nn.Module):
         # computed once for the batch (``run_shared_relation_loss_core``), which equals the
         # per-sample path on the same inputs and random draws (tested).
         shared = (self.negatives != "bank" or self.share_negatives) and self._share_candidates
+        masks: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
         if shared and self.negatives == "bank":
             bank_slots = self._shared_bank_slots(index, anchor_pos)
             masks = self._shared_bank_masks(*bank_slots, anchor_pos) if masked else (None, None)
@@ -349,14 +350,12 @@ class CRCDLoss(nn.Module):
             if side > 0 or not self.teacher_head_grad:
                 other = other.detach()
             z_state = (self.log_z[side], self.z_ready[side])
-            if shared and self.negatives == "bank":
-                anchors, candidates, positives = self._shared_bank_candidates(other, store, bank_slots, anchor_pos)
-                with torch.autocast(device_type=device.type, enabled=False):
-                    loss, log_z = run_shared_relation_loss_core(
-                        backend, query, anchors, candidates, positives, *z_state, *masks, **options
-                    )
-            elif shared:
-                anchors, candidates, positives = self._shared_candidates(other, store, anchor_pos)
+            if shared:
+                positives: Optional[torch.Tensor]
+                if self.negatives == "bank":
+                    anchors, candidates, positives = self._shared_bank_candidates(other, store, bank_slots, anchor_pos)
+                else:
+                    anchors, candidates, positives = self._shared_candidates(other, store, anchor_pos)
                 with torch.autocast(device_type=device.type, enabled=False):
                     loss, log_z = run_shared_relation_loss_core(
                         backend, query, anchors, candidates, positives, *z_state, *masks, **options
