@@ -114,10 +114,13 @@ def scenario_concatenated(rank, out):
     torch.save({"parts": parts, "grads": grads, "state": distiller.crcd_state_dict()}, out("concatenated"))
 
 
-def make_loss(shard_memory):
+def make_loss(shard_memory, share_negatives=False):
     torch.manual_seed(0)
     # The sharded bank is cold (no first-write slots yet): compare it with a cold replicated bank.
-    return CRCDLoss(5, 7, embed_dim=8, num_samples=N, num_negatives=9, shard_memory=shard_memory, memory_init="cold")
+    return CRCDLoss(
+        5, 7, embed_dim=8, num_samples=N, num_negatives=9, shard_memory=shard_memory, memory_init="cold",
+        share_negatives=share_negatives,
+    )
 
 
 # Per step, each rank's batch size; the last step is uneven and its indices overlap across ranks.
@@ -136,8 +139,15 @@ def sharded_batch(step, rank):
 def scenario_sharded(rank, out):
     replicated, sharded = make_loss(False), make_loss(True)
     sharded.load_state_dict(replicated.state_dict())  # each rank keeps its slice of the same rows
+    # share_negatives=True: one draw per rank and step, read through the same collective.
+    replicated_shared, sharded_shared = make_loss(False, True), make_loss(True, True)
+    sharded_shared.load_state_dict(replicated_shared.state_dict())
     results = {"rows": (sharded.memory_student.start, sharded.memory_student.stop)}
-    for name, crcd in (("replicated", replicated), ("sharded", sharded)):
+    runs = (
+        ("replicated", replicated), ("sharded", sharded),
+        ("replicated_shared", replicated_shared), ("sharded_shared", sharded_shared),
+    )
+    for name, crcd in runs:
         losses = []
         for step in range(len(SHARDED_SIZES)):
             torch.manual_seed(step * WORLD + rank)  # the same draws for both banks
@@ -274,6 +284,18 @@ def test_sharded_bank_gives_the_replicated_banks_losses_for_the_same_draws(resul
     for rank in range(WORLD):
         run = results("sharded", rank)
         torch.testing.assert_close(run["sharded"]["losses"], run["replicated"]["losses"], rtol=0, atol=0)
+
+
+def test_sharded_bank_with_shared_draws_gives_the_replicated_banks_losses_gradients_and_rows(results):
+    runs = [results("sharded", rank) for rank in range(WORLD)]
+    for run in runs:
+        torch.testing.assert_close(run["sharded_shared"]["losses"], run["replicated_shared"]["losses"], rtol=0, atol=0)
+        for name, grad in run["replicated_shared"]["grads"].items():
+            torch.testing.assert_close(run["sharded_shared"]["grads"][name], grad, msg=name)
+    shards = torch.cat([run["sharded_shared"]["state"]["memory_teacher.shard.weight"] for run in runs])
+    torch.testing.assert_close(shards, runs[0]["replicated_shared"]["state"]["memory_teacher.weight"], rtol=0, atol=0)
+    # Not the per-sample path's numbers: the draws are of another shape.
+    assert not torch.equal(runs[0]["replicated_shared"]["losses"], runs[0]["replicated"]["losses"])
 
 
 def test_sharded_bank_gives_the_replicated_banks_head_gradients(results):
