@@ -233,3 +233,26 @@ def test_crcd_loss_with_shared_candidates_on_triton_trains_like_eager(negatives)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for name, value in losses["eager"].state_dict().items():
         torch.testing.assert_close(losses["triton"].state_dict()[name], value)
+
+
+@pytest.mark.parametrize("objective", ["nce", "infonce"])
+def test_triton_scores_of_collapsed_embeddings_stay_cosines_over_tau(objective):
+    """All embeddings within ~1e-7 of each other (gradient elements of a confident teacher), where
+    the eager kernels need their cosine clamp (tests/test_collapsed_embeddings.py). The kernel has
+    no clamp of its own; this checks that on such inputs its loss stays below InfoNCE's bound,
+    finite, and equal to the clamped eager loss."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.linspace(-1.0, 1.0, 32)
+
+    def collapsed(*shape):
+        return F.normalize(base + 1e-7 * torch.randn(*shape, 32, generator=g), dim=-1)
+
+    batch, num_anchors, num_candidates = 8, 8, 65
+    student, anchors, candidates = collapsed(batch), collapsed(num_anchors), collapsed(batch, num_candidates)
+    candidates[:, 0] = anchors[torch.arange(batch) % num_anchors]
+    loss, _, grad = _run("triton", student, anchors, candidates, objective)
+    ref_loss, _, ref_grad = _run("eager", student, anchors, candidates, objective)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    if objective == "infonce":
+        assert float(loss) <= 2 / TAU + torch.log(torch.tensor(float(num_candidates)))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
