@@ -9,6 +9,7 @@
 #   shared         shared candidates (in-batch, queue K in {500, 4096}), B in {32, 64, 256}:
 #                  naive/per-sample/eager/triton (about 1 min; compile left out: each shape family
 #                  compiles anew, and that would double the stage)
+#   shared_bank    CRCDLoss with a bank, per-sample vs shared draws (share_negatives), K 500/4096 (<1 min)
 #   train          training step CE / KD / CRCD feature / feature+gradient, backend auto (3-4 min)
 #   train_triton   KD and feature+gradient with backend="triton" (1-2 min)
 #   train_nochecks KD and feature+gradient without CRCDLoss's input checks (no host sync) (1-2 min)
@@ -19,7 +20,7 @@ set -euo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(check relation shared train train_triton train_nochecks amp)
+[ ${#stages[@]} -gt 0 ] || stages=(check relation shared shared_bank train train_triton train_nochecks amp)
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_cuda.txt"
@@ -33,6 +34,8 @@ for stage in "${stages[@]}"; do
         --impl naive per-sample eager triton --out "$out"
       python benchmarks/relation.py --device cuda --layout queue --batch 32 64 256 --negatives 500 4096 \
         --impl naive per-sample eager triton --out "$out" ;;
+    shared_bank) python benchmarks/shared_bank.py --device cuda --negatives 500 4096 --num-samples 50000 \
+        --out "$out/shared_bank_cuda.json" ;;
     train) python benchmarks/train_step.py --device cuda --json "$out/train_step_cuda.json" ;;
     train_triton) python benchmarks/train_step.py --device cuda --backend triton --configs kd crcd_feature_gradient \
         --json "$out/train_step_cuda_triton.json" ;;

@@ -7,6 +7,7 @@ is the yardstick the demo's time budget is stated in.
 
     PYTHONPATH=$PWD python benchmarks/shared_bank.py
     PYTHONPATH=$PWD python benchmarks/shared_bank.py --batch 256 --anchors 8 --negatives 16 64 256 --out r.json
+    PYTHONPATH=$PWD python benchmarks/shared_bank.py --device cuda --negatives 500 4096   # benchmarks/gpu.sh
 """
 
 from __future__ import annotations
@@ -50,23 +51,33 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=4000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration per round")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     student_dim, teacher_dim = 100, 160  # the demo's student and teacher features
-    features = torch.randn(args.num_samples, student_dim), torch.randn(args.num_samples, teacher_dim)
+    features = (
+        torch.randn(args.num_samples, student_dim, device=device),
+        torch.randn(args.num_samples, teacher_dim, device=device),
+    )
     losses = {}
     for name, config in _configs(args).items():
         torch.manual_seed(0)
-        losses[name] = CRCDLoss(student_dim, teacher_dim, **config)
+        losses[name] = CRCDLoss(student_dim, teacher_dim, **config).to(device)
     times: dict[str, list[float]] = {name: [] for name in losses}
     gen = torch.Generator().manual_seed(0)
 
     def step(loss: CRCDLoss) -> float:
-        index = torch.randperm(args.num_samples, generator=gen)[: args.batch]
+        index = torch.randperm(args.num_samples, generator=gen)[: args.batch].to(device)
         student = features[0][index].clone().requires_grad_()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         loss(student, features[1][index], index=index).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for loss in losses.values():  # every bank row written once before timing: the steady state
@@ -77,7 +88,8 @@ def main() -> None:
             times[name] += [step(loss) for _ in range(args.steps)]
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     crd = next(iter(medians.values()))
-    print(f"B {args.batch}, A {args.anchors}, d {args.dim}, one thread; median ms per forward + backward")
+    where = "one CPU thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"B {args.batch}, A {args.anchors}, d {args.dim}, {where}; median ms per forward + backward")
     for name, ms in medians.items():
         print(f"{name:48s} {ms:7.2f} ms  {ms / crd:5.2f}x crd")
     if args.out:
@@ -85,6 +97,7 @@ def main() -> None:
             "args": {k: v for k, v in vars(args).items() if k != "out"},
             "median_ms": medians,
             "machine": platform.platform(),
+            "device": where,
             "processor": platform.processor(),
             "torch": torch.__version__,
             "date": date.today().isoformat(),
