@@ -70,6 +70,7 @@ def main() -> None:
     accelerator.print(
         f"CRCD state identical on all {accelerator.num_processes} processes: {bool((gathered == gathered[0]).all())}"
     )
+    accelerator.wait_for_everyone()  # no process tears the group down while another is still working
     accelerator.end_training()
 
 

@@ -82,6 +82,7 @@ def main() -> None:
     if rank == 0:
         print(f"student train accuracy {student_accuracy:.3f}")
         print(f"CRCD state identical on all {world} ranks: {bool(same)}")
+    dist.barrier()  # no rank tears the group down while another is still printing or reducing
     dist.destroy_process_group()
 
 

@@ -2,11 +2,12 @@
 
 Every choice is made on a validation split carved from the training data (20%), with teachers
 trained without those samples, on seeds that the demo's evaluation does not use (3 per setting).
-The search is greedy and staged so that it fits a shared 2-core machine (about 40 minutes): the
-teacher (by the validation accuracy of the KD students it teaches), the shared learning rate, the
-KD form, then each relational method's own knobs on top of the chosen KD (negatives, weight,
-temperature, negatives and anchors counts, symmetric), the gradient element's weight, the
-distillation schedule. The number of epochs is set by the demo's time budget. Each method gets a
+The search is greedy and staged so that it fits a 2-core machine (minutes, see docs/demo.md):
+the teacher (by the validation accuracy of the KD students it teaches), the shared learning rate,
+the KD form, then each relational method's own knobs on top of the chosen KD (CRD: negatives,
+weight, temperature, symmetric; CRCD: each source of negatives tuned on its own, negatives count,
+anchors and embedding size, weight, temperature, then the best source), the gradient element's
+weight, the distillation schedule. The number of epochs is set by the demo's time budget. Each method gets a
 search of its own, so every baseline is at its best too. Every score is appended to
 ``tune-scores.jsonl`` in ``--out`` as it is measured, and a rerun with the same ``--out`` reuses
 them; the winners are printed as Python to paste into ``crcd_plugin/demo/config.py``, and every
@@ -199,23 +200,31 @@ def tune(
     crd = search.best("crd symmetric", "crd", (crd, replace(crd, symmetric=not crd.symmetric)))
 
     # 4. CRCD feature element, within the demo's time budget (crcd_grad at most 2x crd per
-    #    epoch): the bank with first-write rows and one shared draw of negatives per step
-    #    (share_negatives, the shared-candidate kernels), one-sided. Measured per epoch with
-    #    benchmarks/demo_epoch.py on the 2-vCPU box: per-sample draws cost 7.5-8.6x crd, a
-    #    symmetric loss 2.5-3x, in-batch negatives with 32 anchors 8x; those are left out. Then the
-    #    number of negatives, anchors and embedding size, weight and temperature.
-    crcd = replace(
-        kd, beta=0.3, temperature=0.1, embed_dim=32, num_anchors=4, num_negatives=64,
-        share_negatives=True, symmetric=False,
-    )
-    crcd = search.best("crcd negatives", "crcd", (replace(crcd, num_negatives=k) for k in (64, 16, 256)))
-    crcd = search.best(
-        "crcd anchors/dim",
-        "crcd",
-        (replace(crcd, num_anchors=a, embed_dim=d) for a, d in ((4, 32), (8, 32), (4, 64))),
-    )
-    crcd = search.best("crcd beta", "crcd", (replace(crcd, beta=b) for b in (0.3, 1.0, 3.0)))
-    crcd = search.best("crcd tau", "crcd", (replace(crcd, temperature=t) for t in (0.1, 0.2)))
+    #    epoch), one-sided. Measured per epoch with benchmarks/demo_epoch.py on the 2-vCPU box:
+    #    per-sample bank draws cost 7.5-8.6x crd, a symmetric loss 2.5-3x, in-batch negatives
+    #    with 32 anchors 8x; those are left out. Where negatives come from is a structural
+    #    choice that the other knobs interact with (in-batch wants another weight than the bank),
+    #    so each source is tuned on its own (negatives count, anchors and embedding size, weight,
+    #    temperature) and the best of the tuned sources is taken: the bank with first-write rows
+    #    and one shared draw per step (share_negatives, the shared-candidate kernels), a queue,
+    #    the batch (1.6-2x crd at A = 4).
+    start = replace(kd, beta=0.3, temperature=0.1, embed_dim=32, num_anchors=4, num_negatives=64, symmetric=False)
+    sources = {
+        "bank": replace(start, share_negatives=True),
+        "queue": replace(start, negatives="queue", queue_size=1024),
+        "batch": replace(start, negatives="batch"),
+    }
+    for name, crcd in sources.items():
+        if name != "batch":  # in-batch negatives are the other B - 1 samples
+            crcd = search.best(f"crcd {name} K", "crcd", (replace(crcd, num_negatives=k) for k in (64, 16, 256)))
+        crcd = search.best(
+            f"crcd {name} anchors/dim",
+            "crcd",
+            (replace(crcd, num_anchors=a, embed_dim=d) for a, d in ((4, 32), (8, 32), (4, 64))),
+        )
+        crcd = search.best(f"crcd {name} beta", "crcd", (replace(crcd, beta=b) for b in (0.3, 1.0, 3.0)))
+        sources[name] = search.best(f"crcd {name} tau", "crcd", (replace(crcd, temperature=t) for t in (0.1, 0.2)))
+    crcd = search.best("crcd negatives", "crcd", sources.values())
 
     # 5. Gradient element on top of the chosen feature element: its own weight.
     crcd_grad = search.best("crcd_grad beta_grad", "crcd_grad", (replace(crcd, beta_grad=bg) for bg in (0.3, 1.0, 3.0)))
