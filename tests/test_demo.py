@@ -20,6 +20,7 @@ from crcd_plugin.demo.models import TEACHER_ARCHS, build_teacher  # noqa: E402
 from crcd_plugin.demo.train import (  # noqa: E402
     METHODS,
     MethodSettings,
+    RunResult,
     TeacherOutputs,
     TrainConfig,
     train_student,
@@ -148,3 +149,45 @@ def test_tuning_scores_are_stored_and_reused(tiny_setup, tmp_path: Path, monkeyp
     search = _Search(data, teacher, train, (0, 1), progress=False, scores_path=path)
     assert search.score("s", "kd", MethodSettings()) == first
     assert "| s | kd | fake |" in format_tuning_table(search.log)
+
+
+def test_tuning_leaves_out_candidates_over_the_time_budget(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, teacher = tiny_setup
+    search = _Search(data, teacher, TrainConfig(epochs=1, batch_size=64), (0,), progress=False)
+    # The best-scoring candidate is over budget (beta 3: 2.5x crd); the others fit.
+    ratios = {0.3: 1.5, 1.0: 1.9, 3.0: 2.5}
+    monkeypatch.setattr(_Search, "cost_ratio", lambda self, settings, crd: ratios[settings.beta])
+    scored = []
+
+    def score(self, stage, method, settings, train=None):
+        scored.append(settings.beta)
+        return settings.beta
+
+    monkeypatch.setattr(_Search, "score", score)
+    candidates = [MethodSettings(beta=b) for b in ratios]
+    winner = search.best("s", "crcd", candidates, budget=MethodSettings())
+    assert winner.beta == 1.0 and 3.0 not in scored  # never trained
+    assert "over the time budget: crcd_grad 2.50x crd" in format_tuning_table(search.log)
+    assert search.best("s", "crcd", candidates).beta == 3.0  # without a budget it wins
+    # Every candidate over budget: the cheapest is taken.
+    ratios.update({0.3: 2.2, 1.0: 2.1})
+    assert search.best("s", "crcd", candidates, budget=MethodSettings()).beta == 1.0
+
+
+def test_cost_ratio_times_crcd_grad_against_crd(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, teacher = tiny_setup
+    search = _Search(data, teacher, TrainConfig(epochs=1, batch_size=64), (0,), progress=False)
+    calls = []
+
+    def fake_train(method, data, teacher, train, settings, seed):
+        calls.append((method, train.epochs, settings.distill_until))
+        seconds = {"crd": 1.0, "crcd_grad": 3.0}[method]
+        return RunResult(method=method, seed=seed, acc=0.5, epoch_times=[seconds] * train.epochs)
+
+    monkeypatch.setattr("crcd_plugin.demo.train.train_student", fake_train)
+    ratio = search.cost_ratio(MethodSettings(distill_until=0.8), MethodSettings(distill_until=0.8))
+    assert ratio == pytest.approx(3.0)
+    assert {m for m, _, _ in calls} == {"crd", "crcd_grad"} and all(d == 1.0 for _, _, d in calls)
+    before = len(calls)
+    search.cost_ratio(MethodSettings(distill_until=0.8), MethodSettings(distill_until=0.8))
+    assert len(calls) == before  # cached for the run

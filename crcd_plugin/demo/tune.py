@@ -42,6 +42,12 @@ TEACHER_CANDIDATES = (
 )
 # The KD settings that score the teachers: the previous tuning run's KD (CE + 2 KD at T = 8).
 TEACHER_STAGE_KD = MethodSettings(alpha=2.0, kd_temperature=8.0)
+# The demo's time budget: a crcd_grad epoch costs at most this many crd epochs (both as tuned).
+TIME_BUDGET = 2.0
+# Timing of a candidate against the budget: rounds of this many epochs of crd and crcd_grad,
+# interleaved in one process, the fastest epoch of each (the least disturbed by other load; on the
+# shared 2-core box the ratio of medians moved by up to 0.2 between runs, of minima by less).
+BUDGET_ROUNDS, BUDGET_EPOCHS = 5, 2
 
 
 class _Search:
@@ -64,6 +70,7 @@ class _Search:
         self.teacher_name = teacher_name or teacher.arch
         self.data, self.teacher, self.train, self.seeds, self.progress = data, teacher, train, seeds, progress
         self.log: list[dict] = []
+        self.ratios: dict[str, float] = {}
         self.scores_path = scores_path
         self.stored: dict[str, tuple[list[float], float]] = {}
         if scores_path is not None and scores_path.exists():
@@ -116,17 +123,81 @@ class _Search:
         logger.info("%s %s lr=%g epochs=%d %s -> %.4f", stage, method, train.lr, train.epochs, settings, acc)
         return acc
 
-    def best(self, stage: str, method: str, candidates: Iterable[MethodSettings]) -> MethodSettings:
-        """The candidate with the best mean validation accuracy (the first one on a tie)."""
+    def cost_ratio(self, settings: MethodSettings, crd: MethodSettings) -> float:
+        """Epoch time of ``crcd_grad`` with the relation settings of ``settings``, over that of ``crd``.
+
+        Timed, not stored: it depends on the machine. Both run interleaved in this process (see
+        ``BUDGET_ROUNDS``); the ratio of their fastest epochs. Cached for the run.
+        """
+        from crcd_plugin.demo.train import train_student
+
+        key = json.dumps([dataclasses.asdict(settings), dataclasses.asdict(crd)], sort_keys=True)
+        if key not in self.ratios:
+            train = dataclasses.replace(self.train, epochs=BUDGET_EPOCHS)
+            # Timed epochs are distillation epochs whatever the schedule.
+            runs = {
+                "crd": dataclasses.replace(crd, distill_until=1.0),
+                "crcd_grad": dataclasses.replace(settings, distill_until=1.0),
+            }
+            times: dict[str, list[float]] = {m: [] for m in runs}
+            for r in range(BUDGET_ROUNDS):
+                for m, s in runs.items():
+                    times[m] += train_student(m, self.data, self.teacher, train, s, seed=r).epoch_times
+            self.ratios[key] = min(times["crcd_grad"]) / min(times["crd"])
+        return self.ratios[key]
+
+    def best(
+        self,
+        stage: str,
+        method: str,
+        candidates: Iterable[MethodSettings],
+        budget: Optional[MethodSettings] = None,
+    ) -> MethodSettings:
+        """The candidate with the best mean validation accuracy (the first one on a tie).
+
+        With ``budget`` (the chosen CRD's settings), candidates whose ``crcd_grad`` epoch costs
+        more than ``TIME_BUDGET`` CRD epochs are left out before they are scored (and logged as
+        such); if every candidate is over budget, the cheapest one is taken (so that a later stage
+        can still compare it, with the budget, against other branches).
+        """
         from tqdm.auto import tqdm
 
         candidates = list(candidates)
+        admitted = candidates
+        if budget is not None:
+            ratios = [self.cost_ratio(c, budget) for c in candidates]
+            admitted = [c for c, r in zip(candidates, ratios) if r <= TIME_BUDGET]
+            for cand, ratio in zip(candidates, ratios):
+                if ratio > TIME_BUDGET:
+                    self._log_over_budget(stage, method, cand, ratio)
+            if not admitted:
+                admitted = [candidates[min(range(len(candidates)), key=lambda i: ratios[i])]]
         scored = []
-        for cand in tqdm(candidates, desc=f"{stage} ({method})", disable=not self.progress, leave=False):
+        for cand in tqdm(admitted, desc=f"{stage} ({method})", disable=not self.progress, leave=False):
             scored.append((self.score(stage, method, cand), cand))
         acc, winner = max(scored, key=lambda t: t[0])
-        print(f"  {stage:<22} {method:<10} best val acc {acc:.4f} of {len(scored)} candidates", flush=True)
+        dropped = len(candidates) - len(admitted)
+        note = f" ({dropped} over the time budget)" if dropped else ""
+        print(f"  {stage:<22} {method:<10} best val acc {acc:.4f} of {len(scored)} candidates{note}", flush=True)
         return winner
+
+    def _log_over_budget(self, stage: str, method: str, settings: MethodSettings, ratio: float) -> None:
+        self.log.append(
+            {
+                "stage": stage,
+                "method": method,
+                "teacher": self.teacher_name,
+                "val_acc": float("nan"),
+                "val_accs": [],
+                "se": float("nan"),
+                "s_per_epoch": float("nan"),
+                "over_budget": ratio,
+                "lr": self.train.lr,
+                "epochs": self.train.epochs,
+                "settings": dataclasses.asdict(settings),
+            }
+        )
+        logger.info("%s %s %s: crcd_grad costs %.2fx crd, over the budget", stage, method, settings, ratio)
 
 
 def _choose_teacher(
@@ -183,32 +254,35 @@ def tune(
         ),
     )
 
-    # 3. CRD on top of the chosen KD: where negatives come from, then weight, temperature, symmetric.
-    crd = replace(kd, beta=1.0, temperature=0.1, num_negatives=256)
-    crd = search.best(
-        "crd negatives",
-        "crd",
-        (
-            crd,
-            replace(crd, num_negatives=64),
-            replace(crd, negatives="batch"),
-            replace(crd, negatives="queue", queue_size=1024, num_negatives=64),
-        ),
-    )
-    crd = search.best("crd beta", "crd", (replace(crd, beta=b) for b in (1.0, 0.3, 3.0)))
-    crd = search.best("crd tau", "crd", (replace(crd, temperature=t) for t in (0.1, 0.05, 0.2)))
+    # 3. CRD on top of the chosen KD, tuned the way CRCD is below (each source of negatives on its
+    #    own: negatives count, weight, temperature; then the best source), then symmetric.
+    crd_start = replace(kd, beta=1.0, temperature=0.1, num_negatives=64)
+    crd_sources = {
+        "bank": crd_start,
+        "queue": replace(crd_start, negatives="queue", queue_size=1024),
+        "batch": replace(crd_start, negatives="batch"),
+    }
+    for name, crd in crd_sources.items():
+        if name != "batch":  # in-batch negatives are the other B - 1 samples
+            crd = search.best(f"crd {name} K", "crd", (replace(crd, num_negatives=k) for k in (64, 256)))
+        crd = search.best(f"crd {name} beta", "crd", (replace(crd, beta=b) for b in (1.0, 0.3, 3.0)))
+        crd_sources[name] = search.best(
+            f"crd {name} tau", "crd", (replace(crd, temperature=t) for t in (0.1, 0.05, 0.2))
+        )
+    crd = search.best("crd negatives", "crd", crd_sources.values())
     crd = search.best("crd symmetric", "crd", (crd, replace(crd, symmetric=not crd.symmetric)))
 
-    # 4. CRCD feature element, within the demo's time budget (crcd_grad at most 2x crd per
-    #    epoch), one-sided. Measured per epoch with benchmarks/demo_epoch.py on the 2-vCPU box:
-    #    per-sample bank draws cost 7.5-8.6x crd, a symmetric loss 2.5-3x, in-batch negatives
-    #    with 32 anchors 8x; those are left out. Where negatives come from is a structural
-    #    choice that the other knobs interact with (in-batch wants another weight than the bank),
-    #    so each source is tuned on its own (negatives count, anchors and embedding size, weight,
+    # 4. CRCD feature element, one-sided, within the demo's time budget: a candidate whose
+    #    crcd_grad epoch costs more than TIME_BUDGET epochs of the chosen CRD is timed and left
+    #    out before it is scored (Search.best(budget=...)). Measured beforehand with
+    #    benchmarks/demo_epoch.py, per-sample bank draws (7.5-8.6x) and symmetric losses (2.5-3x)
+    #    never fit, so they are not offered. Where negatives come from is a structural choice that
+    #    the other knobs interact with (in-batch wants another weight than the bank), so each
+    #    source is tuned on its own (negatives count, anchors and embedding size, weight,
     #    temperature) and the best of the tuned sources is taken: the bank with first-write rows
     #    and one shared draw per step (share_negatives, the shared-candidate kernels), a queue,
-    #    the batch (1.6-2x crd at A = 4).
-    start = replace(kd, beta=0.3, temperature=0.1, embed_dim=32, num_anchors=4, num_negatives=64, symmetric=False)
+    #    the batch.
+    start = replace(kd, beta=0.3, temperature=0.1, embed_dim=32, num_anchors=2, num_negatives=64, symmetric=False)
     sources = {
         "bank": replace(start, share_negatives=True),
         "queue": replace(start, negatives="queue", queue_size=1024),
@@ -216,15 +290,19 @@ def tune(
     }
     for name, crcd in sources.items():
         if name != "batch":  # in-batch negatives are the other B - 1 samples
-            crcd = search.best(f"crcd {name} K", "crcd", (replace(crcd, num_negatives=k) for k in (64, 16, 256)))
+            crcd = search.best(
+                f"crcd {name} K", "crcd", (replace(crcd, num_negatives=k) for k in (64, 16, 256)), budget=crd
+            )
         crcd = search.best(
             f"crcd {name} anchors/dim",
             "crcd",
-            (replace(crcd, num_anchors=a, embed_dim=d) for a, d in ((4, 32), (8, 32), (4, 64))),
+            (replace(crcd, num_anchors=a, embed_dim=d) for a, d in ((2, 32), (2, 64), (4, 32), (4, 64), (8, 32))),
+            budget=crd,
         )
         crcd = search.best(f"crcd {name} beta", "crcd", (replace(crcd, beta=b) for b in (0.3, 1.0, 3.0)))
         sources[name] = search.best(f"crcd {name} tau", "crcd", (replace(crcd, temperature=t) for t in (0.1, 0.2)))
-    crcd = search.best("crcd negatives", "crcd", sources.values())
+    # A source all of whose candidates were over budget brings its cheapest one: not admitted here.
+    crcd = search.best("crcd negatives", "crcd", sources.values(), budget=crd)
 
     # 5. Gradient element on top of the chosen feature element: its own weight.
     crcd_grad = search.best("crcd_grad beta_grad", "crcd_grad", (replace(crcd, beta_grad=bg) for bg in (0.3, 1.0, 3.0)))
@@ -249,6 +327,12 @@ def format_tuning_table(log: Sequence[dict]) -> str:
     ]
     for e in log:
         changed = ", ".join(f"{k}={v}" for k, v in e["settings"].items() if v != default[k]) or "-"
+        if "over_budget" in e:  # timed, not scored
+            lines.append(
+                f"| {e['stage']} | {e['method']} | {e['teacher']} | {e['lr']:g} | {e['epochs']} | {changed} "
+                f"| over the time budget: crcd_grad {e['over_budget']:.2f}x crd | - | - |"
+            )
+            continue
         seconds = "-" if math.isnan(e["s_per_epoch"]) else f"{e['s_per_epoch']:.3f}"
         lines.append(
             f"| {e['stage']} | {e['method']} | {e['teacher']} | {e['lr']:g} | {e['epochs']} | {changed} "
