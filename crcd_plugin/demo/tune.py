@@ -200,6 +200,46 @@ class _Search:
         logger.info("%s %s %s: crcd_grad costs %.2fx crd, over the budget", stage, method, settings, ratio)
 
 
+# Settings whose value changes the cost of a step: a stage over them is timed against the budget.
+_COSTLY_KNOBS = {"num_negatives", "num_anchors", "embed_dim"}
+# CRCD's (anchors, embedding size) candidates.
+ANCHORS_AND_DIMS = ((2, 32), (2, 64), (4, 32), (4, 64), (8, 32))
+
+
+def _best_source(
+    search: _Search,
+    method: str,
+    start: MethodSettings,
+    stages: Sequence[tuple[str, Sequence[dict[str, Any]]]],
+    budget: Optional[MethodSettings] = None,
+    bank: Optional[dict[str, Any]] = None,
+) -> MethodSettings:
+    """Each source of negatives (bank, queue, batch) tuned on its own from ``start`` through
+    ``stages`` (stage name, candidate changes; a ``num_negatives`` stage is skipped in-batch, where
+    the negatives are the other ``B - 1`` samples), then the best tuned source.
+
+    ``bank`` is extra settings of the bank source. With ``budget`` (the chosen CRD), stages that
+    change the cost and the choice of source admit only candidates within the time budget; a
+    source all of whose candidates were over budget brings its cheapest one, which the last choice
+    does not admit.
+    """
+    replace = dataclasses.replace
+    sources = {
+        "bank": replace(start, **(bank or {})),
+        "queue": replace(start, negatives="queue", queue_size=1024),
+        "batch": replace(start, negatives="batch"),
+    }
+    for name, settings in sources.items():
+        for stage, changes in stages:
+            if name == "batch" and "num_negatives" in changes[0]:
+                continue
+            costly = budget if _COSTLY_KNOBS & changes[0].keys() else None
+            candidates = (replace(settings, **change) for change in changes)
+            settings = search.best(f"{method} {name} {stage}", method, candidates, budget=costly)
+        sources[name] = settings
+    return search.best(f"{method} negatives", method, sources.values(), budget=budget)
+
+
 def _choose_teacher(
     data: Dataset, teachers: dict[str, TeacherOutputs], train: TrainConfig, seeds: Sequence[int], progress: bool,
     scores_path: Optional[Path], log: list[dict],
@@ -256,20 +296,16 @@ def tune(
 
     # 3. CRD on top of the chosen KD, tuned the way CRCD is below (each source of negatives on its
     #    own: negatives count, weight, temperature; then the best source), then symmetric.
-    crd_start = replace(kd, beta=1.0, temperature=0.1, num_negatives=64)
-    crd_sources = {
-        "bank": crd_start,
-        "queue": replace(crd_start, negatives="queue", queue_size=1024),
-        "batch": replace(crd_start, negatives="batch"),
-    }
-    for name, crd in crd_sources.items():
-        if name != "batch":  # in-batch negatives are the other B - 1 samples
-            crd = search.best(f"crd {name} K", "crd", (replace(crd, num_negatives=k) for k in (64, 256)))
-        crd = search.best(f"crd {name} beta", "crd", (replace(crd, beta=b) for b in (1.0, 0.3, 3.0)))
-        crd_sources[name] = search.best(
-            f"crd {name} tau", "crd", (replace(crd, temperature=t) for t in (0.1, 0.05, 0.2))
-        )
-    crd = search.best("crd negatives", "crd", crd_sources.values())
+    crd = _best_source(
+        search,
+        "crd",
+        replace(kd, beta=1.0, temperature=0.1, num_negatives=64),
+        (
+            ("K", [{"num_negatives": k} for k in (64, 256)]),
+            ("beta", [{"beta": b} for b in (1.0, 0.3, 3.0)]),
+            ("tau", [{"temperature": t} for t in (0.1, 0.05, 0.2)]),
+        ),
+    )
     crd = search.best("crd symmetric", "crd", (crd, replace(crd, symmetric=not crd.symmetric)))
 
     # 4. CRCD feature element, one-sided, within the demo's time budget: a candidate whose
@@ -282,27 +318,19 @@ def tune(
     #    temperature) and the best of the tuned sources is taken: the bank with first-write rows
     #    and one shared draw per step (share_negatives, the shared-candidate kernels), a queue,
     #    the batch.
-    start = replace(kd, beta=0.3, temperature=0.1, embed_dim=32, num_anchors=2, num_negatives=64, symmetric=False)
-    sources = {
-        "bank": replace(start, share_negatives=True),
-        "queue": replace(start, negatives="queue", queue_size=1024),
-        "batch": replace(start, negatives="batch"),
-    }
-    for name, crcd in sources.items():
-        if name != "batch":  # in-batch negatives are the other B - 1 samples
-            crcd = search.best(
-                f"crcd {name} K", "crcd", (replace(crcd, num_negatives=k) for k in (64, 16, 256)), budget=crd
-            )
-        crcd = search.best(
-            f"crcd {name} anchors/dim",
-            "crcd",
-            (replace(crcd, num_anchors=a, embed_dim=d) for a, d in ((2, 32), (2, 64), (4, 32), (4, 64), (8, 32))),
-            budget=crd,
-        )
-        crcd = search.best(f"crcd {name} beta", "crcd", (replace(crcd, beta=b) for b in (0.3, 1.0, 3.0)))
-        sources[name] = search.best(f"crcd {name} tau", "crcd", (replace(crcd, temperature=t) for t in (0.1, 0.2)))
-    # A source all of whose candidates were over budget brings its cheapest one: not admitted here.
-    crcd = search.best("crcd negatives", "crcd", sources.values(), budget=crd)
+    crcd = _best_source(
+        search,
+        "crcd",
+        replace(kd, beta=0.3, temperature=0.1, embed_dim=32, num_anchors=2, num_negatives=64, symmetric=False),
+        (
+            ("K", [{"num_negatives": k} for k in (64, 16, 256)]),
+            ("anchors/dim", [{"num_anchors": a, "embed_dim": d} for a, d in ANCHORS_AND_DIMS]),
+            ("beta", [{"beta": b} for b in (0.3, 1.0, 3.0)]),
+            ("tau", [{"temperature": t} for t in (0.1, 0.2)]),
+        ),
+        budget=crd,
+        bank={"share_negatives": True},
+    )
 
     # 5. Gradient element on top of the chosen feature element: its own weight.
     crcd_grad = search.best("crcd_grad beta_grad", "crcd_grad", (replace(crcd, beta_grad=bg) for bg in (0.3, 1.0, 3.0)))

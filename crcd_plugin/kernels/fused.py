@@ -205,10 +205,9 @@ def _diagonal_cross_entropy(scores: torch.Tensor) -> torch.Tensor:
     log-sum-exp and a diagonal, whose backward writes a zero tensor of the scores' size). The
     scores are anchor-major in memory (see :func:`shared_scores`), so the rows are a view.
     """
-    batch, num_anchors, num_candidates = scores.shape
-    rows = scores.transpose(0, 1).reshape(num_anchors * batch, num_candidates)  # row (j, b)
-    targets = torch.arange(batch, device=scores.device).repeat(num_anchors)
-    return F.cross_entropy(rows, targets, reduction="none").view(num_anchors, batch).T
+    batch = scores.shape[0]
+    targets = torch.arange(batch, device=scores.device)  # sample b's positive is column b
+    return _anchor_major_cross_entropy(scores.transpose(0, 1), targets)
 
 
 def _separate_positive_cross_entropy(positive: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -218,11 +217,18 @@ def _separate_positive_cross_entropy(positive: torch.Tensor, scores: torch.Tenso
     2x faster in forward and backward than a log-sum-exp, a ``logaddexp`` and a subtraction, whose
     backward passes make several tensors of the scores' size).
     """
-    batch, num_anchors, _ = scores.shape
     rows = torch.cat([positive.T[:, :, None], scores.transpose(0, 1)], dim=-1)  # [A, B, 1 + M]
-    rows = rows.reshape(num_anchors * batch, -1)
-    targets = torch.zeros(num_anchors * batch, dtype=torch.long, device=scores.device)
-    return F.cross_entropy(rows, targets, reduction="none").view(num_anchors, batch).T
+    targets = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # the positive first
+    return _anchor_major_cross_entropy(rows, targets)
+
+
+def _anchor_major_cross_entropy(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of anchor-major scores ``rows [A, B, C]`` with sample ``b``'s target
+    column ``targets[b]`` for every anchor: ``[B, A]``."""
+    num_anchors, batch, num_columns = rows.shape
+    flat = rows.reshape(num_anchors * batch, num_columns)  # row (j, b); a view where rows allow
+    loss = F.cross_entropy(flat, targets.repeat(num_anchors), reduction="none")
+    return loss.view(num_anchors, batch).T
 
 
 def _shared_scores(
