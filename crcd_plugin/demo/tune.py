@@ -4,11 +4,11 @@ Every choice is made on a validation split carved from the training data (20%), 
 trained without those samples, on seeds that the demo's evaluation does not use (3 per setting).
 The search is greedy and staged so that it fits a 2-core machine (minutes, see docs/demo.md):
 the teacher (by the validation accuracy of the KD students it teaches), the shared learning rate,
-the KD form, then each relational method's own knobs on top of the chosen KD (CRD: negatives,
-weight, temperature, symmetric; CRCD: each source of negatives tuned on its own, negatives count,
-anchors and embedding size, weight, temperature, then the best source), the gradient element's
-weight, the distillation schedule. The number of epochs is set by the demo's time budget. Each method gets a
-search of its own, so every baseline is at its best too. Every score is appended to
+the KD form, then each relational method's own knobs on top of the chosen KD (each source of
+negatives tuned on its own: negatives count, for CRCD anchors and embedding size, weight,
+temperature; then the best source; CRD also symmetric; CRCD only within the time budget), the
+gradient element's weight, the distillation schedule. The number of epochs is set by the demo's
+time budget. Each method gets a search of its own, so every baseline is at its best too. Every score is appended to
 ``tune-scores.jsonl`` in ``--out`` as it is measured, and a rerun with the same ``--out`` reuses
 them; the winners are printed as Python to paste into ``crcd_plugin/demo/config.py``, and every
 candidate goes to ``tune.json`` and ``tune.md``.
