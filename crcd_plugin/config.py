@@ -23,6 +23,7 @@ MemoryInit = Literal["first_write", "cold"]
 SelfAnchor = Literal["keep", "mask"]
 OnNonfinite = Literal["raise", "skip"]
 ScheduleKind = Literal["step", "linear", "constant"]
+GradientNormalization = Literal["none", "sample", "batch"]
 
 EMBED_HEADS = ("linear", "mlp", "identity")
 NEGATIVE_KINDS = ("bank", "queue", "batch")
@@ -31,6 +32,7 @@ MEMORY_INITS = ("first_write", "cold")
 SELF_ANCHOR_MODES = ("keep", "mask")
 NONFINITE_MODES = ("raise", "skip")
 SCHEDULE_KINDS = ("step", "linear", "constant")
+GRADIENT_NORMALIZATIONS = ("none", "sample", "batch")
 BACKENDS = ("auto", "eager", "compile", "naive", "triton")
 
 # The reference draws K = 500 negatives per sample from its memory bank.
@@ -106,10 +108,10 @@ class RelationConfig:
         True
     """
 
-    embed_dim: int = 128
+    embed_dim: int = 64
     embed_head: EmbedHeadKind = "linear"
     embed_hidden_dim: Optional[int] = None
-    temperature: float = 0.05
+    temperature: float = 0.1
     objective: Optional[ObjectiveKind] = None
     negatives: Optional[NegativeKind] = None
     num_negatives: Optional[int] = None
@@ -118,9 +120,9 @@ class RelationConfig:
     memory_init: Optional[MemoryInit] = None
     share_negatives: bool = False
     shard_memory: bool = False
-    num_anchors: Optional[int] = 500
+    num_anchors: Optional[int] = 2
     self_anchor: SelfAnchor = "keep"
-    symmetric: bool = True
+    symmetric: bool = False
     train_teacher_embedding: bool = False
     anchored: bool = True
     eps: float = 1e-6
@@ -168,7 +170,7 @@ class RelationConfig:
         """The authors' relation settings: NCE, every batch sample an anchor, a cold bank (a queue of
         4096 where there is no dataset index)."""
         settings: dict = dict(
-            objective="nce", num_anchors=None, memory_init="cold", temperature=0.05, embed_dim=128,
+            objective="nce", num_anchors=None, memory_init="cold", temperature=0.05, embed_dim=128, symmetric=True,
             queue_size=REFERENCE_QUEUE_SIZE,  # without dataset indices the reference stand-in is a queue of 4096
         )
         settings.update(changes)
@@ -219,6 +221,9 @@ class CRCDConfig:
         feature_weight: Weight of the CRCD feature element (paper: beta; 0 turns it off).
         gradient_element: Also distil the relations of the CE gradients w.r.t. the features.
         gradient_weight: Weight of the CRCD gradient element.
+        gradient_normalization: Rescaling of the gradient element before its embedding head:
+            ``"sample"`` (each row unit-norm), ``"batch"`` (the batch divided by its RMS row norm)
+            or ``"none"`` (the reference).
         label_smoothing: Label smoothing of the task CE (and of the CE whose gradient is taken).
         warmup_steps: Ramp ``w`` linearly over the first training steps (0: off).
         schedule: ``"constant"`` (``w = 1``), ``"step"`` (the reference: 0 from ``schedule_until``
@@ -238,12 +243,13 @@ class CRCDConfig:
         'nce'
     """
 
-    task_weight: float = 1.0
-    kd_weight: float = 0.9
-    kd_temperature: float = 4.0
-    feature_weight: float = 1.0
+    task_weight: float = 0.5
+    kd_weight: float = 0.5
+    kd_temperature: float = 1.0
+    feature_weight: float = 0.3
     gradient_element: bool = False
     gradient_weight: float = 1.0
+    gradient_normalization: GradientNormalization = "none"
     label_smoothing: float = 0.0
     warmup_steps: int = 0
     schedule: ScheduleKind = "constant"
@@ -262,6 +268,7 @@ class CRCDConfig:
             raise ValueError(f"{owner}.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"{owner}.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        check_choice(f"{owner}.gradient_normalization", self.gradient_normalization, GRADIENT_NORMALIZATIONS)
         check_choice(f"{owner}.schedule", self.schedule, SCHEDULE_KINDS)
         if not 0.0 <= self.schedule_start < self.schedule_until <= 1.0:
             raise ValueError(
@@ -285,6 +292,7 @@ class CRCDConfig:
             kd_temperature=4.0,
             feature_weight=1.0,
             gradient_weight=1.0,
+            gradient_normalization="none",
             schedule="step",
             schedule_until=0.96,
             relation=RelationConfig.reference(),

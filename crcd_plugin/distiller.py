@@ -36,6 +36,7 @@ from .functional import kd_loss
 from .gradients import student_gradient_element, teacher_gradient_element
 from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
 from .loss import CRCDLoss
+from .monitor import ExplosionMonitor
 from .presets import PRESETS, Preset, default_negatives, distiller_preset
 
 _logger = logging.getLogger(__name__)
@@ -48,6 +49,22 @@ ScheduleKind = Literal["step", "linear", "constant"]
 # (model, model input) -> position of the token the model classifies, [B] or one int for all rows.
 TokenSelector = Callable[[nn.Module, Any], Union[int, torch.Tensor]]
 _SCHEDULE_KINDS: Tuple[str, ...] = ("step", "linear", "constant")
+GRADIENT_NORMALIZATIONS = ("none", "sample", "batch")
+
+
+def normalize_gradient_element(gradient: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rescale the gradient element ``[B, D]`` before its embedding head.
+
+    A confident teacher's ``dCE/df`` has norms of 1e-5 to 1e-4: through a linear embedding head
+    with a bias every row lands on the bias, and the relations carry nothing. ``"sample"`` makes
+    each row unit-norm (its direction is the signal); ``"batch"`` divides the batch by its RMS row
+    norm (relative sizes kept); ``"none"`` is the reference.
+    """
+    if mode == "sample":
+        return F.normalize(gradient, dim=-1, eps=1e-30)
+    if mode == "batch":
+        return gradient / gradient.pow(2).sum(-1).mean().sqrt().clamp_min(1e-30)
+    return gradient
 
 
 class DistillSchedule(nn.Module):
@@ -254,6 +271,7 @@ class CRCDDistiller(nn.Module):
         teacher_transform: Optional[Callable[[Any], Any]] = None,
         warmup_steps: Optional[int] = None,
         preset: Preset = "default",
+        gradient_normalization: str = "none",
     ) -> None:
         super().__init__()
         check_choice("preset", preset, PRESETS)
@@ -319,9 +337,12 @@ class CRCDDistiller(nn.Module):
         self.teacher_transform = teacher_transform
         self.preset = preset
         self.warmup_steps = warmup_steps
+        check_choice("gradient_normalization", gradient_normalization, GRADIENT_NORMALIZATIONS)
+        self.gradient_normalization = gradient_normalization
         # Training-mode forward calls so far, for the warm-up; a buffer so that it resumes exactly.
         self.register_buffer("warmup_progress", torch.zeros((), dtype=torch.long))
         self._warned_batch_of_one = False
+        self.monitor = ExplosionMonitor()
         self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options, preset)
         self.crcd_feature = None
         self.crcd_gradient = None
@@ -452,7 +473,7 @@ class CRCDDistiller(nn.Module):
                             "fill_memory cannot compute the gradient element of a non-linear classifier head "
                             "inside torch.inference_mode(); call it outside inference mode"
                         )
-                    self.crcd_gradient.fill_memory(self._reduce(g_s), self._reduce(g_t), index)
+                    self.crcd_gradient.fill_memory(self._gradient_rows(g_s), self._gradient_rows(g_t), index)
         finally:
             self.train(was_training)
         return self
@@ -602,6 +623,10 @@ class CRCDDistiller(nn.Module):
             x = pool_feature(x, self.feature_pool)
         return x.flatten(1) if x.dim() > 2 else x
 
+    def _gradient_rows(self, gradient: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` rows of the gradient element, rescaled before the embedding head."""
+        return normalize_gradient_element(self._reduce(gradient), self.gradient_normalization)
+
     def set_progress(self, step: int) -> None:
         """Advance the distillation schedule to ``step`` (no-op without a schedule)."""
         if self.schedule is not None:
@@ -698,15 +723,25 @@ class CRCDDistiller(nn.Module):
                     logits=head_logits_t, label_smoothing=self.label_smoothing,
                 )
                 assert g_t is not None  # None only in inference mode, where g_s is None too
-                gradient_loss = self.crcd_gradient(self._reduce(g_s), self._reduce(g_t), index)
+                gradient_loss = self.crcd_gradient(self._gradient_rows(g_s), self._gradient_rows(g_t), index)
         feature_loss = zero
         if self.crcd_feature is not None and relations:
             feature_loss = self.crcd_feature(self._reduce(f_s), self._reduce(f_t), index)
 
         weight = self._distill_weight()
         distill = self.alpha * kd + self.beta * feature_loss + self.gradient_weight * gradient_loss
+        if self.training and torch.is_grad_enabled():
+            self._observe(f_s, kd, feature_loss, gradient_loss)
         loss = self.gamma * task_loss + weight * distill
         return self._losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
+
+    def _observe(self, feature: torch.Tensor, kd, feature_loss, gradient_loss) -> None:
+        """Hand the step's active terms, and the student feature's gradient norm, to the monitor."""
+        terms = {"kd_loss": kd, "crcd_feature_loss": feature_loss, "crcd_gradient_loss": gradient_loss}
+        weights = {"kd_loss": self.alpha, "crcd_feature_loss": self.crcd_feature, "crcd_gradient_loss": self.crcd_gradient}
+        self.monitor.observe({name: value for name, value in terms.items() if weights[name]})
+        if feature.requires_grad:
+            feature.register_hook(lambda grad: self.monitor.observe_gradient("student_feature_grad_norm", grad))
 
     def _has_relations(self, batch: int) -> bool:
         """Relations need two samples; a batch of one (a ragged last batch) gets CE and KD only."""

@@ -17,15 +17,14 @@ pytest.importorskip("tqdm")
 from crcd_plugin.demo.__main__ import main  # noqa: E402
 from crcd_plugin.demo.data import DataConfig, load_dataset  # noqa: E402
 from crcd_plugin.demo.models import TEACHER_ARCHS, build_teacher  # noqa: E402
+from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.demo.train import (  # noqa: E402
     METHODS,
-    MethodSettings,
-    RunResult,
     TeacherOutputs,
     TrainConfig,
+    method_config,
     train_student,
 )
-from crcd_plugin.demo.tune import _Search, format_tuning_table  # noqa: E402
 
 TINY = ["--num-train", "400", "--num-test", "200", "--epochs", "2", "--seeds", "2", "--no-progress"]
 
@@ -91,9 +90,8 @@ def test_methods_share_initialisation_and_data_order(cache: Path) -> None:
     # KD with weight 0 is CE: equal accuracy curves mean equal init and equal batches for a seed.
     data = load_dataset(DataConfig(num_train=300, num_test=100), cache)
     train = TrainConfig(epochs=2, batch_size=64)
-    ce = train_student("ce", data, None, train, MethodSettings(), seed=3)
-    fake = TeacherOutputs(torch.randn(300, 10), torch.randn(300, 8), torch.randn(10, 8), 0.0, "fake")
-    kd = train_student("kd", data, fake, train, MethodSettings(alpha=0.0), seed=3)
+    ce = train_student("ce", data, None, train, CRCDConfig(), seed=3)
+    kd = train_student("kd", data, _fake_teacher(300), train, CRCDConfig(kd_weight=0.0), seed=3)
     assert ce.curve == kd.curve
 
 
@@ -122,72 +120,51 @@ def test_demo_runs_with_another_teacher(tmp_path: Path, cache: Path) -> None:
     assert "maxpool" in results["teacher"]["arch"] and results["config"]["teacher"]["arch"] == "maxpool"
 
 
+def _fake_teacher(num_train: int) -> TeacherOutputs:
+    head = torch.nn.Linear(8, 10).requires_grad_(False)
+    features = torch.randn(num_train, 8)
+    return TeacherOutputs(head(features), features, head, 0.0, "fake")
+
+
 @pytest.fixture
 def tiny_setup(cache: Path):
     data = load_dataset(DataConfig(num_train=300, num_test=100), cache)
-    teacher = TeacherOutputs(torch.randn(300, 10), torch.randn(300, 8), torch.randn(10, 8), 0.0, "fake")
-    return data, teacher
+    return data, _fake_teacher(300)
 
 
 @pytest.mark.parametrize("negatives", ["bank", "queue", "batch"])
 def test_relational_methods_train_with_each_negatives_mode(tiny_setup, negatives: str) -> None:
     data, teacher = tiny_setup
-    settings = MethodSettings(negatives=negatives, num_negatives=16, queue_size=128)
-    run = train_student("crcd_grad", data, teacher, TrainConfig(epochs=1, batch_size=64), settings, seed=0)
+    relation = RelationConfig(negatives=negatives, num_negatives=None if negatives == "batch" else 16, queue_size=128)
+    config = CRCDConfig(relation=relation)
+    run = train_student(
+        "crcd_grad", data, teacher, TrainConfig(epochs=1, batch_size=64), config, seed=0, num_samples=negatives == "bank"
+    )
     assert 0.0 <= run.acc <= 1.0
 
 
-def test_tuning_scores_are_stored_and_reused(tiny_setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data, teacher = tiny_setup
-    train, path = TrainConfig(epochs=1, batch_size=64), tmp_path / "scores.jsonl"
-    first = _Search(data, teacher, train, (0, 1), progress=False, scores_path=path).score("s", "kd", MethodSettings())
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a stored score must not be trained again")
-
-    monkeypatch.setattr("crcd_plugin.demo.train.train_student", refuse)
-    search = _Search(data, teacher, train, (0, 1), progress=False, scores_path=path)
-    assert search.score("s", "kd", MethodSettings()) == first
-    assert "| s | kd | fake |" in format_tuning_table(search.log)
+def test_each_method_is_the_library_config_with_its_terms():
+    base = CRCDConfig()
+    assert method_config("ce", base) is None
+    assert method_config("kd", base).feature_weight == 0.0 and not method_config("kd", base).gradient_element
+    assert method_config("crd", base).relation.anchored is False
+    assert method_config("crcd", base) == base.replace(gradient_element=False)
+    assert method_config("crcd_grad", base).gradient_element is True
+    with pytest.raises(ValueError, match="method"):
+        method_config("dkd", base)
 
 
-def test_tuning_leaves_out_candidates_over_the_time_budget(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    data, teacher = tiny_setup
-    search = _Search(data, teacher, TrainConfig(epochs=1, batch_size=64), (0,), progress=False)
-    # The best-scoring candidate is over budget (beta 3: 2.5x crd); the others fit.
-    ratios = {0.3: 1.5, 1.0: 1.9, 3.0: 2.5}
-    monkeypatch.setattr(_Search, "cost_ratio", lambda self, settings, crd: ratios[settings.beta])
-    scored = []
+def test_the_demo_trains_through_the_distiller(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    import crcd_plugin
 
-    def score(self, stage, method, settings, train=None):
-        scored.append(settings.beta)
-        return settings.beta
-
-    monkeypatch.setattr(_Search, "score", score)
-    candidates = [MethodSettings(beta=b) for b in ratios]
-    winner = search.best("s", "crcd", candidates, budget=MethodSettings())
-    assert winner.beta == 1.0 and 3.0 not in scored  # never trained
-    assert "over the time budget: crcd_grad 2.50x crd" in format_tuning_table(search.log)
-    assert search.best("s", "crcd", candidates).beta == 3.0  # without a budget it wins
-    # Every candidate over budget: the cheapest is taken.
-    ratios.update({0.3: 2.2, 1.0: 2.1})
-    assert search.best("s", "crcd", candidates, budget=MethodSettings()).beta == 1.0
-
-
-def test_cost_ratio_times_crcd_grad_against_crd(tiny_setup, monkeypatch: pytest.MonkeyPatch) -> None:
-    data, teacher = tiny_setup
-    search = _Search(data, teacher, TrainConfig(epochs=1, batch_size=64), (0,), progress=False)
     calls = []
+    original = crcd_plugin.CRCDDistiller.forward
 
-    def fake_train(method, data, teacher, train, settings, seed):
-        calls.append((method, train.epochs, settings.distill_until))
-        seconds = {"crd": 1.0, "crcd_grad": 3.0}[method]
-        return RunResult(method=method, seed=seed, acc=0.5, epoch_times=[seconds] * train.epochs)
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr("crcd_plugin.demo.train.train_student", fake_train)
-    ratio = search.cost_ratio(MethodSettings(distill_until=0.8), MethodSettings(distill_until=0.8))
-    assert ratio == pytest.approx(3.0)
-    assert {m for m, _, _ in calls} == {"crd", "crcd_grad"} and all(d == 1.0 for _, _, d in calls)
-    before = len(calls)
-    search.cost_ratio(MethodSettings(distill_until=0.8), MethodSettings(distill_until=0.8))
-    assert len(calls) == before  # cached for the run
+    monkeypatch.setattr(crcd_plugin.CRCDDistiller, "forward", counting)
+    data, teacher = tiny_setup
+    train_student("crcd", data, teacher, TrainConfig(epochs=1, batch_size=100), CRCDConfig(), seed=0)
+    assert len(calls) == 3  # one distiller step per batch of the epoch

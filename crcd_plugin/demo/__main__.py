@@ -24,7 +24,7 @@ def default_cache_dir() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The demo's argument parser (shared with ``--tune``)."""
+    """The demo's argument parser."""
     from crcd_plugin.demo.models import TEACHER_ARCHS
     from crcd_plugin.demo.train import METHODS
 
@@ -36,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds; default 5, --quick 3")
     p.add_argument("--first-seed", type=int, default=0, help="seeds run from here (e.g. for a fresh replication)")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (default: tuned value)")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (default 40, --quick 12)")
     p.add_argument(
         "--teacher",
         choices=TEACHER_ARCHS,
         default=None,
-        help="teacher architecture (default: the one the tuning run chose; student settings stay tuned for it)",
+        help="teacher architecture (default: strided, the flattened-conv-map teacher)",
     )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list out of {','.join(METHODS)}")
     p.add_argument("--out", type=Path, default=Path("crcd-demo-results"), help="output folder")
@@ -55,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the dataset/teacher cache")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--tune", action="store_true", help="run the tuning grid instead (python -m crcd_plugin.demo.tune)")
     p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")
     return p
 
@@ -122,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     prepared = time.perf_counter() - started
     print(f"{data_cfg.name}: {len(data.y_train)} train / {len(data.y_test)} test, teacher test acc {teacher.acc:.4f} "
           f"({prepared:.1f} s for data + teacher)", flush=True)
-    runs = run_methods(data, teacher, train, config.DEFAULT_SETTINGS, methods, seeds, progress=progress)
+    runs = run_methods(data, teacher, train, config.DEMO_CONFIG, methods, seeds, progress=progress)
     summary = summarize(runs)
     results = {
         "dataset": data_cfg.name,
@@ -134,11 +133,12 @@ def run_demo(args: argparse.Namespace) -> dict:
             "teacher": dataclasses.asdict(teacher_cfg),
             "train": dataclasses.asdict(train),
             "student_arch": f"mlp {data.input_dim}-{'-'.join(map(str, train.hidden))}-{data.num_classes}",
-            "methods": {m: dataclasses.asdict(config.DEFAULT_SETTINGS[m]) for m in methods},
+            "crcd_config": dataclasses.asdict(config.DEMO_CONFIG),
+            "methods": list(methods),
             "seeds": list(seeds),
             "threads": torch.get_num_threads(),
-            "teacher_outputs": "precomputed once over the training set (teacher frozen); relation terms via "
-            "CRCDLoss and crcd_plugin.gradients",
+            "teacher_outputs": "precomputed once over the training set (teacher frozen); every method but ce "
+            "trains through CRCDDistiller",
         },
         "wall_time_s": time.perf_counter() - started,
     }
@@ -160,12 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Denormal floats slow CPU kernels down by orders of magnitude; the relation loss can produce them.
     torch.set_flush_denormal(True)
     try:
-        if args.tune:
-            from crcd_plugin.demo.tune import run_tuning
-
-            run_tuning(args)
-        else:
-            run_demo(args)
+        run_demo(args)
     except ValueError as error:
         print(f"crcd-demo: error: {error}", file=sys.stderr)
         return 2

@@ -8,9 +8,9 @@ import statistics
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from crcd_plugin.config import CRCDConfig
 from crcd_plugin.demo.data import DataConfig, Dataset, load_dataset, split_validation
 from crcd_plugin.demo.train import (
-    MethodSettings,
     RunResult,
     TeacherConfig,
     TeacherOutputs,
@@ -61,7 +61,7 @@ def run_methods(
     data: Dataset,
     teacher: TeacherOutputs,
     train: TrainConfig,
-    settings: Mapping[str, MethodSettings],
+    config: CRCDConfig,
     methods: Sequence[str],
     seeds: Sequence[int],
     progress: bool = True,
@@ -84,7 +84,7 @@ def run_methods(
                     bar.update(1)
                     bar.set_postfix_str(f"{label} acc {acc:.3f}")
 
-                run = train_student(method, data, teacher, train, settings[method], seed, on_epoch=tick)
+                run = train_student(method, data, teacher, train, config, seed, on_epoch=tick)
                 results[method].append(run)
                 logger.info("%s seed %d: acc %.4f, %.3f s/epoch", method, seed, run.acc, run.time_per_epoch)
     return results

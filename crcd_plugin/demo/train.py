@@ -1,10 +1,9 @@
 """Training loops of the demo: the teacher once (cached on disk), then each student method.
 
-Students train on precomputed teacher outputs: the teacher is frozen, so its logits and
-penultimate features over the training set are computed once, and a student step costs only the
-student and the loss terms. The loss terms are the library's own pieces, ``functional.kd_loss``,
-``CRCDLoss`` and ``gradients`` (what ``CRCDDistiller`` combines), used directly on the precomputed
-teacher outputs so that no step pays for a teacher forward.
+Students train through ``CRCDDistiller``, the path a user's loop takes. The teacher is frozen, so
+its penultimate features over the training set are computed once and stand behind its own
+classifier (``_PrecomputedTeacher``): the distiller's hooks see exactly what a live teacher gives,
+and a student step pays for the student and the loss terms only.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crcd_plugin.config import CRCDConfig
 from crcd_plugin.demo.data import DataConfig, Dataset
 from crcd_plugin.demo.models import StudentMLP, Teacher, build_teacher
-from crcd_plugin.functional import kd_loss
 
 logger = logging.getLogger(__name__)
 
@@ -69,54 +67,6 @@ class TrainConfig:
     weight_decay: float = 1e-4
 
 
-@dataclass(frozen=True)
-class MethodSettings:
-    """Loss settings of one method; which fields matter depends on the method.
-
-    Args:
-        gamma: Weight of the cross-entropy term (every method but ``ce``, where it is 1).
-        alpha: Weight of the KD term (``kd`` and every relational method).
-        kd_temperature: KD softmax temperature.
-        beta: Weight of the relation term on features (CRD or CRCD).
-        beta_grad: Weight of the relation term on gradients (``crcd_grad`` only).
-        distill_until: Fraction of training with the distillation terms on; afterwards CE alone
-            (the paper's ``w(t)`` schedule; 1.0 keeps them on throughout).
-        temperature: Relation-loss temperature ``tau``.
-        embed_dim: Embedding size ``d`` of the relation heads.
-        negatives: Where negatives come from: ``"bank"`` (one memory row per training sample),
-            ``"queue"`` (the last ``queue_size`` embeddings) or ``"batch"`` (the other samples).
-        num_negatives: Negatives ``K`` per sample: drawn from the bank, or a random subset of the
-            queue (``K >= queue_size`` takes the whole queue); ignored with ``"batch"``.
-        num_anchors: Anchors ``A`` per batch (``None``: the whole batch; ignored by CRD).
-        objective: ``"nce"`` or ``"infonce"``.
-        momentum: Memory-bank momentum.
-        memory_init: Memory bank's start, ``"first_write"`` (rows right from their first write)
-            or ``"cold"`` (the reference: random rows, blended into by the first write).
-        symmetric: Add the teacher-side relation loss (``CRCDLoss(symmetric=...)``).
-        queue_size: Queue length for ``negatives="queue"``.
-        share_negatives: Bank: draw the ``K`` negatives once per step for the whole batch
-            (``CRCDLoss(share_negatives=True)``, the shared-candidate kernels) instead of per sample.
-    """
-
-    gamma: float = 1.0
-    alpha: float = 1.0
-    kd_temperature: float = 4.0
-    beta: float = 0.5
-    beta_grad: float = 0.5
-    distill_until: float = 1.0
-    temperature: float = 0.1
-    embed_dim: int = 64
-    num_negatives: int = 256
-    num_anchors: Optional[int] = 8
-    objective: str = "infonce"
-    momentum: float = 0.5
-    negatives: str = "bank"
-    memory_init: str = "first_write"
-    symmetric: bool = True
-    queue_size: int = 1024
-    share_negatives: bool = False
-
-
 @dataclass
 class RunResult:
     """Outcome of one student (or teacher) run."""
@@ -139,12 +89,12 @@ class TeacherOutputs:
     """Frozen teacher outputs over the training set, computed once.
 
     Shape:
-        logits [N, C], features [N, Dt]; ``head_weight`` [C, Dt].
+        logits [N, C], features [N, Dt]; ``head`` maps ``[B, Dt] -> [B, C]``.
     """
 
     logits: torch.Tensor
     features: torch.Tensor
-    head_weight: torch.Tensor
+    head: nn.Linear
     acc: float
     arch: str
 
@@ -226,43 +176,53 @@ def train_teacher(
 def teacher_outputs(teacher: Teacher, data: Dataset, acc: float) -> TeacherOutputs:
     """Precompute the frozen teacher's logits and penultimate features over the training set."""
     feats = teacher.features(data.x_train)
-    return TeacherOutputs(
-        logits=teacher.fc(feats),
-        features=feats,
-        head_weight=teacher.fc.weight.detach().clone(),
-        acc=acc,
-        arch=str(teacher.arch),
-    )
+    head = nn.Linear(teacher.fc.in_features, teacher.fc.out_features)
+    head.load_state_dict(teacher.fc.state_dict())
+    head.requires_grad_(False)
+    return TeacherOutputs(logits=head(feats), features=feats, head=head, acc=acc, arch=str(teacher.arch))
 
 
-def _relation_loss(
-    student_dim: int, teacher_dim: int, num_samples: int, cfg: MethodSettings, anchored: bool
-) -> nn.Module:
-    from crcd_plugin.loss import CRCDLoss
+class _IndexedStudent(nn.Module):
+    """The student behind a keyword interface, so that a batch can carry its dataset index."""
 
-    negatives: dict = {"negatives": cfg.negatives}
-    if cfg.negatives == "bank":
-        negatives.update(num_samples=num_samples, num_negatives=cfg.num_negatives, momentum=cfg.momentum)
-        negatives.update(memory_init=cfg.memory_init, share_negatives=cfg.share_negatives)
-    elif cfg.negatives == "queue":
-        subset = cfg.num_negatives if cfg.num_negatives < cfg.queue_size else None
-        negatives.update(queue_size=cfg.queue_size, num_negatives=subset)
-    # The demo's inputs are known valid (indices from a permutation of the training set, finite
-    # features from a small MLP and a frozen teacher), so the per-call value checks, which cost a
-    # host sync and a dozen small ops per call, are off: the loss and the updates are the same.
-    return CRCDLoss(
-        student_dim,
-        teacher_dim,
-        embed_dim=cfg.embed_dim,
-        num_anchors=cfg.num_anchors if anchored else None,
-        temperature=cfg.temperature,
-        objective=cfg.objective,  # type: ignore[arg-type]  # checked by CRCDLoss
-        symmetric=cfg.symmetric,
-        anchored=anchored,
-        on_nonfinite="skip",
-        check_index=False,
-        **negatives,
-    )
+    def __init__(self, student: StudentMLP) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+class _PrecomputedTeacher(nn.Module):
+    """The frozen teacher as its precomputed features behind its own classifier ``fc``.
+
+    In eval mode the teacher is deterministic, so ``fc(features[index])`` is exactly what its
+    forward gives for those samples, and the distiller's hooks on ``fc`` capture the same feature,
+    logits and gradient element; a student step then pays for the student and the losses only.
+    """
+
+    def __init__(self, outputs: TeacherOutputs) -> None:
+        super().__init__()
+        self.register_buffer("features", outputs.features)
+        self.fc = outputs.head
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features[index])
+
+
+def method_config(method: str, base: CRCDConfig) -> Optional[CRCDConfig]:
+    """The ``CRCDConfig`` a method trains with, from the run's ``base`` (the library's defaults unless
+    the demo says otherwise): KD alone, CRD (no anchors), CRCD, CRCD + gradient element; ``None``
+    for CE (no distiller at all)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "ce":
+        return None
+    if method == "kd":
+        return base.replace(feature_weight=0.0, gradient_element=False)
+    if method == "crd":
+        return base.replace(relation=base.relation.replace(anchored=False), gradient_element=False)
+    return base.replace(gradient_element=method == "crcd_grad")
 
 
 def train_student(
@@ -270,73 +230,66 @@ def train_student(
     data: Dataset,
     teacher: Optional[TeacherOutputs],
     train: TrainConfig,
-    settings: MethodSettings,
+    config: CRCDConfig,
     seed: int,
     on_epoch: Optional[Callable[[int, float], None]] = None,
+    num_samples: bool = False,
 ) -> RunResult:
-    """Train one student with ``method`` and return its per-epoch test-accuracy curve.
+    """Train one student with ``method`` through ``CRCDDistiller`` (CE alone: a plain loop).
 
     For a given ``seed`` the student initialisation and the data order are identical across
-    methods (separate generators; the loss modules are seeded separately).
+    methods (separate generators; the CRCD heads are seeded separately).
 
     Args:
         method: One of ``METHODS``.
-        data: Dataset; ``x_test``/``y_test`` is the split that is scored (validation when tuning).
+        data: Dataset; ``x_test``/``y_test`` is the split that is scored.
         teacher: Precomputed teacher outputs (``None`` only for ``ce``).
         train: Shared training settings.
-        settings: The method's loss settings.
+        config: The distillation settings of the run (see :func:`method_config`).
         seed: Seed of initialisation and data order.
         on_epoch: Called with ``(epoch, accuracy)`` after each epoch (progress bars).
+        num_samples: Give the distiller the dataset size, so that the memory bank serves the
+            negatives (otherwise what ``config`` resolves without an index).
 
     Returns:
         The run's final accuracy, curve and epoch times.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "ce" and teacher is None:
+    from crcd_plugin import CRCDDistiller
+
+    method_cfg = method_config(method, config)
+    if method_cfg is not None and teacher is None:
         raise ValueError(f"method {method!r} needs teacher outputs")
     torch.manual_seed(seed)
     student = StudentMLP(data.input_dim, train.hidden, data.num_classes)
     order = torch.Generator().manual_seed(seed)
-
-    relations: dict[str, nn.Module] = {}
-    if teacher is not None and method in ("crd", "crcd", "crcd_grad"):
+    distiller = None
+    params = list(student.parameters())
+    if method_cfg is not None:
+        assert teacher is not None
         torch.manual_seed(seed + 7919)
-        n, dt = len(data.y_train), teacher.features.shape[1]
-        relations["feature"] = _relation_loss(student.feat_dim, dt, n, settings, anchored=method != "crd")
-        if method == "crcd_grad":
-            relations["gradient"] = _relation_loss(student.feat_dim, dt, n, settings, anchored=True)
-    params = list(student.parameters()) + [p for m in relations.values() for p in m.parameters()]
+        distiller = CRCDDistiller(
+            _IndexedStudent(student), _PrecomputedTeacher(teacher), "student.fc", "fc", config=method_cfg,
+            num_samples=len(data.y_train) if num_samples else None,
+        )
+        params = [p for p in distiller.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = len(_batches(len(data.y_train), train.batch_size, torch.Generator()))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=train.epochs * steps_per_epoch)
-    distill_epochs = math.ceil(settings.distill_until * train.epochs)
-
-    if method == "crcd_grad":
-        from crcd_plugin.gradients import linear_cross_entropy_feature_grad, student_gradient_element
 
     result = RunResult(method=method, seed=seed, acc=float("nan"))
     x_all, y_all = data.x_train, data.y_train
     for epoch in range(train.epochs):
-        distill = epoch < distill_epochs
+        if distiller is not None:
+            distiller.train()
+            distiller.set_progress(epoch)
         student.train()
-        for m in relations.values():
-            m.train()
         start = time.perf_counter()
         for idx in _batches(len(y_all), train.batch_size, order):
             x, y = x_all[idx], y_all[idx]
-            feat = student.features(x)
-            logits = student.fc(feat)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None and method != "ce" and distill:
-                kd = kd_loss(logits, teacher.logits[idx], settings.kd_temperature)
-                loss = settings.gamma * loss + settings.alpha * kd
-                if "feature" in relations:
-                    loss = loss + settings.beta * relations["feature"](feat, teacher.features[idx], index=idx)
-                if "gradient" in relations:
-                    g_s = student_gradient_element(student.fc, feat, y, logits=logits)
-                    g_t = linear_cross_entropy_feature_grad(teacher.logits[idx], teacher.head_weight, y)
-                    loss = loss + settings.beta_grad * relations["gradient"](g_s, g_t, index=idx)
+            if distiller is None:
+                loss = F.cross_entropy(student(x), y)
+            else:
+                loss = distiller({"x": x, "index": idx}, y, idx if num_samples else None)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
