@@ -266,12 +266,19 @@ class RunResult:
     final: Dict[str, float] = field(default_factory=dict)  # last epoch's mean of each loss component
 
 
+# Every field a candidate leaves out takes its 0.2.0 value, whatever the library's defaults are
+# when the suite runs: a run's cache key (its candidate dict) then always means the same run.
+BASE = {"task_weight": 1.0, "kd_weight": 0.9, "kd_temperature": 4.0, "feature_weight": 1.0, "gradient_weight": 1.0,
+        "gradient_normalization": "none"}
+BASE_RELATION = {"embed_dim": 128, "temperature": 0.05, "num_anchors": 500, "symmetric": True}
+
+
 def make_config(fields: Dict[str, Any]) -> CRCDConfig:
     from crcd_plugin.config import RelationConfig
 
     fields = dict(fields)
-    relation = RelationConfig(**fields.pop("relation", {}))
-    return CRCDConfig(relation=relation, **fields)
+    relation = RelationConfig(**dict(BASE_RELATION, **fields.pop("relation", {})))
+    return CRCDConfig(relation=relation, **dict(BASE, **fields))
 
 
 def make_distiller(student: nn.Module, teacher: nn.Module, config: CRCDConfig, num_samples: Optional[int]):
