@@ -248,8 +248,8 @@ class CRCDConfig:
     kd_temperature: float = 1.0
     feature_weight: float = 0.3
     gradient_element: bool = False
-    gradient_weight: float = 1.0
-    gradient_normalization: GradientNormalization = "none"
+    gradient_weight: float = 0.3
+    gradient_normalization: GradientNormalization = "batch"
     label_smoothing: float = 0.0
     warmup_steps: int = 0
     schedule: ScheduleKind = "constant"

@@ -222,17 +222,24 @@ def stage_gradient(search: Search, feature: dict) -> dict:
     gains = search.table("Stage gradient: gradient element on top of the chosen feature element", res, "crcd")
     # The gradient element's own loss at the end of training against its chance value.
     lines = ["", "| candidate | final crcd_gradient_loss, mean over settings | chance value |", "|---|---|---|"]
+    informative = []
     for name in configs:
         if name == "crcd":
             continue
         rows = [r for per in res[name].values() for r in per]
         final = statistics.fmean(r["final"].get("crcd_gradient_loss", float("nan")) for r in rows)
         chance = chance_value(configs[name])
+        if final < chance - 0.1:
+            informative.append(name)
         lines.append(f"| {name} | {final:.3f} | {chance:.3f} |")
     search.report += lines + [""]
     print("\n".join(lines), flush=True)
-    best = max((n for n in configs if n != "crcd"), key=lambda n: gains[n])
-    search.report.append(f"Best gradient candidate: **{best}** (mean gain {gains[best]:+.2f} over KD + CRCD).\n")
+    # The element must carry signal: only candidates whose relation loss ends below chance count.
+    best = max(informative or [n for n in configs if n != "crcd"], key=lambda n: gains[n])
+    search.report.append(
+        f"Best gradient candidate among those whose relation loss ends below chance: **{best}** "
+        f"(mean gain {gains[best]:+.2f} over KD + CRCD).\n"
+    )
     return dict(configs[best], _gain=gains[best])  # type: ignore[arg-type]
 
 
