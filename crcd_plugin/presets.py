@@ -1,14 +1,16 @@
-"""Named sets of CRCD settings: ``"default"`` (safe and affordable in any loop) and ``"reference"``.
+"""0.2.0's named settings (``preset="default"`` / ``"reference"``) and its ``CRCDLoss`` keywords.
 
-``CRCDLoss`` and ``CRCDDistiller`` take ``preset=``; an argument passed explicitly always wins over
-the preset. docs/reliability.md has the measurements behind each default that differs.
+Defaults are decided in :mod:`crcd_plugin.config` now (``RelationConfig``, ``RelationConfig.reference()``);
+this module maps the 0.2.0 spellings onto it, with a ``DeprecationWarning`` that names the new one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Optional
+import warnings
+from typing import Any, Dict, Literal, Mapping, Optional
 
 from crcd_plugin._checks import check_choice
+from crcd_plugin.config import RelationConfig
 
 Preset = Literal["default", "reference"]
 PRESETS = ("default", "reference")
@@ -70,3 +72,63 @@ def default_negatives(preset: str, num_samples: Optional[int], queue_size: Optio
     if num_samples is not None or preset == "reference" and queue_size is None:
         return "bank"
     return "queue" if queue_size is not None else "batch"
+
+
+# 0.2.0 CRCDLoss keyword -> RelationConfig field (the spelling the deprecation warning names).
+LEGACY_LOSS_KEYWORDS = {
+    "embed_dim": "embed_dim",
+    "head": "embed_head",
+    "head_hidden_dim": "embed_hidden_dim",
+    "queue_size": "queue_size",
+    "num_negatives": "num_negatives",
+    "temperature": "temperature",
+    "objective": "objective",
+    "momentum": "momentum",
+    "memory_init": "memory_init",
+    "num_anchors": "num_anchors",
+    "self_anchor": "self_anchor",
+    "symmetric": "symmetric",
+    "teacher_head_grad": "train_teacher_embedding",
+    "anchored": "anchored",
+    "eps": "eps",
+    "on_nonfinite": "on_nonfinite",
+    "check_index": "check_index",
+    "backend": "backend",
+    "chunk_size": "chunk_size",
+    "shard_memory": "shard_memory",
+    "share_negatives": "share_negatives",
+}
+
+
+def legacy_relation_config(config: Optional[RelationConfig], keywords: Mapping[str, Any]) -> RelationConfig:
+    """``config`` (default ``RelationConfig()``) with 0.2.0 ``CRCDLoss`` keywords applied over it.
+
+    ``preset="reference"`` starts from ``RelationConfig.reference()`` (fields of ``config`` left at
+    their defaults take the reference values). Each keyword warns once, naming its new spelling.
+    """
+    keywords = dict(keywords)
+    unknown = sorted(set(keywords) - set(LEGACY_LOSS_KEYWORDS) - {"preset"})
+    if unknown:
+        raise TypeError(f"CRCDLoss got unexpected keyword arguments {unknown}; options go in RelationConfig")
+    if config is not None and not isinstance(config, RelationConfig):
+        raise TypeError(f"config must be a RelationConfig, got {type(config).__name__}")
+    config = RelationConfig() if config is None else config
+    if not keywords:
+        return config
+    preset = keywords.pop("preset", None)
+    spellings = [f"{name}= -> RelationConfig({LEGACY_LOSS_KEYWORDS[name]}=)" for name in keywords]
+    if preset is not None:
+        check_choice("preset", preset, PRESETS)
+        spellings.append(f"preset={preset!r} -> RelationConfig{'.reference()' if preset == 'reference' else '()'}")
+        if preset == "reference":
+            defaults = RelationConfig()
+            changed = {f: getattr(config, f) for f in LEGACY_LOSS_KEYWORDS.values() if getattr(config, f) != getattr(defaults, f)}
+            config = RelationConfig.reference(**changed)
+    warnings.warn(
+        "CRCDLoss keywords of 0.2.0 are deprecated; pass a RelationConfig: " + ", ".join(spellings),
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if keywords.get("num_anchors", 0) is None:  # 0.2.0: None took the preset's value
+        del keywords["num_anchors"]
+    return config.replace(**{LEGACY_LOSS_KEYWORDS[name]: value for name, value in keywords.items()})
