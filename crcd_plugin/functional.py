@@ -142,7 +142,8 @@ def contrastive_loss(
 
     Example:
         >>> scores = torch.randn(4, 3, 6)
-        >>> loss, log_z = contrastive_loss(scores, torch.zeros(()), torch.tensor(False), objective="nce", noise_size=100)
+        >>> state = torch.zeros(()), torch.tensor(False)  # log Z, not fixed yet
+        >>> loss, log_z = contrastive_loss(scores, *state, objective="nce", noise_size=100)
         >>> loss.shape, bool(log_z == nce_log_normalizer(scores, 100))
         (torch.Size([]), True)
     """

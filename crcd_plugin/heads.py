@@ -34,7 +34,8 @@ class EmbedHead(nn.Module):
         check_choice("embed_head", kind, HEAD_KINDS)
         if kind == "identity" and in_dim != out_dim:
             raise ValueError(
-                f'embed_head="identity" (0.2.0: head="identity") needs the feature size to equal embed_dim, got {in_dim} and {out_dim}'
+                f'embed_head="identity" (0.2.0: head="identity") needs the feature size to equal embed_dim, '
+                f"got {in_dim} and {out_dim}"
             )
         if kind == "linear":
             self.proj: nn.Module = nn.Linear(in_dim, out_dim)

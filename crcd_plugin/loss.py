@@ -11,7 +11,7 @@ from torch import nn
 
 from crcd_plugin._checks import check_positive_int
 from crcd_plugin.config import RelationConfig
-from crcd_plugin.distributed import average, world_size
+from crcd_plugin.distributed import average
 from crcd_plugin.heads import EmbedHead
 from crcd_plugin.kernels.dispatch import relation_loss, resolve_backend
 from crcd_plugin.negatives import NegativeSource, SourceSpec, Step, build_sources
@@ -97,6 +97,15 @@ class CRCDLoss(nn.Module):
         self.register_buffer("log_z", torch.zeros(2))  # NCE's log Z: [student side, teacher side]
         self.register_buffer("z_ready", torch.zeros(2, dtype=torch.bool))
 
+    @property
+    def backend(self) -> str:
+        """The relation kernel (``config.backend``); settable, e.g. to ``"compile"`` after construction."""
+        return self.config.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.config = self.config.replace(backend=value)
+
     def forward(
         self,
         student_feat: torch.Tensor,
@@ -139,7 +148,8 @@ class CRCDLoss(nn.Module):
         losses, new_log_z = [], []
         for side, (query, other, source) in enumerate(sides):
             current = side == 0 and config.train_teacher_embedding
-            record = source.candidates(other if current else other.detach(), dataclasses.replace(step, current_rows=current))
+            side_step = dataclasses.replace(step, current_rows=current)
+            record = source.candidates(other if current else other.detach(), side_step)
             with torch.autocast(device_type=device.type, enabled=False):
                 loss, log_z = relation_loss(
                     backend, query, record.anchors if config.anchored else None, record.candidates, record.positives,
@@ -256,13 +266,14 @@ class CRCDLoss(nn.Module):
         device-side assert elsewhere (no host sync; a failure aborts the device context)."""
         bound = self.memory_teacher.index_bound
         nonfinite = self.config.on_nonfinite == "raise"
-        out_of_range = self.config.check_index and index is not None and bound is not None
+        out_of_range = index is not None and bound is not None and self.config.check_index
         range_text = f"index must be in [0, num_samples={bound})"
         if finite.device.type != "cpu":
             if nonfinite:
                 torch._assert_async(finite.all(), "non-finite values in student_feat or teacher_feat")
             if out_of_range:
-                torch._assert_async(((index >= 0) & (index < bound)).all(), range_text)  # type: ignore[operator]
+                assert index is not None and bound is not None
+                torch._assert_async(((index >= 0) & (index < bound)).all(), range_text)
             return
         if nonfinite and not bool(finite.all()):
             rows = torch.nonzero(~finite).flatten().tolist()
@@ -270,8 +281,10 @@ class CRCDLoss(nn.Module):
                 f"non-finite values in student_feat or teacher_feat (or their embeddings) at batch rows {rows[:10]}; "
                 'pass on_nonfinite="skip" to leave such rows out of the memory instead of raising'
             )
-        if out_of_range and bool(((index < 0) | (index >= bound)).any()):  # type: ignore[operator]
-            raise ValueError(f"{range_text}, got values from {int(index.min())} to {int(index.max())}")  # type: ignore[union-attr]
+        if out_of_range:
+            assert index is not None and bound is not None
+            if bool(((index < 0) | (index >= bound)).any()):
+                raise ValueError(f"{range_text}, got values from {int(index.min())} to {int(index.max())}")
 
     def extra_repr(self) -> str:
         config = self.config

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -179,19 +179,20 @@ class _BankSource(NegativeSource):
         self.num_negatives = REFERENCE_NUM_NEGATIVES if num_negatives is None else num_negatives
         check_positive_int("num_negatives", self.num_negatives)
         self.share_negatives = bool(share_negatives)
-        self.noise_size = self.index_bound = self.num_samples  # type: ignore[attr-defined]
+        self.noise_size = self.index_bound = cast(Any, self).num_samples
 
     def prepare(self, step: Step) -> Step:
         # One draw for both sides: their banks are written together, so these slots address both.
         assert step.index is not None  # CRCDLoss checks it for sources with needs_index
         shape = (self.num_negatives,) if self.share_negatives else (step.index.shape[0], self.num_negatives)
-        return dataclasses.replace(step, draw=(self.slots(step.index), self.sample(step.index, shape)))  # type: ignore[attr-defined]
+        bank = cast(Any, self)  # a MemoryBank or ShardedMemoryBank: slots, sample, read, write, update
+        return dataclasses.replace(step, draw=(bank.slots(step.index), bank.sample(step.index, shape)))
 
     def candidates(self, embeddings: torch.Tensor, step: Step) -> Candidates:
         positive_slots, negative_slots = step.draw
         anchor_positions = step.anchor_positions
         anchor_slots = positive_slots[anchor_positions]  # [A]
-        read = self.read  # type: ignore[attr-defined]
+        read = cast(Any, self).read
         if self.share_negatives:  # negatives [K] shared by the batch, positives [B] apart
             if step.current_rows:
                 positives = embeddings
@@ -199,10 +200,11 @@ class _BankSource(NegativeSource):
             else:  # one read (a collective for a sharded bank) serves positives, anchors and negatives
                 rows = read(torch.cat([positive_slots, negative_slots]), embeddings)
                 positives, negatives = rows[: embeddings.shape[0]], rows[embeddings.shape[0] :]
-            masks = (None, None)
-            if step.mask_self_anchor:
-                masks = (anchor_slots[:, None] == negative_slots[None, :], positive_slots[:, None] == anchor_slots[None, :])
-            return Candidates(positives[anchor_positions], negatives, positives, *masks)
+            if not step.mask_self_anchor:
+                return Candidates(positives[anchor_positions], negatives, positives)
+            mask = anchor_slots[:, None] == negative_slots[None, :]  # [A, K]
+            positive_mask = positive_slots[:, None] == anchor_slots[None, :]  # [B, A]
+            return Candidates(positives[anchor_positions], negatives, positives, mask, positive_mask)
         slots = torch.cat([positive_slots[:, None], negative_slots], dim=1)  # [B, K+1]
         if step.current_rows:
             negatives = read(slots[:, 1:], embeddings.detach()).to(embeddings.dtype)
@@ -219,7 +221,8 @@ class _BankSource(NegativeSource):
         assert index is not None
         # Every rank applies every rank's rows, so the memory stays identical everywhere.
         embeddings, index, valid = gather_rows(embeddings, index, valid)
-        (self.write if first_write else self.update)(index, embeddings, valid)  # type: ignore[attr-defined]
+        bank = cast(Any, self)
+        (bank.write if first_write else bank.update)(index, embeddings, valid)
 
 
 class Bank(MemoryBank, _BankSource):

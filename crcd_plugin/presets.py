@@ -122,7 +122,8 @@ def legacy_relation_config(config: Optional[RelationConfig], keywords: Mapping[s
         spellings.append(f"preset={preset!r} -> RelationConfig{'.reference()' if preset == 'reference' else '()'}")
         if preset == "reference":
             defaults = RelationConfig()
-            changed = {f: getattr(config, f) for f in LEGACY_LOSS_KEYWORDS.values() if getattr(config, f) != getattr(defaults, f)}
+            fields = LEGACY_LOSS_KEYWORDS.values()
+            changed = {f: getattr(config, f) for f in fields if getattr(config, f) != getattr(defaults, f)}
             config = RelationConfig.reference(**changed)
     warnings.warn(
         "CRCDLoss keywords of 0.2.0 are deprecated; pass a RelationConfig: " + ", ".join(spellings),

@@ -69,7 +69,8 @@ def chunked_contrastive_loss(
             chunk_mask, is_positive = pieces(scores, start, stop)
             kept = scores
             if chunk_mask is not None:  # masked negatives out of the log-sum-exp, positives never
-                kept = scores.masked_fill(chunk_mask if is_positive is None else chunk_mask & ~is_positive, float("-inf"))
+                excluded = chunk_mask if is_positive is None else chunk_mask & ~is_positive
+                kept = scores.masked_fill(excluded, float("-inf"))
             # The positives in this chunk, summed with zeros elsewhere (exact): [B, A].
             positives = scores.new_zeros(scores.shape[:2]) if is_positive is None else (
                 torch.where(is_positive, scores, torch.zeros_like(scores)).sum(-1)
@@ -103,7 +104,7 @@ def chunked_contrastive_loss(
         return nce_row_sums(scores, shift, chunk_mask, has_positive=False, is_positive=is_positive)
 
     # ``sum`` starts from the int 0; there is always at least one chunk, so the result is a tensor.
-    per_row = cast(torch.Tensor, sum(checkpoint(chunk_sums, start, stop, use_reentrant=False) for start, stop in bounds))
+    per_row = cast(torch.Tensor, sum(checkpoint(chunk_sums, *bound, use_reentrant=False) for bound in bounds))
     if positive is not None:
         per_row = per_row + F.softplus(shift - positive)
     return kept_row_mean(per_row, dropped), log_z

@@ -197,7 +197,8 @@ def expand_shared(
     num_anchors = (mask if mask is not None else positive_mask.T).shape[0]  # type: ignore[union-attr]
     first = positive_mask if positive_mask is not None else torch.zeros(batch, num_anchors, dtype=torch.bool)
     rest = mask if mask is not None else torch.zeros(num_anchors, candidates.shape[0], dtype=torch.bool)
-    return expanded, torch.cat([first.to(candidates.device)[..., None], rest.to(candidates.device).expand(batch, -1, -1)], -1)
+    first, rest = first.to(candidates.device), rest.to(candidates.device)
+    return expanded, torch.cat([first[..., None], rest.expand(batch, -1, -1)], dim=-1)
 
 
 def in_batch_candidate_index(batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -266,7 +267,8 @@ _triton_refusals: set = set()
 
 def _triton(query, anchors, candidates, positives, log_z, z_ready, mask, positive_mask, options) -> Optional[Loss]:
     """The Triton kernel's loss, or None (after one warning per reason) where it cannot run."""
-    reason = triton_unsupported_reason(query, anchors, candidates, mask if mask is not None else positive_mask, positives)
+    any_mask = mask if mask is not None else positive_mask
+    reason = triton_unsupported_reason(query, anchors, candidates, any_mask, positives)
     if reason is not None:
         if reason not in _triton_refusals:
             _triton_refusals.add(reason)
