@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from crcd_plugin._checks import check_positive_int
 from crcd_plugin.config import RelationConfig
@@ -15,7 +16,7 @@ from crcd_plugin.distributed import average
 from crcd_plugin.heads import EmbedHead
 from crcd_plugin.kernels.dispatch import relation_loss, resolve_backend
 from crcd_plugin.negatives import NegativeSource, SourceSpec, Step, build_sources
-from crcd_plugin.presets import legacy_relation_config
+from crcd_plugin.presets import LegacyLossKeywords, legacy_attribute, legacy_relation_config
 
 
 class CRCDLoss(nn.Module):
@@ -77,7 +78,7 @@ class CRCDLoss(nn.Module):
         *,
         negatives: SourceSpec = None,
         num_samples: Optional[int] = None,
-        **legacy_keywords: Any,
+        **legacy_keywords: Unpack[LegacyLossKeywords],
     ) -> None:
         super().__init__()
         config = legacy_relation_config(config, legacy_keywords)
@@ -91,11 +92,15 @@ class CRCDLoss(nn.Module):
         # The student side is scored against the teacher's rows, and the teacher side the other way.
         teacher_rows, student_rows = build_sources(negatives, config, num_samples)
         self.memory_student, self.memory_teacher = student_rows, teacher_rows
-        self.negatives: str = self.memory_teacher.kind
-        self.objective: str = config.resolved_objective(self.negatives)
-        self.temperature = config.temperature
+        self.negatives, self.objective = self.memory_teacher.kind, config.resolved_objective(self.memory_teacher.kind)
         self.register_buffer("log_z", torch.zeros(2))  # NCE's log Z: [student side, teacher side]
         self.register_buffer("z_ready", torch.zeros(2, dtype=torch.bool))
+
+    def __getattr__(self, name: str) -> Any:
+        try:  # 0.2.0's option attributes (crcd.num_anchors, crcd.memory_init, ...)
+            return legacy_attribute(self.__dict__["config"], self._modules["memory_teacher"], name)
+        except (AttributeError, KeyError):
+            return super().__getattr__(name)
 
     @property
     def backend(self) -> str:
@@ -115,10 +120,8 @@ class CRCDLoss(nn.Module):
     ) -> torch.Tensor:
         """The loss (a scalar); in training mode, writes the sources and fixes NCE's constant.
 
-        Args:
-            student_feat: ``[B, Ds]`` student features (gradients flow into them).
-            teacher_feat: ``[B, Dt]`` teacher features (detached here).
-            index: ``[B]`` integer dataset indices; required by a memory bank.
+        ``student_feat [B, Ds]`` (gradients flow into it), ``teacher_feat [B, Dt]`` (detached here),
+        ``index [B]`` integer dataset indices (required by a memory bank).
         """
         if legacy.pop("return_parts", False):
             warnings.warn("CRCDLoss(..., return_parts=True) is deprecated; call forward_parts", DeprecationWarning, 2)

@@ -7,7 +7,7 @@ this module maps the 0.2.0 spellings onto it, with a ``DeprecationWarning`` that
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Literal, Mapping, Optional
+from typing import Any, Dict, Literal, Mapping, Optional, TypedDict
 
 from crcd_plugin._checks import check_choice
 from crcd_plugin.config import RelationConfig
@@ -74,6 +74,33 @@ def default_negatives(preset: str, num_samples: Optional[int], queue_size: Optio
     return "queue" if queue_size is not None else "batch"
 
 
+class LegacyLossKeywords(TypedDict, total=False):
+    """0.2.0's ``CRCDLoss`` keywords, as that version typed them (deprecated)."""
+
+    embed_dim: int
+    head: Literal["linear", "mlp", "identity"]
+    head_hidden_dim: Optional[int]
+    queue_size: Optional[int]
+    num_negatives: Optional[int]
+    temperature: float
+    objective: Optional[Literal["nce", "infonce"]]
+    momentum: float
+    memory_init: Optional[Literal["first_write", "cold"]]
+    num_anchors: Optional[int]
+    self_anchor: Literal["keep", "mask"]
+    symmetric: bool
+    teacher_head_grad: bool
+    anchored: bool
+    eps: float
+    on_nonfinite: Literal["raise", "skip"]
+    check_index: bool
+    backend: str
+    chunk_size: Optional[int]
+    preset: Preset
+    shard_memory: bool
+    share_negatives: bool
+
+
 # 0.2.0 CRCDLoss keyword -> RelationConfig field (the spelling the deprecation warning names).
 LEGACY_LOSS_KEYWORDS = {
     "embed_dim": "embed_dim",
@@ -133,3 +160,17 @@ def legacy_relation_config(config: Optional[RelationConfig], keywords: Mapping[s
     if keywords.get("num_anchors", 0) is None:  # 0.2.0: None took the preset's value
         del keywords["num_anchors"]
     return config.replace(**{LEGACY_LOSS_KEYWORDS[name]: value for name, value in keywords.items()})
+
+
+def legacy_attribute(config: RelationConfig, teacher_rows: Any, name: str) -> Any:
+    """0.2.0's option attributes of ``CRCDLoss`` (``crcd.num_anchors``, ...), read from the config
+    and the student side's source (``teacher_rows``); ``AttributeError`` for any other name."""
+    if name == "num_negatives":
+        return getattr(teacher_rows, "num_negatives", None)
+    if name == "noise_size":
+        return teacher_rows.noise_size
+    if name == "memory_init":
+        return config.resolved_memory_init()
+    if name in LEGACY_LOSS_KEYWORDS and name not in ("queue_size", "head", "head_hidden_dim"):
+        return getattr(config, LEGACY_LOSS_KEYWORDS[name])
+    raise AttributeError(name)
