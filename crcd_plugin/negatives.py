@@ -163,7 +163,9 @@ class Queue(FeatureQueue, NegativeSource):
         return Candidates(embeddings[anchor_positions], negatives, embeddings, positive_mask=positive_mask)
 
     @torch.no_grad()
-    def write_rows(self, embeddings, index, valid, first_write) -> None:
+    def write_rows(
+        self, embeddings: torch.Tensor, index: Optional[torch.Tensor], valid: torch.Tensor, first_write: bool
+    ) -> None:
         embeddings, valid = gather_rows(embeddings, valid)
         self.enqueue(embeddings, valid)
 
@@ -217,7 +219,9 @@ class _BankSource(NegativeSource):
         return Candidates(anchors, candidates, mask=mask)
 
     @torch.no_grad()
-    def write_rows(self, embeddings, index, valid, first_write) -> None:
+    def write_rows(
+        self, embeddings: torch.Tensor, index: Optional[torch.Tensor], valid: torch.Tensor, first_write: bool
+    ) -> None:
         assert index is not None
         # Every rank applies every rank's rows, so the memory stays identical everywhere.
         embeddings, index, valid = gather_rows(embeddings, index, valid)
