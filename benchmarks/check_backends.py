@@ -17,8 +17,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin.kernels import naive_relation_logits, run_relation_loss_core, run_shared_relation_loss_core
-from crcd_plugin.kernels.objectives import infonce_loss, nce_log_normalizer, nce_loss
+from crcd_plugin.functional import infonce_loss, nce_log_normalizer, nce_loss
+from crcd_plugin.kernels import naive_relation_logits, relation_loss
 from crcd_plugin.memory import in_batch_candidate_index
 
 TAU, EPS, N = 0.05, 1e-6, 50_000
@@ -56,10 +56,10 @@ def reference(student, anchors, candidates, objective: str):
 def run(backend: str, student, anchors, candidates, objective: str):
     query = student.clone().requires_grad_()
     device = student.device
-    loss, _ = run_relation_loss_core(
-        backend, query, anchors, candidates, torch.zeros((), device=device),
+    loss, _ = relation_loss(
+        backend, query, anchors, candidates, None, torch.zeros((), device=device),
         torch.zeros((), dtype=torch.bool, device=device), None,
-        temperature=TAU, eps=EPS, objective=objective, num_samples=N,
+        temperature=TAU, eps=EPS, objective=objective, noise_size=N,
     )
     loss.backward()
     return loss.detach(), query.grad
@@ -77,9 +77,9 @@ def shared_like(batch: int, num_queue: int, dim: int, device: torch.device):
 def run_shared(backend: str, student, anchors, candidates, positives, objective: str):
     query = student.clone().requires_grad_()
     device = student.device
-    loss, _ = run_shared_relation_loss_core(
+    loss, _ = relation_loss(
         backend, query, anchors, candidates, positives, torch.zeros((), device=device),
-        torch.zeros((), dtype=torch.bool, device=device), temperature=TAU, eps=EPS, objective=objective, num_samples=N,
+        torch.zeros((), dtype=torch.bool, device=device), temperature=TAU, eps=EPS, objective=objective, noise_size=N,
     )
     loss.backward()
     return loss.detach(), query.grad

@@ -28,18 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin import CRCDLoss
+from crcd_plugin.config import RelationConfig
 from crcd_plugin.demo.data import DataConfig, load_dataset
 from crcd_plugin.functional import kd_loss
 
-# name -> CRCDLoss options on top of the shared ones (None: KD alone)
+# name -> RelationConfig fields on top of the shared ones (None: KD alone)
 SETTINGS: Dict[str, dict] = {
     "kd": None,
     "crd cold": dict(anchored=False, memory_init="cold"),
     "crd first_write": dict(anchored=False),
-    "crd first_write teacher_head_grad": dict(anchored=False, teacher_head_grad=True),
+    "crd first_write teacher_head_grad": dict(anchored=False, train_teacher_embedding=True),
     "crcd cold": dict(memory_init="cold"),
     "crcd first_write": dict(),
-    "crcd first_write teacher_head_grad": dict(teacher_head_grad=True),
+    "crcd first_write teacher_head_grad": dict(train_teacher_embedding=True),
 }
 # Relation-loss settings of the demo's tuning run (docs/demo.md); symmetric=False throughout.
 SHARED = dict(embed_dim=64, temperature=0.1, objective="infonce", symmetric=False)
@@ -101,7 +102,8 @@ def train_student(setting: str, data, teacher_feat, teacher_logits, seed: int, e
         extra = dict(CRD if options.get("anchored") is False else CRCD)
         beta = extra.pop("beta")
         torch.manual_seed(seed + 7919)
-        crcd = CRCDLoss(100, teacher_feat.shape[1], num_samples=len(data.y_train), **SHARED, **extra, **options)
+        config = RelationConfig(**SHARED, **extra, **options)
+        crcd = CRCDLoss(100, teacher_feat.shape[1], config, num_samples=len(data.y_train))
     params = list(student.parameters()) + ([] if crcd is None else list(crcd.parameters()))
     opt = torch.optim.AdamW(params, lr=0.02, weight_decay=1e-4)
     order = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin.kernels import run_relation_loss_core, run_shared_relation_loss_core
+from crcd_plugin.kernels import relation_loss
 from crcd_plugin.memory import in_batch_candidate_index
 
 IMPLEMENTATIONS = ("naive", "per-sample", "eager", "compile", "chunked", "triton")
@@ -75,7 +75,7 @@ def shared_step_fn(impl: str, query, anchors, candidates, positives) -> Callable
     candidates expanded inside the step, as ``CRCDLoss`` did before it shared them."""
     log_z = torch.full((), 10.0, device=query.device)
     z_ready = torch.ones((), dtype=torch.bool, device=query.device)
-    options = dict(temperature=0.05, eps=1e-6, objective="nce", num_samples=50000)
+    options = dict(temperature=0.05, eps=1e-6, objective="nce", noise_size=50000)
 
     def step() -> None:
         if impl in ("per-sample", "naive"):
@@ -84,9 +84,9 @@ def shared_step_fn(impl: str, query, anchors, candidates, positives) -> Callable
             else:
                 expanded = torch.cat([positives[:, None], candidates[None].expand(query.shape[0], -1, -1)], dim=1)
             backend = "eager" if impl == "per-sample" else "naive"
-            loss, _ = run_relation_loss_core(backend, query, anchors, expanded, log_z, z_ready, None, **options)
+            loss, _ = relation_loss(backend, query, anchors, expanded, None, log_z, z_ready, None, **options)
         else:
-            loss, _ = run_shared_relation_loss_core(
+            loss, _ = relation_loss(
                 "eager" if impl == "chunked" else impl, query, anchors, candidates, positives, log_z, z_ready,
                 chunk_size=CHUNK_SIZE if impl == "chunked" else None, **options,
             )
@@ -109,9 +109,9 @@ def step_fn(impl: str, query, anchors, candidates) -> Callable[[], None]:
     z_ready = torch.ones((), dtype=torch.bool, device=query.device)
 
     def step() -> None:
-        loss, _ = run_relation_loss_core(
-            "eager" if impl == "chunked" else impl, query, anchors, candidates, log_z, z_ready, None,
-            temperature=0.05, eps=1e-6, objective="nce", num_samples=50000,
+        loss, _ = relation_loss(
+            "eager" if impl == "chunked" else impl, query, anchors, candidates, None, log_z, z_ready, None,
+            temperature=0.05, eps=1e-6, objective="nce", noise_size=50000,
             chunk_size=CHUNK_SIZE if impl == "chunked" else None,
         )
         loss.backward()

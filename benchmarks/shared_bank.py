@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from crcd_plugin import CRCDLoss
+from crcd_plugin.config import RelationConfig
 
 
 def _configs(args: argparse.Namespace) -> dict[str, dict]:
+    """name -> RelationConfig fields, plus ``negatives`` (and the bank's ``num_samples``)."""
     base = dict(embed_dim=args.dim, temperature=0.1, objective="infonce", on_nonfinite="skip", check_index=False)
     bank = dict(negatives="bank", num_samples=args.num_samples, num_anchors=args.anchors)
     configs = {
@@ -65,7 +67,9 @@ def main() -> None:
     losses = {}
     for name, config in _configs(args).items():
         torch.manual_seed(0)
-        losses[name] = CRCDLoss(student_dim, teacher_dim, **config).to(device)
+        config = dict(config)
+        source = dict(negatives=config.pop("negatives"), num_samples=config.pop("num_samples", None))
+        losses[name] = CRCDLoss(student_dim, teacher_dim, RelationConfig(**config), **source).to(device)
     times: dict[str, list[float]] = {name: [] for name in losses}
     gen = torch.Generator().manual_seed(0)
 

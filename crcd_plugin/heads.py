@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin._checks import check_choice
-from crcd_plugin.kernels.objectives import at_least_fp32
+from crcd_plugin._dtypes import at_least_fp32
 
 HEAD_KINDS = ("linear", "mlp", "identity")
 
@@ -31,10 +31,11 @@ class EmbedHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", hidden_dim: Optional[int] = None) -> None:
         super().__init__()
-        check_choice("head", kind, HEAD_KINDS)
+        check_choice("embed_head", kind, HEAD_KINDS)
         if kind == "identity" and in_dim != out_dim:
             raise ValueError(
-                f'head="identity" needs the feature size to equal embed_dim, got {in_dim} and {out_dim}'
+                f'embed_head="identity" (0.2.0: head="identity") needs the feature size to equal embed_dim, '
+                f"got {in_dim} and {out_dim}"
             )
         if kind == "linear":
             self.proj: nn.Module = nn.Linear(in_dim, out_dim)

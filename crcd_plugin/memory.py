@@ -1,4 +1,5 @@
-"""Where anchors and negatives come from: a memory bank (one row per training sample) or a FIFO queue.
+"""The stores behind the bank and queue sources of negatives: a memory bank (one row per training
+sample) and a FIFO queue (``crcd_plugin.negatives`` wraps them as sources).
 
 All state lives in buffers, so it follows ``.to()`` and round-trips through ``state_dict``; updates
 are in-place, index-based and never wait for a value from the device.
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin._checks import check_choice, check_positive_int
+from crcd_plugin.kernels.dispatch import in_batch_candidate_index
+
+__all__ = ["FeatureQueue", "MemoryBank", "in_batch_candidate_index", "last_occurrence"]
 
 _logger = logging.getLogger(__name__)
 
@@ -298,13 +302,3 @@ class FeatureQueue(nn.Module):
         self.weight.index_copy_(0, slots, new)
         self.pointer.copy_((self.pointer + batch) % self.size)
 
-
-def in_batch_candidate_index(batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Candidate positions for in-batch negatives: row ``i`` is ``[i, 0, .., i-1, i+1, .., B-1]``.
-
-    Shape:
-        -> ``[B, B]`` (index 0 = the positive, then the ``B - 1`` other samples).
-    """
-    rows = torch.arange(batch, device=device)[:, None]
-    others = torch.arange(batch - 1, device=device)[None, :]
-    return torch.cat([rows, others + (others >= rows).long()], dim=1)

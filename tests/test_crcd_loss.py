@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from naive import naive_nce, naive_relations, naive_z
 
 from crcd_plugin import CRCDLoss
+from crcd_plugin.config import RelationConfig
 
 B, DS, DT, EMBED, N, K = 6, 10, 14, 8, 40, 7
 
@@ -17,11 +18,10 @@ def _feats(seed=0, batch=B):
     return torch.randn(batch, DS, generator=g), torch.randn(batch, DT, generator=g)
 
 
-def _bank_loss(**options):
+def _bank_loss(num_samples=N, **options):
     torch.manual_seed(0)
-    defaults = dict(embed_dim=EMBED, negatives="bank", num_samples=N, num_negatives=K)
-    defaults.update(options)
-    return CRCDLoss(DS, DT, **defaults)
+    config = RelationConfig(**{"embed_dim": EMBED, "num_negatives": K, **options})
+    return CRCDLoss(DS, DT, config, negatives="bank", num_samples=num_samples)
 
 
 def _naive_bank_loss(crcd, student_feat, teacher_feat, index, seed):
@@ -340,3 +340,17 @@ def test_repeated_indices_in_a_batch_take_the_last_occurrence():
     bank.update(torch.tensor([7, 2, 7]), values)
     torch.testing.assert_close(bank.weight[7], F.normalize(0.5 * before[7] + 0.5 * values[2], dim=0))
     torch.testing.assert_close(bank.weight[2], F.normalize(0.5 * before[2] + 0.5 * values[1], dim=0))
+
+
+def test_value_checks_off_the_cpu_are_device_asserts_that_never_read_a_value_back(monkeypatch):
+    crcd = _bank_loss()
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda flag, message: asserted.append(message))
+
+    def host_read(self):
+        raise AssertionError("a device value was read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", host_read)
+    # meta tensors stand for an accelerator's: their values are never available on the host
+    crcd._check_values(torch.ones(B, dtype=torch.bool, device="meta"), torch.arange(B, device="meta"))
+    assert [message.split(" ")[0] for message in asserted] == ["non-finite", "index"]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from naive import naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
-from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits, relation_loss_core, run_relation_loss_core
+from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits, relation_loss, relation_loss_core
 
 B, A, K, D = 8, 8, 63, 256
 FOUR_D = B * A * (K + 1) * D
@@ -63,7 +63,7 @@ def test_compiled_graph_never_holds_the_four_d_tensor():
     student, anchors, candidates = _bank_like_inputs()
     largest = _graph_largest_numel(
         lambda s, a, c: relation_loss_core(
-            s, a, c, torch.zeros(()), torch.tensor(False), None, 0.05, 1e-6, "nce", 1000
+            s, a, c, None, torch.zeros(()), torch.tensor(False), None, None, 0.05, 1e-6, "nce", 1000
         ),
         student,
         anchors,
@@ -82,9 +82,9 @@ def test_compiled_core_matches_naive_values_and_gradients_across_batch_sizes():
     for batch in (B, B - 3):  # the second size must reuse the dynamic-shape graph
         student, anchors, candidates = _bank_like_inputs(batch, seed=batch)
         reference = student.detach().double().requires_grad_()
-        loss, log_z = run_relation_loss_core(
-            "compile", student, anchors, candidates, torch.zeros(()), torch.tensor(False), None,
-            temperature=0.05, eps=1e-6, objective="nce", num_samples=1000,
+        loss, log_z = relation_loss(
+            "compile", student, anchors, candidates, None, torch.zeros(()), torch.tensor(False), None,
+            temperature=0.05, eps=1e-6, objective="nce", noise_size=1000,
         )
         loss.backward()
         expected = _expected_nce(reference, anchors, candidates)
@@ -92,9 +92,9 @@ def test_compiled_core_matches_naive_values_and_gradients_across_batch_sizes():
         torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4)
         scale = reference.grad.abs().max()
         torch.testing.assert_close(student.grad.double() / scale, reference.grad / scale, atol=1e-4, rtol=0)
-    from crcd_plugin.kernels import fused
+    from crcd_plugin.kernels import dispatch
 
-    assert not fused._compile_failure, "compile fell back to eager"
+    assert not dispatch._COMPILED.failures, "compile fell back to eager"
 
 
 @pytest.mark.parametrize("objective", ["nce", "infonce"])
@@ -105,9 +105,9 @@ def test_eager_and_naive_backends_agree(objective):
     results = []
     for backend in ("eager", "naive"):
         s = student.detach().clone().requires_grad_()
-        loss, _ = run_relation_loss_core(
-            backend, s, anchors, candidates, torch.zeros(()), torch.tensor(False), mask,
-            temperature=0.05, eps=1e-6, objective=objective, num_samples=1000,
+        loss, _ = relation_loss(
+            backend, s, anchors, candidates, None, torch.zeros(()), torch.tensor(False), mask,
+            temperature=0.05, eps=1e-6, objective=objective, noise_size=1000,
         )
         loss.backward()
         results.append((loss, s.grad))
@@ -128,9 +128,9 @@ def test_chunked_core_equals_unchunked(objective, anchored, masked):
     results = []
     for chunk_size in (None, 10):  # 64 candidates in chunks of 10: the last chunk is short
         s = student.detach().clone().requires_grad_()
-        loss, log_z = run_relation_loss_core(
-            "eager", s, anchors if anchored else None, candidates, torch.zeros(()), torch.tensor(False), mask,
-            temperature=0.05, eps=1e-6, objective=objective, num_samples=1000, chunk_size=chunk_size,
+        loss, log_z = relation_loss(
+            "eager", s, anchors if anchored else None, candidates, None, torch.zeros(()), torch.tensor(False), mask,
+            temperature=0.05, eps=1e-6, objective=objective, noise_size=1000, chunk_size=chunk_size,
         )
         loss.backward()
         results.append((loss, log_z, s.grad))
@@ -146,9 +146,9 @@ def _largest_tensor_of_core(chunk_size):
     student = torch.randn(16, 4, generator=g).requires_grad_()
     anchors, candidates = torch.randn(16, 4, generator=g), torch.randn(16, 256, 4, generator=g)
     with LargestTensor() as mode:
-        loss, _ = run_relation_loss_core(
-            "eager", student, anchors, candidates, torch.zeros(()), torch.tensor(False), None,
-            temperature=0.05, eps=1e-6, objective="nce", num_samples=1000, chunk_size=chunk_size,
+        loss, _ = relation_loss(
+            "eager", student, anchors, candidates, None, torch.zeros(()), torch.tensor(False), None,
+            temperature=0.05, eps=1e-6, objective="nce", noise_size=1000, chunk_size=chunk_size,
         )
         loss.backward()
     return mode.largest
@@ -165,3 +165,38 @@ def test_crcd_loss_chunk_size_is_validated():
 
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         CRCDLoss(4, 4, negatives="batch", chunk_size=0)
+
+
+def test_a_failed_compile_runs_eager_for_its_inputs_only_and_the_cache_is_bounded(monkeypatch):
+    from crcd_plugin.kernels import dispatch
+
+    cache = dispatch.CompileCache(size=2)
+    monkeypatch.setattr(dispatch, "_COMPILED", cache)
+    calls = []
+
+    def fake_compile(core, **options):  # per-sample candidates "fail to compile", shared ones compile
+        def compiled(*tensors):
+            calls.append(tensors[2].dim())
+            if tensors[2].dim() == 3:
+                raise RuntimeError("inductor failed")
+            return core(*tensors)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    student, anchors, candidates = _bank_like_inputs()
+    options = dict(eps=1e-6, objective="nce", noise_size=1000)
+
+    def run(backend, candidates, temperature=0.05):
+        state = (None, torch.zeros(()), torch.tensor(False))
+        return relation_loss(backend, student, anchors, candidates, *state, temperature=temperature, **options)[0]
+
+    torch.testing.assert_close(run("compile", candidates), run("eager", candidates))  # fell back to eager
+    assert len(cache.failures) == 1
+    shared = candidates[0]
+    torch.testing.assert_close(run("compile", shared), run("eager", shared))
+    run("compile", candidates)  # the failure is remembered: no second attempt for these inputs
+    assert calls == [3, 2]
+    for temperature in (0.1, 0.2, 0.3):
+        run("compile", shared, temperature)
+    assert len(cache.compiled) == 2

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin import CRCDDistiller, CRCDLoss, MemoryBank
+from crcd_plugin.config import RelationConfig
 
 B, DS, DT, EMBED, N, K = 6, 10, 14, 8, 40, 7
 
@@ -15,11 +16,10 @@ def _feats(seed=0, batch=B):
     return torch.randn(batch, DS, generator=g), torch.randn(batch, DT, generator=g)
 
 
-def _bank_loss(**options):
+def _bank_loss(num_samples=N, **options):
     torch.manual_seed(0)
-    defaults = dict(embed_dim=EMBED, negatives="bank", num_samples=N, num_negatives=K)
-    defaults.update(options)
-    return CRCDLoss(DS, DT, **defaults)
+    config = RelationConfig(**{"embed_dim": EMBED, "num_negatives": K, **options})
+    return CRCDLoss(DS, DT, config, negatives="bank", num_samples=num_samples)
 
 
 def _unit(rows, dim=4, seed=0):

@@ -79,7 +79,7 @@ def test_permuting_the_negatives_permutes_the_scores_and_leaves_both_objectives_
     logits = relation_logits(student, anchors, candidates, TAU)
     permuted = relation_logits(student, anchors, candidates[:, order], TAU)
     torch.testing.assert_close(permuted, logits[..., order], rtol=0, atol=1e-12)
-    log_z = nce_log_normalizer(logits, num_samples=100)
+    log_z = nce_log_normalizer(logits, noise_size=100)
     torch.testing.assert_close(nce_loss(permuted, log_z, 100), nce_loss(logits, log_z, 100))
     torch.testing.assert_close(infonce_loss(permuted), infonce_loss(logits))
 

@@ -1,5 +1,7 @@
 """Shared candidates (in-batch and queue negatives): the fast path equals the naive formulation."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +9,9 @@ from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
 from crcd_plugin import CRCDLoss
-from crcd_plugin.kernels import run_relation_loss_core, run_shared_relation_loss_core, shared_relation_logits
-from crcd_plugin.kernels.shared import uses_gram_form
+from crcd_plugin.kernels import relation_loss, shared_relation_logits
+from crcd_plugin.kernels.dispatch import per_sample_candidates
+from crcd_plugin.kernels.shared_candidates import uses_gram_form
 from crcd_plugin.memory import in_batch_candidate_index
 
 TAU, N = 0.05, 1000
@@ -65,10 +68,10 @@ def _naive_loss(query, anchors, candidates, positives, objective):
 
 def _run_shared(backend, query, anchors, candidates, positives, objective, chunk_size=None, masks=(None, None)):
     query = query.detach().float().requires_grad_()
-    loss, log_z = run_shared_relation_loss_core(
+    loss, log_z = relation_loss(
         backend, query, anchors.float(), candidates.float(), None if positives is None else positives.float(),
         torch.zeros(()), torch.tensor(False), *masks,
-        temperature=TAU, eps=1e-6, objective=objective, num_samples=N, chunk_size=chunk_size,
+        temperature=TAU, eps=1e-6, objective=objective, noise_size=N, chunk_size=chunk_size,
     )
     loss.backward()
     return loss.detach().double(), log_z, query.grad.double()
@@ -148,9 +151,9 @@ def test_masked_shared_core_equals_the_masked_per_sample_core(objective, layout,
     got = _run_shared("eager", query, anchors, candidates, positives, objective, chunk_size, shared_masks)
     reference = query.detach().float().requires_grad_()
     per_sample = _per_sample_candidates(candidates, positives).float()
-    loss, log_z = run_relation_loss_core(
-        "eager", reference, anchors.float(), per_sample, torch.zeros(()), torch.tensor(False), mask,
-        temperature=TAU, eps=1e-6, objective=objective, num_samples=N,
+    loss, log_z = relation_loss(
+        "eager", reference, anchors.float(), per_sample, None, torch.zeros(()), torch.tensor(False), mask,
+        temperature=TAU, eps=1e-6, objective=objective, noise_size=N,
     )
     loss.backward()
     _assert_close((got[0], got[2]), (loss.detach().double(), reference.grad.double()))
@@ -162,15 +165,15 @@ def test_masked_shared_core_equals_the_masked_per_sample_core(objective, layout,
 def test_anchor_free_shared_core_equals_the_per_sample_crd_core(objective, layout):
     query, _, candidates, positives = _inputs("difference", layout)
     query32 = query.detach().float().requires_grad_()
-    loss, _ = run_shared_relation_loss_core(
+    loss, _ = relation_loss(
         "eager", query32, None, candidates.float(), None if positives is None else positives.float(),
-        torch.zeros(()), torch.tensor(False), temperature=TAU, eps=1e-6, objective=objective, num_samples=N,
+        torch.zeros(()), torch.tensor(False), temperature=TAU, eps=1e-6, objective=objective, noise_size=N,
     )
     loss.backward()
     reference = query.detach().float().requires_grad_()
-    expected, _ = run_relation_loss_core(
-        "eager", reference, None, _per_sample_candidates(candidates, positives).float(), torch.zeros(()),
-        torch.tensor(False), None, temperature=TAU, eps=1e-6, objective=objective, num_samples=N,
+    expected, _ = relation_loss(
+        "eager", reference, None, _per_sample_candidates(candidates, positives).float(), None, torch.zeros(()),
+        torch.tensor(False), None, temperature=TAU, eps=1e-6, objective=objective, noise_size=N,
     )
     expected.backward()
     _assert_close((loss.double(), query32.grad.double()), (expected.double(), reference.grad.double()))
@@ -185,16 +188,16 @@ def test_shared_core_never_expands_the_candidates_per_sample(form):
     anchors = F.normalize(torch.randn(2, dim, generator=g), dim=-1)
     queue = F.normalize(torch.randn(512, dim, generator=g), dim=-1)
     with LargestTensor() as probe:
-        loss, _ = run_shared_relation_loss_core(
+        loss, _ = relation_loss(
             "eager", query, anchors, queue, anchors.new_zeros(batch, dim).add_(query.detach()),
-            torch.zeros(()), torch.tensor(False), temperature=TAU, eps=1e-6, objective="nce", num_samples=N,
+            torch.zeros(()), torch.tensor(False), temperature=TAU, eps=1e-6, objective="nce", noise_size=N,
         )
         loss.backward()
     assert probe.largest * 4 <= batch * 512 * dim
 
 
 def test_compiled_shared_core_matches_naive_values_and_gradients():
-    from crcd_plugin.kernels import fused
+    from crcd_plugin.kernels import dispatch
 
     torch._dynamo.reset()
     query, anchors, candidates, positives = _inputs("difference", "batch")
@@ -202,7 +205,7 @@ def test_compiled_shared_core_matches_naive_values_and_gradients():
     expected = _naive_loss(reference, anchors, candidates, positives, "nce")
     expected.backward()
     loss, _, grad = _run_shared("compile", query, anchors, candidates, positives, "nce")
-    assert not fused._compile_failure, "compile fell back to eager"
+    assert not dispatch._COMPILED.failures, "compile fell back to eager"
     _assert_close((loss, grad), (expected.detach(), reference.grad))
 
 
@@ -230,14 +233,14 @@ def _train(config, share):
     dtype = config.pop("dtype", torch.float32)
     queue = {"queue_size": 16} if config["negatives"] == "queue" else {}
     crcd = CRCDLoss(10, 12, **{"embed_dim": 6, "num_anchors": 5, **queue, **config}).to(dtype)
-    crcd._share_candidates = share
     steps = []
     for step in range(3):  # the first step fixes NCE's Z and fills the queue, later ones use them
         g = torch.Generator().manual_seed(step)
         student, teacher = torch.randn(8, 10, generator=g).to(dtype), torch.randn(8, 12, generator=g).to(dtype)
         torch.manual_seed(100 + step)  # same anchors and queue draws on both paths
         crcd.zero_grad()
-        loss = crcd(student, teacher)
+        with contextlib.nullcontext() if share else per_sample_candidates():
+            loss = crcd(student, teacher)
         loss.backward()
         steps.append((loss.detach(), [p.grad.clone() for p in crcd.parameters() if p.grad is not None]))
     return steps, crcd.state_dict()

@@ -16,7 +16,7 @@ from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
 from crcd_plugin import CRCDLoss
-from crcd_plugin.kernels import run_relation_loss_core
+from crcd_plugin.kernels import relation_loss
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it; a user's environment may not
@@ -41,9 +41,9 @@ def _inputs(batch=4, num_anchors=5, num_candidates=70, dim=24, seed=0):
 
 def _run(backend, student, anchors, candidates, objective, log_z=0.0, z_ready=False, mask=None):
     query = student.detach().clone().requires_grad_()
-    loss, new_log_z = run_relation_loss_core(
-        backend, query, anchors, candidates, torch.tensor(log_z), torch.tensor(z_ready), mask,
-        temperature=TAU, eps=1e-6, objective=objective, num_samples=N,
+    loss, new_log_z = relation_loss(
+        backend, query, anchors, candidates, None, torch.tensor(log_z), torch.tensor(z_ready), mask,
+        temperature=TAU, eps=1e-6, objective=objective, noise_size=N,
     )
     loss.backward()
     return loss.detach(), new_log_z, query.grad
@@ -142,7 +142,7 @@ def test_triton_falls_back_to_eager_with_a_warning_where_it_cannot_run(caplog):
     student, anchors, candidates = _inputs(seed=4)
     mask = torch.zeros(student.shape[0], anchors.shape[0], candidates.shape[1], dtype=torch.bool)
     mask[:, :, 5] = True
-    with caplog.at_level(logging.WARNING, logger="crcd_plugin.kernels.fused"):
+    with caplog.at_level(logging.WARNING, logger="crcd_plugin.kernels.dispatch"):
         got = _run("triton", student, anchors, candidates, "infonce", mask=mask)
     assert "self_anchor='mask'" in caplog.text
     expected = _run("eager", student, anchors, candidates, "infonce", mask=mask)
@@ -164,12 +164,12 @@ def _shared_inputs(batch=6, num_anchors=4, num_queue=70, dim=24, seed=6):
 
 
 def _run_shared(backend, student, anchors, candidates, positives, objective, log_z=0.0, z_ready=False):
-    from crcd_plugin.kernels import run_shared_relation_loss_core
+    from crcd_plugin.kernels import relation_loss
 
     query = student.detach().clone().requires_grad_()
-    loss, new_log_z = run_shared_relation_loss_core(
+    loss, new_log_z = relation_loss(
         backend, query, anchors, candidates, positives, torch.tensor(log_z), torch.tensor(z_ready),
-        temperature=TAU, eps=1e-6, objective=objective, num_samples=N,
+        temperature=TAU, eps=1e-6, objective=objective, noise_size=N,
     )
     loss.backward()
     return loss.detach(), new_log_z, query.grad

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crcd_plugin.kernels.objectives import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
+from crcd_plugin.functional import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
 from crcd_plugin.kernels.relation import (
     RelationTerms,
     anchor_tables,
@@ -293,7 +293,7 @@ def triton_relation_loss_core(
     temperature: float,
     eps: float,
     objective: str,
-    num_samples: int,
+    noise_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The relation loss core of one side on Triton; same contract as ``relation_loss_core``.
 
@@ -305,7 +305,7 @@ def triton_relation_loss_core(
     """
     search_chunk = max(1, SEARCH_ENTRIES // (query.shape[0] * anchors.shape[0]))
     terms = relation_terms(query, anchors, candidates.contiguous(), temperature, eps, search_chunk)
-    return _rows_loss(terms, anchors, None, log_z, z_ready, objective, num_samples, (False, POSITIVE_FIRST))
+    return _rows_loss(terms, anchors, None, log_z, z_ready, objective, noise_size, (False, POSITIVE_FIRST))
 
 
 def triton_shared_relation_loss_core(
@@ -318,9 +318,9 @@ def triton_shared_relation_loss_core(
     temperature: float,
     eps: float,
     objective: str,
-    num_samples: int,
+    noise_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared-candidate loss core of one side on Triton; contract of ``shared_relation_loss_core``
+    """The shared-candidate loss core of one side on Triton; contract of the shared layouts of ``relation_loss``
     (without masks).
 
     The kernel is the per-sample one reading a single ``[M, ...]`` set of candidate tables for
@@ -340,7 +340,7 @@ def triton_shared_relation_loss_core(
     if positives is not None:
         positive = per_sample_scores(tables, candidate_terms(anchors, positives[:, None], eps), anchors)[..., 0]
     layout = (True, POSITIVE_DIAGONAL if positives is None else POSITIVE_NONE)
-    return _rows_loss(terms, anchors, positive, log_z, z_ready, objective, num_samples, layout)
+    return _rows_loss(terms, anchors, positive, log_z, z_ready, objective, noise_size, layout)
 
 
 def _rows_loss(
@@ -350,7 +350,7 @@ def _rows_loss(
     log_z: torch.Tensor,
     z_ready: torch.Tensor,
     objective: str,
-    num_samples: int,
+    noise_size: int,
     layout: tuple[bool, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss from the kernel's row values, and ``positive [B, A]`` where it is scored apart."""
@@ -374,10 +374,10 @@ def _rows_loss(
         if positive is not None:  # a single score's log-sum-exp is the score
             row_lse = torch.cat([row_lse.reshape(-1), positive.detach().reshape(-1)])
             num_scores += positive.numel()
-        fresh = nce_log_normalizer_from_parts(row_lse, num_scores, num_samples)
+        fresh = nce_log_normalizer_from_parts(row_lse, num_scores, noise_size)
     log_z = keep_or_fix_log_z(log_z, z_ready, fresh)
     num_negatives = num_candidates - (1 if layout[1] != POSITIVE_NONE else 0)
-    shift = nce_shift(log_z.float(), num_negatives, num_samples).contiguous()
+    shift = nce_shift(log_z.float(), num_negatives, noise_size).contiguous()
     rows = _RelationRows.apply(*differentiable, *constants, shift, MODE_NCE, layout)
     if positive is not None:  # rows are the negatives' sums
         rows = rows + torch.nn.functional.softplus(shift - positive)

@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from crcd_plugin._dtypes import at_least_fp32
 from crcd_plugin.kernels.relation import (
     CandidateTerms,
     anchor_relations,
@@ -153,3 +154,47 @@ def _gram_scores(relations: SharedRelations, terms: CandidateTerms, anchors: tor
     logits = dot.view(num_anchors, batch, num_candidates) * norms[:, None, :]  # [A, B, M]
     bound = torch.linalg.vector_norm(student_rel, dim=-1)[:, :, None]  # [A, B, 1]: 1 / tau
     return within_cosine_bound(logits, bound).transpose(0, 1)
+
+
+def candidate_scores(
+    query: torch.Tensor,
+    anchors: Optional[torch.Tensor],
+    candidates: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    eps: float,
+    relations: Optional[SharedRelations] = None,
+) -> torch.Tensor:
+    """Scores of every sample against the shared ``candidates``, in fp32 at least.
+
+    ``anchors=None`` gives CRD's scores ``<c_m, s_b> / tau``; ``relations`` are those of
+    :func:`shared_student_relations`, made once when the candidates come in chunks.
+
+    Shape:
+        query ``[B, D]``, anchors ``[A, D]`` or None, candidates ``[M, D]`` -> ``[B, A, M]``
+        (``A = 1`` without anchors).
+    """
+    if anchors is None:
+        return at_least_fp32((query @ candidates.T / temperature)[:, None, :])  # [B, 1, M]
+    if relations is None:
+        relations = shared_student_relations(query, anchors, temperature, eps)
+    return at_least_fp32(shared_scores(relations, anchors, candidates, eps))
+
+
+def positive_scores(
+    query: torch.Tensor,
+    anchors: Optional[torch.Tensor],
+    positives: torch.Tensor,
+    temperature: Union[float, torch.Tensor],
+    eps: float,
+    relations: Optional[SharedRelations] = None,
+) -> torch.Tensor:
+    """Scores of every sample against its own candidate ``positives[b]``, in fp32 at least.
+
+    Shape:
+        query ``[B, D]``, anchors ``[A, D]`` or None, positives ``[B, D]`` -> ``[B, A]``.
+    """
+    if anchors is None:
+        return at_least_fp32((query * positives).sum(-1, keepdim=True) / temperature)  # [B, 1]
+    if relations is None:
+        relations = shared_student_relations(query, anchors, temperature, eps)
+    return at_least_fp32(shared_positive_scores(relations, anchors, positives, eps))
