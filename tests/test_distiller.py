@@ -283,12 +283,22 @@ def _num_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_no_hooks_remain_after_a_step_or_after_a_failing_forward():
+def test_hooks_are_registered_once_and_keep_nothing_after_a_step_or_a_failing_forward():
+    # 0.3: the hooks live as long as the distiller (registered at construction, never per step),
+    # so a compiled student is not re-traced; what they capture is dropped after every forward.
     distiller = make_distiller(gradient_element=True)
-    distiller(*batch())
-    assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
+    registered = (_num_hooks(distiller.student), _num_hooks(distiller.teacher))
+    assert registered == (2, 2)
+    for _ in range(3):
+        distiller(*batch())
+    assert (_num_hooks(distiller.student), _num_hooks(distiller.teacher)) == registered
     with pytest.raises(RuntimeError):
         distiller(torch.randn(BATCH, IN_DIM + 1), torch.zeros(BATCH, dtype=torch.long))
+    assert (_num_hooks(distiller.student), _num_hooks(distiller.teacher)) == registered
+    assert all(not capture.pop() for capture in distiller._captures.values())
+    distiller.student(batch()[0])  # outside the distiller the hooks are disarmed: nothing is kept
+    assert all(not capture.pop() for capture in distiller._captures.values())
+    distiller.remove_hooks()
     assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
 
 
