@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import logging
 import types
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Union
+import warnings
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
-from crcd_plugin.distributed import average_gradients, world_size
+from crcd_plugin.config import CRCDConfig, config_from_legacy, deprecated
+from crcd_plugin.distiller import CRCDDistiller, CRCDTrainableModule
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
 
@@ -161,80 +162,8 @@ def _teacher_transform(
     return _Renormalize(mean, std, teacher).to(device=device, dtype=dtype)
 
 
-class CRCDTrainableModule(nn.Module):
-    """What trains: the student and the CRCD state (embedding heads, memories, NCE constants, schedule).
-
-    This is the task's ``trainable_module``, so that timm's optimizer factory and EMA, which take
-    ``task.get_trainable_module()``, see the CRCD heads as well as the student. It shares its
-    submodules with the task's :class:`~crcd_plugin.distiller.CRCDDistiller`, which runs the step.
-    Calling it returns the student's logits.
-
-    Args:
-        student: The student model (possibly wrapped in DDP by ``prepare_distributed``).
-        distiller: The built distiller whose CRCD losses and schedule it holds.
-    """
-
-    def __init__(self, student: nn.Module, distiller: CRCDDistiller) -> None:
-        super().__init__()
-        self.student = student
-        # Same attribute names as the distiller, so crcd_state_dict() keys match CRCDDistiller's.
-        self.crcd_feature = distiller.crcd_feature
-        self.crcd_gradient = distiller.crcd_gradient
-        self.schedule = distiller.schedule
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.student(input)
-
-    def crcd_children(self) -> Dict[str, nn.Module]:
-        """The CRCD submodules by name (everything but the student)."""
-        return {name: module for name, module in self.named_children() if name != "student"}
-
-    def crcd_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the CRCD embedding heads."""
-        for module in self.crcd_children().values():
-            yield from module.parameters()
-
-    def crcd_state_dict(self) -> Dict[str, torch.Tensor]:
-        """CRCD heads, memories, NCE constants and schedule progress (the student excluded)."""
-        return {
-            f"{name}.{key}": value
-            for name, module in self.crcd_children().items()
-            for key, value in module.state_dict().items()
-        }
-
-    def load_crcd_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Load what :meth:`crcd_state_dict` returned; nothing is written unless every entry fits.
-
-        Args:
-            state: ``{"crcd_feature.…": tensor, ...}``.
-            strict: Whether missing or unexpected keys are errors (shapes must always match).
-
-        Raises:
-            TypeError: If ``state`` is not a mapping of tensors.
-            ValueError: On a key or shape mismatch (checked before anything is loaded).
-        """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"CRCD task state must be a dict of tensors, got {type(state).__name__}")
-        current = self.crcd_state_dict()
-        missing = sorted(set(current) - set(state))
-        unexpected = sorted(set(state) - set(current))
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"CRCD task state does not match this task (same gradient_element, crcd_loss_weight > 0 and "
-                f"schedule?): missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for key in sorted(set(current) & set(state)):
-            value = state[key]
-            if not isinstance(value, torch.Tensor) or value.shape != current[key].shape:
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(
-                    f"CRCD task state {key!r} has shape {shape}, this task expects {tuple(current[key].shape)}"
-                )
-        for name, module in self.crcd_children().items():
-            prefix = f"{name}."
-            part = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-            if part:
-                module.load_state_dict(part, strict=strict)
+class _TimmTrainableModule(CRCDTrainableModule):
+    """The distiller's trainable module with timm's optimizer-factory hooks (weight decay, layer groups)."""
 
     def no_weight_decay(self) -> set:
         """The student's no-weight-decay names (e.g. ViT position embeddings), for timm's optimizer factory."""
@@ -260,6 +189,15 @@ class CRCDTrainableModule(nn.Module):
         return matcher
 
 
+# timm's weight names, documented aliases of CRCDConfig's fields (same defaults: those of CRCDConfig).
+WEIGHT_ALIASES = {
+    "task_loss_weight": "task_weight",
+    "kd_loss_weight": "kd_weight",
+    "crcd_loss_weight": "feature_weight",
+    "gradient_loss_weight": "gradient_weight",
+}
+
+
 class CRCDDistillationTask(TrainingTask):
     """Complementary Relation Contrastive Distillation as a timm training task.
 
@@ -272,21 +210,17 @@ class CRCDDistillationTask(TrainingTask):
                + w(t) * (kd_loss_weight * KD + crcd_loss_weight * CRCD_feature
                          + gradient_loss_weight * CRCD_gradient)
 
-    The distilled features are the pre-logits features,
-    ``forward_head(forward_features(x), pre_logits=True)``: the input of ``get_classifier()``,
-    read by a hook during the ordinary forward (for CNNs and ViTs alike). For a model without
-    ``get_classifier()``, name its classifier with ``student_head`` / ``teacher_head``. The
-    gradient element differentiates the CE through the student's classifier only.
-
-    When the two models' ``pretrained_cfg`` normalisations differ, the teacher sees the student's
-    input re-normalised for it, as in timm's own distillation tasks.
-
-    Negatives need no dataset index by default (timm loaders give none): the other samples of the
-    batch with InfoNCE, the library's default (docs/reliability.md), or a queue when ``queue_size``
-    is given. With ``num_samples`` the reference memory bank is used and ``forward`` needs ``index``.
+    The distilled features are the pre-logits features: the input of ``get_classifier()``, read
+    by a hook during the ordinary forward (CNNs and ViTs alike); name another classifier with
+    ``student_classifier`` / ``teacher_classifier``. When the two models' ``pretrained_cfg``
+    normalisations differ, the teacher sees the input re-normalised for it, as in timm's tasks.
+    Everything else is ``config`` (a :class:`crcd_plugin.CRCDConfig`, the same defaults as
+    everywhere: in-batch negatives with InfoNCE, no gradient element) and the task's
+    :class:`~crcd_plugin.distiller.CRCDDistiller`, whose integration contract does the DDP,
+    gradient-sync and state work.
 
     Args:
-        student_model: The student, a timm classifier (or any ``nn.Module`` with ``student_head``).
+        student_model: The student, a timm classifier (or any ``nn.Module`` with ``student_classifier``).
         teacher_model: A timm model name, an ``nn.Module`` or a ``timm.task.DistillationTeacher``.
         criterion: Task loss on the student logits; created by timm's
             ``create_classification_loss(**criterion_kwargs)`` when ``None``.
@@ -297,20 +231,15 @@ class CRCDDistillationTask(TrainingTask):
         teacher_pretrained_path: For a teacher name: a local checkpoint to load (no network).
         teacher_pretrained_cfg_overlay: For a teacher name: ``pretrained_cfg`` overrides.
         teacher_kwargs: For a teacher name: more ``timm.create_model`` arguments (``img_size``, ...).
-            ``num_classes`` and ``in_chans`` come from the student.
-        task_loss_weight: Weight of the task criterion.
-        kd_loss_weight: Weight of Hinton KD (reference 0.9; 0 turns it off).
-        kd_temperature: KD temperature.
-        crcd_loss_weight: Weight of the CRCD feature element (0 turns it off).
-        gradient_element: Also distil relations between the CE gradients w.r.t. the features (the
-            paper's complementary element).
-        gradient_loss_weight: Weight of the CRCD gradient element.
+        config: Loss weights (``task_weight`` weighs ``criterion``), schedule and relation options.
+        task_loss_weight: timm's name for ``config.task_weight`` (overrides it when given).
+        kd_loss_weight: timm's name for ``config.kd_weight``.
+        crcd_loss_weight: timm's name for ``config.feature_weight``.
+        gradient_loss_weight: timm's name for ``config.gradient_weight``.
         num_samples: Dataset size: memory-bank negatives (``forward`` then needs ``index``).
-        queue_size: Use a queue of this length for the negatives instead of the batch.
-        crcd_options: More ``CRCDLoss`` arguments (``embed_dim``, ``temperature``, ``objective``, ...).
-        schedule: Distillation weight ``w(t)``; advance it with :meth:`set_progress`.
-        student_head: Dotted path of the student's classifier; default that of ``get_classifier()``.
-        teacher_head: Same for the teacher (relative to the teacher model).
+        total_steps: Run length of ``config.schedule``, in the unit of :meth:`set_progress`.
+        student_classifier: Dotted path of the student's classifier; default ``get_classifier()``'s.
+        teacher_classifier: Same for the teacher (relative to the teacher model).
         normalize_teacher_input: Re-normalise the teacher's input when normalisations differ.
         example_input: A batch for a dry run that fixes the feature sizes, needed only when a
             classifier is not an ``nn.Linear`` (default: zeros of the student's data-config size).
@@ -318,11 +247,16 @@ class CRCDDistillationTask(TrainingTask):
             default: the student's device.
         dtype: Dtype of the task's tensors (and of a teacher created from a name).
         verbose: Log the configuration.
+        **legacy: 0.2.0 keywords (``kd_temperature``, ``gradient_element``, ``queue_size``,
+            ``crcd_options``, ``schedule``, ``student_head``, ``teacher_head``), with a
+            ``DeprecationWarning`` naming the new spelling.
 
     Example:
         >>> import timm
+        >>> from crcd_plugin import CRCDConfig, RelationConfig
         >>> student = timm.create_model("test_efficientnet", num_classes=10)
-        >>> task = CRCDDistillationTask(student, "test_resnet", crcd_options={"queue_size": 64}, verbose=False)
+        >>> config = CRCDConfig(relation=RelationConfig(queue_size=64))
+        >>> task = CRCDDistillationTask(student, "test_resnet", config=config, verbose=False)
         >>> out = task(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
         >>> sorted(out)
         ['crcd_feature_loss', 'crcd_gradient_loss', 'kd_loss', 'loss', 'output', 'task_loss']
@@ -340,23 +274,22 @@ class CRCDDistillationTask(TrainingTask):
         teacher_pretrained_path: Optional[str] = None,
         teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         teacher_kwargs: Optional[Dict[str, Any]] = None,
-        task_loss_weight: float = 1.0,
-        kd_loss_weight: float = 0.9,
-        kd_temperature: float = 4.0,
-        crcd_loss_weight: float = 1.0,
-        gradient_element: bool = True,
-        gradient_loss_weight: float = 1.0,
+        config: Optional[CRCDConfig] = None,
+        *,
+        task_loss_weight: Optional[float] = None,
+        kd_loss_weight: Optional[float] = None,
+        crcd_loss_weight: Optional[float] = None,
+        gradient_loss_weight: Optional[float] = None,
         num_samples: Optional[int] = None,
-        queue_size: Optional[int] = None,
-        crcd_options: Optional[Mapping[str, Any]] = None,
-        schedule: Optional[DistillSchedule] = None,
-        student_head: Optional[str] = None,
-        teacher_head: Optional[str] = None,
+        total_steps: Optional[int] = None,
+        student_classifier: Optional[str] = None,
+        teacher_classifier: Optional[str] = None,
         normalize_teacher_input: bool = True,
         example_input: Optional[torch.Tensor] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
+        **legacy: Any,
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if device is None and isinstance(student_model, nn.Module):
@@ -370,9 +303,18 @@ class CRCDDistillationTask(TrainingTask):
             )
         if not isinstance(student_model, nn.Module):
             raise TypeError(f"student_model must be an nn.Module, got {type(student_model).__name__}")
-        if isinstance(task_loss_weight, bool) or not isinstance(task_loss_weight, (int, float)) or task_loss_weight < 0:
-            raise ValueError(f"task_loss_weight must be a float >= 0, got {task_loss_weight!r}")
-        student_head = _classifier_path(student_model, "student") if student_head is None else student_head
+        for old, new in (("student_head", "student_classifier="), ("teacher_head", "teacher_classifier="),
+                         ("schedule", "config=CRCDConfig(schedule=kind, ...) with total_steps=")):
+            if old in legacy:
+                deprecated(f"CRCDDistillationTask({old}=...)", new, stacklevel=3)
+        student_classifier = legacy.pop("student_head", student_classifier)
+        teacher_classifier = legacy.pop("teacher_head", teacher_classifier)
+        schedule = legacy.pop("schedule", None)
+        config, options_num_samples = config_from_legacy(config, legacy, owner="CRCDDistillationTask")
+        aliases = dict(task_loss_weight=task_loss_weight, kd_loss_weight=kd_loss_weight,
+                       crcd_loss_weight=crcd_loss_weight, gradient_loss_weight=gradient_loss_weight)
+        config = config.replace(**{WEIGHT_ALIASES[k]: v for k, v in aliases.items() if v is not None})
+        student_classifier = student_classifier or _classifier_path(student_model, "student")
         teacher = _resolve_teacher(
             teacher_model,
             student_model,
@@ -383,7 +325,7 @@ class CRCDDistillationTask(TrainingTask):
             device=self.device,
             dtype=dtype,
         )
-        teacher_head = _classifier_path(teacher.model, "teacher") if teacher_head is None else teacher_head
+        teacher_classifier = teacher_classifier or _classifier_path(teacher.model, "teacher")
         student_classes = getattr(unwrap_model(student_model), "num_classes", None)
         teacher_classes = getattr(unwrap_model(teacher.model), "num_classes", None)
         if student_classes is not None and teacher_classes is not None and student_classes != teacher_classes:
@@ -394,38 +336,34 @@ class CRCDDistillationTask(TrainingTask):
         teacher.requires_grad_(False)
         self.teacher = teacher
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
-        self.task_loss_weight = float(task_loss_weight)
+        self.task_loss_weight = config.task_weight
         transform = (
             _teacher_transform(student_model, teacher, self.device, self.dtype) if normalize_teacher_input else None
         )
-        self.distiller = CRCDDistiller(
-            student_model,
-            teacher.model,
-            student_head=student_head,
-            teacher_head=teacher_head,
-            gamma=0.0,  # the task criterion is timm's, added in forward
-            alpha=kd_loss_weight,
-            beta=crcd_loss_weight,
-            kd_temperature=kd_temperature,
-            gradient_element=gradient_element,
-            gradient_weight=gradient_loss_weight,
-            num_samples=num_samples,
-            queue_size=queue_size,
-            crcd_options=crcd_options,
-            schedule=schedule,
-            example_input=example_input,
-            teacher_transform=transform,
-        )
+        with warnings.catch_warnings():  # the task's own legacy keywords warned above, under its name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.distiller = CRCDDistiller(
+                student_model,
+                teacher.model,
+                student_classifier,
+                teacher_classifier,
+                config.replace(task_weight=0.0),  # the task criterion is timm's, added in forward
+                num_samples=num_samples if num_samples is not None else options_num_samples,
+                total_steps=total_steps,
+                schedule=schedule,
+                example_input=example_input,
+                teacher_transform=transform,
+            )
+        self.config = config
         if not self.distiller.built:
             self.distiller.build(self._dry_run_input(student_model))
-        self.trainable_module = CRCDTrainableModule(student_model, self.distiller)
+        self.trainable_module = _TimmTrainableModule(self.distiller)
         for module in self.trainable_module.crcd_children().values():
             module.to(self.device)  # built on the CPU
-        self._grad_sync_handles: List[Any] = []
         if self.verbose:
             _logger.info(
-                "CRCDDistillationTask: student_head=%r, teacher_head=%r, teacher input re-normalised: %s, %r",
-                student_head, teacher_head, transform is not None, self.distiller,
+                "CRCDDistillationTask: student_classifier=%r, teacher_classifier=%r, teacher input re-normalised: "
+                "%s, %r", student_classifier, teacher_classifier, transform is not None, config,
             )
 
     def _dry_run_input(self, student_model: nn.Module) -> torch.Tensor:
@@ -479,14 +417,13 @@ class CRCDDistillationTask(TrainingTask):
         }
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "CRCDDistillationTask":
-        """Wrap the student in DDP; keep the teacher out and average the CRCD heads' gradients.
+        """Wrap the student in DDP (the teacher and CRCD state stay out); sync the CRCD heads in backward.
 
         :meth:`CRCDDistiller.prepare_distributed` wraps the student alone and gives every rank
-        rank 0's CRCD state. The CRCD heads stay outside DDP (it would broadcast the memories every
-        step), so each head parameter averages its gradient over ranks as soon as backward has
-        accumulated it (:func:`crcd_plugin.distributed.average_gradients`): timm's loop, which
-        knows nothing of :meth:`CRCDDistiller.sync_gradients`, needs no extra call. No-op when not
-        distributed; calling it twice changes nothing.
+        rank 0's CRCD state; :meth:`CRCDDistiller.sync_gradients_in_backward` then averages the
+        CRCD heads' gradients in one bucketed all-reduce at the end of each backward, so timm's
+        loop, which knows nothing of :meth:`CRCDDistiller.sync_gradients`, needs no extra call.
+        No-op when not distributed; calling it twice changes nothing.
 
         Args:
             device_ids: DDP ``device_ids`` (e.g. ``[local_rank]``; ``None`` on CPU).
@@ -496,13 +433,7 @@ class CRCDDistillationTask(TrainingTask):
             ``self``.
         """
         self.teacher.requires_grad_(False)
-        self.distiller.prepare_distributed(device_ids, **ddp_kwargs)
-        self.trainable_module.student = self.distiller.student
-        if world_size() > 1 and not self._grad_sync_handles:
-            for param in self.trainable_module.crcd_parameters():
-                if param.requires_grad:
-                    handle = param.register_post_accumulate_grad_hook(lambda p: average_gradients([p]))
-                    self._grad_sync_handles.append(handle)
+        self.distiller.prepare_distributed(device_ids, **ddp_kwargs).sync_gradients_in_backward()
         return self
 
     def no_sync(self) -> ContextManager[None]:
