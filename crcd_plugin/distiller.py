@@ -434,11 +434,11 @@ class CRCDDistiller(nn.Module):
         self.crcd_feature = None
         self.crcd_gradient = None
 
-        student_linear, teacher_linear = (type(m) is nn.Linear for m in self._classifiers)
+        student_linear, teacher_linear = self._classifiers
         if example_input is not None:
             self.build(example_input)
-        elif student_linear and teacher_linear and feature_pool != "flatten":
-            self._build_losses(self._classifiers[0].in_features, self._classifiers[1].in_features)
+        elif type(student_linear) is nn.Linear and type(teacher_linear) is nn.Linear and feature_pool != "flatten":
+            self._build_losses(student_linear.in_features, teacher_linear.in_features)
 
     @staticmethod
     def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from crcd_plugin.distiller import CRCDDistiller, DistillSchedule, ScheduleKind
-from crcd_plugin.distributed import average, average_gradients
+from crcd_plugin.distributed import average
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
 from crcd_plugin.presets import default_negatives
@@ -386,11 +386,7 @@ class CRCDTrainer(Trainer):
         return [module for name, module in self.distiller.named_children() if name not in ("student", "teacher")]
 
     def _crcd_named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
-        return [
-            (name, param)
-            for name, param in self.distiller.named_parameters()
-            if not name.startswith(("student.", "teacher.")) and param.requires_grad
-        ]
+        return self.distiller.crcd_named_parameters()
 
     # ---- loss -------------------------------------------------------------------------------
 
@@ -433,7 +429,7 @@ class CRCDTrainer(Trainer):
         """Trainer's step, then the CRCD heads' gradients averaged over ranks when DDP syncs the student's."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
-            average_gradients(param for _, param in self._crcd_named_parameters())
+            self.distiller.sync_gradients()  # the contract: the CRCD heads, in one bucketed all_reduce
         return loss
 
     def prediction_step(
