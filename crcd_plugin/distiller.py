@@ -668,7 +668,8 @@ class CRCDDistiller(nn.Module):
             if type(module) is CRCDTrainableModule:
                 return module
         module = CRCDTrainableModule(self)
-        self._keep_trainable = module  # the distiller holds its own; integrations hold theirs
+        # Held outside nn.Module's registry: it is a view of the distiller, not a part of its state.
+        self.__dict__["_own_trainable"] = module
         return module
 
     def _refresh_trainables(self) -> None:
