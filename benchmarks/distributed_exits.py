@@ -33,6 +33,11 @@ COMMANDS: Dict[str, str] = {
 ABORT = "terminate called without an active exception"
 
 
+def _abort_lines(stderr: str) -> str:
+    keep = ("terminate", "Fatal Python error", "Thread 0x", "Current thread", "File \"", "SIGABRT", "TERMINATE")
+    return "\n".join(line for line in stderr.splitlines() if any(k in line for k in keep))[-4000:]
+
+
 def run_once(command: str, timeout: float) -> Dict[str, object]:
     """One launch; returns its exit code, wall time and whether it printed results or aborted."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
@@ -49,6 +54,8 @@ def run_once(command: str, timeout: float) -> Dict[str, object]:
         "seconds": round(time.perf_counter() - start, 1),
         "printed_results": "identical on all 2 " in stdout,
         "teardown_abort": ABORT in stderr,
+        # Where the abort happened: the faulthandler / terminate-handler lines, wherever they are.
+        "stderr_abort": _abort_lines(stderr) if code != 0 else "",
         "stderr_tail": stderr[-1500:] if code != 0 else "",
     }
 
