@@ -499,16 +499,22 @@ def test_fill_memory_writes_the_teacher_rows_the_forward_path_writes(dict_batche
                               filled.crcd_feature.memory_teacher.weight[index])
 
 
-def test_a_compiled_student_does_not_recompile_after_warm_up():
-    # Hooks registered once: nothing changes between steps for dynamo to guard on. The classifier
-    # is not compiled (the gradient element differentiates through it: no double backward on CPU).
+def _counting_backend(calls):
+    """A torch.compile backend that runs the graph eagerly and counts how often dynamo compiles."""
     torch._dynamo.reset()
-    calls = []
 
-    def counting_backend(graph_module, example_inputs):
+    def backend(graph_module, example_inputs):
         calls.append(1)
         return graph_module.forward
 
+    return backend
+
+
+def test_a_compiled_student_does_not_recompile_after_warm_up():
+    # Hooks registered once: nothing changes between steps for dynamo to guard on. The classifier
+    # is not compiled (the gradient element differentiates through it: no double backward on CPU).
+    calls: list = []
+    counting_backend = _counting_backend(calls)
     student = TinyNet(6)
     student.body = torch.compile(student.body, backend=counting_backend)
     distiller = CRCDDistiller(student, TinyNet(12), "fc", "fc", CRCDConfig(relation=SMALL_RELATION))
@@ -524,13 +530,8 @@ def test_a_compiled_student_does_not_recompile_after_warm_up():
 
 
 def test_a_compiled_whole_student_with_its_classifier_hooks_does_not_recompile():
-    torch._dynamo.reset()
-    calls = []
-
-    def counting_backend(graph_module, example_inputs):
-        calls.append(1)
-        return graph_module.forward
-
+    calls: list = []
+    counting_backend = _counting_backend(calls)
     compiled = torch.compile(TinyNet(6), backend=counting_backend)
     distiller = CRCDDistiller(compiled, TinyNet(12), "fc", "fc", CRCDConfig(relation=SMALL_RELATION))
     for step in range(22):

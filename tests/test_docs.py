@@ -145,7 +145,7 @@ def test_python_blocks_of_0_2_0_still_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = _fixtures()
     ran = 0
-    for line, marker, argument, language, body in _blocks(page):
+    for line, marker, _argument, language, body in _blocks(page):
         if language != "python" or marker == "excerpt":
             continue
         try:
