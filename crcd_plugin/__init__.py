@@ -1,7 +1,10 @@
 """crcd-plugin: Complementary Relation Contrastive Distillation as a drop-in PyTorch loss."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from crcd_plugin import functional
-from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+from crcd_plugin.config import CRCDConfig, RelationConfig
+from crcd_plugin.distiller import CRCDDistiller, CRCDTrainableModule, DistillSchedule
 from crcd_plugin.gradients import (
     linear_cross_entropy_feature_grad,
     student_gradient_element,
@@ -13,17 +16,28 @@ from crcd_plugin.loss import CRCDLoss
 from crcd_plugin.memory import FeatureQueue, MemoryBank
 from crcd_plugin.sharded_memory import ShardedMemoryBank
 
-__version__ = "0.1.0"
+try:
+    # One source: pyproject.toml's version, as installed.
+    __version__ = version("crcd-plugin")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
+    # configuration
+    "CRCDConfig",
+    "RelationConfig",
+    # the loop-level object and its schedule
     "CRCDDistiller",
-    "CRCDLoss",
+    "CRCDTrainableModule",
     "DistillSchedule",
+    # the loss and its state
+    "CRCDLoss",
     "EmbedHead",
-    "FeatureCapture",
     "FeatureQueue",
     "MemoryBank",
     "ShardedMemoryBank",
+    # building blocks
+    "FeatureCapture",
     "functional",
     "linear_cross_entropy_feature_grad",
     "student_gradient_element",

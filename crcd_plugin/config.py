@@ -8,9 +8,11 @@ one is what it is); ``CRCDConfig.reference()`` is the authors' recipe.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 from crcd_plugin._checks import check_choice, check_positive_int
 
@@ -307,3 +309,138 @@ class CRCDConfig:
     def gradient_relation_config(self) -> RelationConfig:
         """The gradient element's relation options."""
         return self.relation if self.gradient_relation is None else self.gradient_relation
+
+
+# ---------------------------------------------------------------------------------------------
+# 0.2.0 keywords. They keep working for one release with a DeprecationWarning naming the new
+# spelling; this is the one place that maps them.
+
+# 0.2.0 keyword of CRCDDistiller (and its integrations) -> CRCDConfig field.
+LEGACY_WEIGHTS: Dict[str, str] = {
+    "gamma": "task_weight",
+    "alpha": "kd_weight",
+    "beta": "feature_weight",
+    "kd_temperature": "kd_temperature",
+    "gradient_element": "gradient_element",
+    "gradient_weight": "gradient_weight",
+    "label_smoothing": "label_smoothing",
+    "warmup_steps": "warmup_steps",
+}
+# 0.2.0 CRCDLoss keyword (a ``crcd_options`` key) -> RelationConfig field, where the name changed.
+LEGACY_RELATION_NAMES: Dict[str, str] = {
+    "head": "embed_head",
+    "head_hidden_dim": "embed_hidden_dim",
+    "teacher_head_grad": "train_teacher_embedding",
+}
+PRESETS = ("default", "reference")
+
+
+def deprecated(old: str, new: str, stacklevel: int = 4) -> None:
+    """Warn that the 0.2.0 spelling ``old`` is deprecated in favour of ``new``."""
+    warnings.warn(f"{old} is deprecated since crcd-plugin 0.3 and will be removed: use {new}", DeprecationWarning,
+                  stacklevel=stacklevel)
+
+
+def relation_from_options(
+    relation: RelationConfig, options: Mapping[str, Any], owner: str = "crcd_options"
+) -> Tuple[RelationConfig, Optional[int]]:
+    """``relation`` with 0.2.0 ``CRCDLoss`` keywords (a ``crcd_options`` dict) applied.
+
+    Returns:
+        The relation options, and the ``num_samples`` the dict named (``None`` if none).
+
+    Example:
+        >>> relation, _ = relation_from_options(RelationConfig(), {"head": "mlp", "teacher_head_grad": True})
+        >>> relation.embed_head, relation.train_teacher_embedding
+        ('mlp', True)
+    """
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{owner} must be a dict of CRCDLoss keyword arguments, got {type(options).__name__}")
+    options = dict(options)
+    num_samples = options.pop("num_samples", None)
+    preset = options.pop("preset", "default")
+    check_choice(f"{owner}['preset']", preset, PRESETS)
+    if preset == "reference":
+        relation = RelationConfig.reference(**_changed_fields(relation))
+    if options.get("num_anchors", 0) is None:
+        del options["num_anchors"]  # 0.2.0: None meant the preset's value, not "every sample"
+    fields = {f.name for f in dataclasses.fields(RelationConfig)}
+    changes = {}
+    for key, value in options.items():
+        name = LEGACY_RELATION_NAMES.get(key, key)
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=3)
+            raise TypeError(f"{owner} has an unknown key {key!r}" + (f"; closest RelationConfig fields: {close}"
+                                                                     if close else ""))
+        changes[name] = value
+    return relation.replace(**changes), num_samples
+
+
+def _changed_fields(config: Any) -> Dict[str, Any]:
+    """The fields of a dataclass that differ from its defaults."""
+    default = type(config)()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def config_from_legacy(
+    config: Optional[CRCDConfig], legacy: Mapping[str, Any], owner: str = "CRCDDistiller"
+) -> Tuple[CRCDConfig, Optional[int]]:
+    """``config`` with the 0.2.0 keywords in ``legacy`` applied, each with a ``DeprecationWarning``.
+
+    Handles the weights and options of :data:`LEGACY_WEIGHTS`, ``queue_size``, ``crcd_options`` and
+    ``preset``; the caller handles its own keywords (classifier paths, a schedule object). ``None``
+    values are "not given", as in 0.2.0.
+
+    Returns:
+        The configuration, and a ``num_samples`` named in ``crcd_options`` (else ``None``).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     config, _ = config_from_legacy(None, {"alpha": 0.5, "crcd_options": {"embed_dim": 64}})
+        >>> config.kd_weight, config.relation.embed_dim
+        (0.5, 64)
+    """
+    if config is None:
+        config = CRCDConfig()
+    elif not isinstance(config, CRCDConfig):
+        raise TypeError(f"{owner}(config=...) must be a crcd_plugin.CRCDConfig, got {type(config).__name__}")
+    legacy = dict(legacy)
+    relation = config.relation
+    preset = legacy.pop("preset", None)
+    if preset is not None:
+        check_choice("preset", preset, PRESETS)
+        deprecated(f"{owner}(preset={preset!r})",
+                   "config=CRCDConfig(relation=RelationConfig.reference()) (or CRCDConfig.reference() for the whole "
+                   "recipe, which also turns on the step schedule)" if preset == "reference" else "config=CRCDConfig()")
+        if preset == "reference":
+            relation = RelationConfig.reference(**_changed_fields(relation))
+    changes: Dict[str, Any] = {}
+    for old, new in LEGACY_WEIGHTS.items():
+        value = legacy.pop(old, None)
+        if value is None:
+            continue
+        deprecated(f"{owner}({old}=...)", f"config=CRCDConfig({new}=...)")
+        try:
+            config.replace(**{new: value})
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{old}={value!r} (now CRCDConfig.{new}): {error}") from None
+        changes[new] = value
+    num_samples = None
+    queue_size = legacy.pop("queue_size", None)
+    if queue_size is not None:
+        deprecated(f"{owner}(queue_size=...)", "config=CRCDConfig(relation=RelationConfig(queue_size=...))")
+        try:
+            relation = relation.replace(queue_size=queue_size)
+        except ValueError as error:
+            raise ValueError(f"queue_size must be a positive int, got {queue_size!r} ({error})") from None
+    options = legacy.pop("crcd_options", None)
+    if options is not None:
+        deprecated(f"{owner}(crcd_options=...)", "config=CRCDConfig(relation=RelationConfig(...)) (head -> "
+                   "embed_head, teacher_head_grad -> train_teacher_embedding)")
+        relation, num_samples = relation_from_options(relation, options)
+    if legacy:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {sorted(legacy)}")
+    return config.replace(relation=relation, **changes), num_samples

@@ -1,15 +1,19 @@
-"""CRCDDistiller: the one object a plain training loop needs, plus the distillation-weight schedule.
+"""CRCDDistiller: the one object a plain training loop needs, its integration contract, and the schedule.
 
-The distiller runs student and frozen teacher, captures the input of each classifier head
-(the penultimate feature), and returns CE + KD + CRCD (feature element, optionally gradient
-element) as a dict of named loss components.
+The distiller runs student and frozen teacher, captures the input of each classifier (the
+penultimate feature) with hooks registered once, and returns CE + KD + CRCD (feature element,
+optionally gradient element) as a dict of named loss components. Integrations (Hugging Face, timm,
+Lightning) use only its contract: :attr:`CRCDDistiller.trainable_module`,
+:meth:`~CRCDDistiller.prepare_distributed`, :meth:`~CRCDDistiller.sync_gradients`,
+:meth:`~CRCDDistiller.crcd_state_dict` / :meth:`~CRCDDistiller.load_crcd_state_dict`,
+:meth:`~CRCDDistiller.set_progress` and :meth:`~CRCDDistiller.set_total_steps` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
+import weakref
 from typing import (
     Any,
     Callable,
@@ -18,7 +22,6 @@ from typing import (
     Iterable,
     Iterator,
     List,
-    Literal,
     Mapping,
     Optional,
     Sequence,
@@ -31,40 +34,75 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_choice, check_positive_int
+from .config import (
+    REFERENCE_QUEUE_SIZE,
+    SCHEDULE_KINDS,
+    CRCDConfig,
+    RelationConfig,
+    ScheduleKind,
+    config_from_legacy,
+    deprecated,
+)
 from .distributed import average_gradients, broadcast_state, world_size
 from .functional import kd_loss
-from .gradients import student_gradient_element, teacher_gradient_element
+from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
 from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
 from .loss import CRCDLoss
 from .monitor import ExplosionMonitor
-from .presets import PRESETS, Preset, default_negatives, distiller_preset
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistillSchedule", "CRCDDistiller"]
+__all__ = ["DistillSchedule", "CRCDDistiller", "CRCDTrainableModule"]
 
 _MODEL_PREFIXES = ("student.", "teacher.")
+# The CRCD children of the distiller (and of its trainable module): what crcd_state_dict() holds.
+_CRCD_CHILDREN = ("crcd_feature", "crcd_gradient", "schedule")
+_DDP = nn.parallel.DistributedDataParallel
 
-ScheduleKind = Literal["step", "linear", "constant"]
 # (model, model input) -> position of the token the model classifies, [B] or one int for all rows.
 TokenSelector = Callable[[nn.Module, Any], Union[int, torch.Tensor]]
-_SCHEDULE_KINDS: Tuple[str, ...] = ("step", "linear", "constant")
-GRADIENT_NORMALIZATIONS = ("none", "sample", "batch")
 
 
-def normalize_gradient_element(gradient: torch.Tensor, mode: str) -> torch.Tensor:
-    """Rescale the gradient element ``[B, D]`` before its embedding head.
+def _relation_loss(
+    student_dim: int, teacher_dim: int, relation: RelationConfig, num_samples: Optional[int]
+) -> CRCDLoss:
+    """The one place a :class:`CRCDLoss` is made from a :class:`RelationConfig` (the loss seam).
 
-    A confident teacher's ``dCE/df`` has norms of 1e-5 to 1e-4: through a linear embedding head
-    with a bias every row lands on the bias, and the relations carry nothing. ``"sample"`` makes
-    each row unit-norm (its direction is the signal); ``"batch"`` divides the batch by its RMS row
-    norm (relative sizes kept); ``"none"`` is the reference.
+    Translates the typed options into ``CRCDLoss``'s keywords, with every default resolved by
+    ``RelationConfig`` (negatives, objective, first-write rule), so the loss's own presets decide
+    nothing here.
     """
-    if mode == "sample":
-        return F.normalize(gradient, dim=-1, eps=1e-30)
-    if mode == "batch":
-        return gradient / gradient.pow(2).sum(-1).mean().sqrt().clamp_min(1e-30)
-    return gradient
+    negatives = relation.resolved_negatives(num_samples)
+    kwargs: Dict[str, Any] = dict(
+        embed_dim=relation.embed_dim,
+        head=relation.embed_head,
+        head_hidden_dim=relation.embed_hidden_dim,
+        negatives=negatives,
+        num_negatives=relation.num_negatives,
+        temperature=relation.temperature,
+        objective=relation.resolved_objective(negatives),
+        momentum=relation.momentum,
+        memory_init=relation.resolved_memory_init(),
+        num_anchors=relation.num_anchors,
+        self_anchor=relation.self_anchor,
+        symmetric=relation.symmetric,
+        teacher_head_grad=relation.train_teacher_embedding,
+        anchored=relation.anchored,
+        eps=relation.eps,
+        on_nonfinite=relation.on_nonfinite,
+        check_index=relation.check_index,
+        backend=relation.backend,
+        chunk_size=relation.chunk_size,
+        shard_memory=relation.shard_memory,
+        share_negatives=relation.share_negatives,
+        # 0.2.0's CRCDLoss reads num_anchors=None as "the preset's"; "reference" makes it "every sample".
+        preset="reference" if relation.num_anchors is None else "default",
+    )
+    if negatives == "bank":
+        kwargs["num_samples"] = num_samples
+    elif negatives == "queue":
+        kwargs["queue_size"] = REFERENCE_QUEUE_SIZE if relation.queue_size is None else relation.queue_size
+    return CRCDLoss(student_dim, teacher_dim, **kwargs)
 
 
 class DistillSchedule(nn.Module):
@@ -100,7 +138,7 @@ class DistillSchedule(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int("total_steps", total_steps)
-        check_choice("kind", kind, _SCHEDULE_KINDS)
+        check_choice("kind", kind, SCHEDULE_KINDS)
         if not 0.0 <= start < until <= 1.0:
             raise ValueError(f"expected 0 <= start < until <= 1, got start={start!r}, until={until!r}")
         self.total_steps = total_steps
@@ -152,90 +190,163 @@ class DistillSchedule(nn.Module):
         return f"total_steps={self.total_steps}, kind={self.kind!r}, until={self.until}, start={self.start}"
 
 
-def _check_weight(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    return float(value)
+class CRCDTrainableModule(nn.Module):
+    """What trains: the student plus the CRCD state (embedding heads, memories, NCE constants, schedule).
+
+    Give it to the optimizer or an EMA (``CRCDDistiller.trainable_module``); it shares its
+    submodules with the distiller, which runs the step, and follows it when the CRCD losses are
+    built later or the student is wrapped. Calling it returns the student's output. Its CRCD
+    parameters and buffers are listed in ``_ddp_params_and_buffers_to_ignore``: should DDP wrap
+    this module, it still never broadcasts the memories (they are kept identical by the loss's own
+    gathers) nor averages the heads, whose gradients :meth:`CRCDDistiller.sync_gradients` averages.
+
+    Args:
+        distiller: The distiller whose student and CRCD state it holds.
+    """
+
+    _ddp_params_and_buffers_to_ignore: List[str]
+
+    def __init__(self, distiller: "CRCDDistiller") -> None:
+        super().__init__()
+        self.refresh(distiller)
+        distiller._trainables.append(weakref.ref(self))
+
+    def refresh(self, distiller: "CRCDDistiller") -> None:
+        """Point at the distiller's current student and CRCD modules."""
+        self.student = distiller.student
+        for name in _CRCD_CHILDREN:
+            setattr(self, name, getattr(distiller, name))
+        self._ddp_params_and_buffers_to_ignore = [
+            f"{name}.{key}"
+            for name in _CRCD_CHILDREN
+            if getattr(self, name) is not None
+            for key, _ in (*getattr(self, name).named_parameters(), *getattr(self, name).named_buffers())
+        ]
+
+    def forward(self, input: Any) -> Any:
+        return self.student(**input) if isinstance(input, Mapping) else self.student(input)
+
+    def crcd_children(self) -> Dict[str, nn.Module]:
+        """The CRCD submodules by name (everything but the student)."""
+        return {name: module for name, module in self.named_children() if name != "student"}
+
+    def crcd_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the CRCD embedding heads."""
+        for module in self.crcd_children().values():
+            yield from module.parameters()
+
+    def crcd_state_dict(self) -> Dict[str, torch.Tensor]:
+        """CRCD heads, memories, NCE constants and schedule progress (the student excluded)."""
+        return _crcd_state(self)
+
+    def load_crcd_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Load what :meth:`crcd_state_dict` returned; see :meth:`CRCDDistiller.load_crcd_state_dict`."""
+        _load_crcd_state(self, self.crcd_state_dict(), state, strict)
+
+
+def _crcd_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value
+        for name in _CRCD_CHILDREN
+        if getattr(module, name, None) is not None
+        for key, value in getattr(module, name).state_dict().items()
+    }
+
+
+def _load_crcd_state(module: nn.Module, current: Mapping[str, torch.Tensor], state: Any, strict: bool) -> None:
+    """Check ``state`` whole against ``current`` (keys and shapes), then load it into ``module``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a CRCD state must be a dict of tensors, got {type(state).__name__}")
+    model_keys = [k for k in state if k.startswith(_MODEL_PREFIXES)]
+    if model_keys:
+        raise ValueError(f"a CRCD state dict holds no model weights, got keys {model_keys[:3]} ...")
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            "CRCD state does not match these options (same gradient_element, feature_weight > 0, schedule, "
+            f"negatives?): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key in sorted(set(current) & set(state)):
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != current[key].shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"CRCD state {key!r} has shape {got}, this task expects {tuple(current[key].shape)} "
+                "(a checkpoint made with another embed_dim, num_samples or queue_size?)"
+            )
+    # Checked above: strict=False only skips the model keys and what the caller let pass.
+    module.load_state_dict({k: v for k, v in state.items() if k in current}, strict=False)
 
 
 class CRCDDistiller(nn.Module):
-    """Student + frozen teacher + CRCD losses, for a plain training loop.
+    """Student + frozen teacher + CRCD losses, for a plain training loop and for every integration.
 
-    The distilled feature is the *input* of each classifier head (``student_head`` /
-    ``teacher_head``, dotted module paths), captured by hooks without editing the models. The
-    total loss is::
+    The distilled feature is the *input* of each classifier (``student_classifier`` /
+    ``teacher_classifier``, dotted module paths), captured by hooks registered once, at
+    construction, without editing the models. The total loss is (``config`` is a
+    :class:`~crcd_plugin.config.CRCDConfig`)::
 
-        loss = gamma * CE + w(t) * (alpha * KD + beta * CRCD_feature + gradient_weight * CRCD_gradient)
+        loss = task_weight * CE + w(t) * (kd_weight * KD + feature_weight * CRCD_feature
+                                          + gradient_weight * CRCD_gradient)
 
-    Negatives: with ``num_samples`` (dataset size) the CRCD losses use a per-sample memory bank
-    (the reference; ``forward`` then needs the dataset ``index`` of each sample); with
-    ``queue_size`` a FIFO queue of past embeddings; with neither, the other samples of the batch
-    (no index, no state). ``crcd_options`` overrides either choice and is forwarded to every
-    :class:`~crcd_plugin.loss.CRCDLoss`; the gradient element gets its own ``CRCDLoss`` (own heads
-    and memory).
+    Negatives (``config.relation``, :meth:`RelationConfig.resolved_negatives`): with
+    ``num_samples`` (the dataset size) a per-sample memory bank (the reference; ``forward`` then
+    needs the dataset ``index`` of each sample); with ``relation.queue_size`` a FIFO queue; with
+    neither, the other samples of the batch (no index, no state). The gradient element has its own
+    :class:`~crcd_plugin.loss.CRCDLoss` (own heads and memory), configured by
+    ``config.gradient_relation`` (default: the same options).
 
-    ``preset="default"`` makes every default safe to add to a loop where CE alone trains, at no
-    more relation work per step than the reference (see docs/reliability.md for the measurements);
-    ``preset="reference"`` is the authors' recipe (NCE, all ``B`` anchors; a queue of 4096 with
-    ``K = 500`` when there is no index). Arguments passed explicitly always win over the preset.
+    ``w(t)`` is ``config.schedule`` over ``total_steps`` (the run length, in the unit of
+    :meth:`set_progress`: epochs or optimizer steps), times the warm-up ramp. A batch of one has no
+    relations: its CRCD terms are 0 (logged once) and no state moves.
 
-    A batch of one has no relations: its CRCD terms are 0 (logged once) and no state moves.
+    The teacher is frozen (``requires_grad=False``), run under ``torch.no_grad()`` (after
+    ``teacher_transform``), and kept in eval mode whatever ``train()`` is called with. Export the
+    student with :meth:`student_state_dict`; :meth:`crcd_state_dict` is the CRCD state to resume.
 
-    The teacher is frozen (``requires_grad=False``), run under ``torch.no_grad()``, and kept in
-    eval mode whatever ``train()`` is called with. Export the student with
-    :meth:`student_state_dict`; ``distiller.state_dict()`` is for resuming (it holds the CRCD
-    heads, memories and schedule progress, besides both models).
+    Integration contract (what the HF and timm integrations use, and nothing else):
+    :attr:`trainable_module` (student + CRCD state: what the optimizer and EMA take),
+    :meth:`prepare_distributed` (DDP wraps the student only; CRCD buffers are never broadcast by
+    DDP), :meth:`sync_gradients` (one bucketed all-reduce for what DDP does not average) or
+    :meth:`sync_gradients_in_backward`, :meth:`no_sync`, :meth:`crcd_state_dict` /
+    :meth:`load_crcd_state_dict` (shape-checked), :meth:`set_progress` and :meth:`set_total_steps`.
 
-    Under ``torch.distributed`` (``torchrun``, ``accelerate``): :meth:`prepare_distributed` wraps
-    only the student in DDP and gives every rank rank 0's CRCD state, :meth:`sync_gradients`
-    averages the CRCD heads' gradients before each optimizer step, and :meth:`no_sync` serves
-    gradient accumulation (docs/distributed.md).
-
-    Dimensions come from ``nn.Linear`` heads (``in_features``), else from a dry run on
+    Dimensions come from ``nn.Linear`` classifiers (``in_features``), else from a dry run on
     ``example_input``, else from the first ``forward``; in the last case create the optimizer
     *after* that first call, since the CRCD heads have parameters too.
 
     Args:
         student: Student model, ``student(x)`` returns logits (or see ``output_select``).
         teacher: Trained teacher model.
-        student_head: Dotted path of the student's classifier head module.
-        teacher_head: Dotted path of the teacher's classifier head module.
-        gamma: Weight of the task cross-entropy.
-        alpha: Weight of Hinton KD (0 disables it). Reference: 0.9.
-        beta: Weight of the CRCD feature element (0 disables it). Reference: 1.0.
-        kd_temperature: KD temperature ``T``; the KL is scaled by ``T^2``.
-        gradient_element: Also distil relations between the CE gradients w.r.t. the features.
-        gradient_weight: Weight of the CRCD gradient element.
-        label_smoothing: Label smoothing of the task CE (and of the CE whose gradient is taken).
-        num_samples: Dataset size; selects the memory-bank negatives (needs ``index``).
-        queue_size: Queue length when ``num_samples`` is not given; ``None`` uses in-batch
-            negatives (the reference preset: a queue of 4096).
-        crcd_options: Extra keyword arguments for ``CRCDLoss`` (``embed_dim``, ``temperature``,
-            ``negatives``, ``objective``, ...), overriding the defaults above.
-        schedule: Distillation weight ``w(t)``; ``None`` means ``w = 1`` throughout.
-        feature_pool: How to reduce a captured head input that is not ``[B, D]`` (see
+        student_classifier: Dotted path of the student's classifier module.
+        teacher_classifier: Dotted path of the teacher's classifier module.
+        config: Loss weights, schedule and relation options; ``None``: ``CRCDConfig()``.
+        num_samples: Dataset size; selects memory-bank negatives (``forward`` needs ``index``).
+        total_steps: Run length for ``config.schedule`` (``"step"``/``"linear"``); may also be set
+            later with :meth:`set_total_steps`.
+        schedule: A ready :class:`DistillSchedule` (stateful) instead of ``config.schedule``.
+        feature_pool: How to reduce a captured classifier input that is not ``[B, D]`` (see
             :func:`~crcd_plugin.hooks.pool_feature`); ``None`` flattens it.
         output_select: How to get logits from the models' outputs when they are not tensors
             (int index, str key/attribute, or callable); ``None`` accepts a tensor or ``.logits``.
-        feature_token: For heads applied to every token (head output ``[B, T, C]`` while the
+        feature_token: For classifiers applied to every token (output ``[B, T, C]`` while the
             model's logits are ``[B, C]``, as in decoder-only ``*ForSequenceClassification``
             models): ``feature_token(model, input)`` gives the position (``[B]`` LongTensor, or one
-            int for all rows) of the token the model classifies; the feature and head logits are
-            taken at that position. ``model`` is the unwrapped model.
+            int) of the token the model classifies. ``model`` is the unwrapped model.
         example_input: Optional batch for a dry run (eval mode, no grad) that fixes dimensions.
         teacher_transform: Optional map from the student's input batch to the teacher's, applied
-            (under no grad) before every teacher forward, e.g. re-normalisation for a teacher
-            trained with another mean/std. An ``nn.Module`` is registered, so it moves with
-            ``.to()``. ``None``: the teacher sees the student's input.
-        warmup_steps: Ramp the distillation weight linearly from ``1/warmup_steps`` to 1 over the
-            first training-mode forward calls (counted in the ``warmup_progress`` buffer, so it
-            resumes with a ``state_dict``); 0 turns it off. ``None``: the preset's (0 for both).
-        preset: ``"default"`` or ``"reference"`` (see above).
+            (under no grad) before every teacher forward (steps, dry run and :meth:`fill_memory`).
+            An ``nn.Module`` is registered, so it moves with ``.to()``.
+        **legacy: 0.2.0 keywords (``student_head``, ``teacher_head``, ``gamma``, ``alpha``,
+            ``beta``, ``kd_temperature``, ``gradient_element``, ``gradient_weight``,
+            ``label_smoothing``, ``queue_size``, ``crcd_options``, ``warmup_steps``, ``preset``),
+            mapped onto ``config`` with a ``DeprecationWarning`` naming the new spelling.
 
     Example:
+        >>> from crcd_plugin import CRCDConfig
         >>> student = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
         >>> teacher = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
-        >>> distiller = CRCDDistiller(student, teacher, student_head="2", teacher_head="2")
+        >>> distiller = CRCDDistiller(student, teacher, "2", "2", CRCDConfig(gradient_element=True))
         >>> out = distiller(torch.randn(8, 10), torch.randint(0, 3, (8,)))
         >>> sorted(out)
         ['crcd_feature_loss', 'crcd_gradient_loss', 'kd_loss', 'logits', 'loss', 'task_loss']
@@ -244,73 +355,115 @@ class CRCDDistiller(nn.Module):
 
     crcd_feature: Optional[CRCDLoss]
     crcd_gradient: Optional[CRCDLoss]
+    schedule: Optional[DistillSchedule]
     warmup_progress: torch.Tensor
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module,
-        student_head: str = "fc",
-        teacher_head: str = "fc",
+        student_classifier: str = "fc",
+        teacher_classifier: str = "fc",
+        config: Optional[CRCDConfig] = None,
         *,
-        gamma: float = 1.0,
-        alpha: float = 0.9,
-        beta: float = 1.0,
-        kd_temperature: float = 4.0,
-        gradient_element: bool = False,
-        gradient_weight: float = 1.0,
-        label_smoothing: float = 0.0,
         num_samples: Optional[int] = None,
-        queue_size: Optional[int] = None,
-        crcd_options: Optional[Mapping[str, Any]] = None,
+        total_steps: Optional[int] = None,
         schedule: Optional[DistillSchedule] = None,
         feature_pool: Optional[PoolMode] = None,
         output_select: Optional[Selector] = None,
-        example_input: Optional[Any] = None,
         feature_token: Optional[TokenSelector] = None,
+        example_input: Optional[Any] = None,
         teacher_transform: Optional[Callable[[Any], Any]] = None,
-        warmup_steps: Optional[int] = None,
-        preset: Preset = "default",
-        gradient_normalization: str = "none",
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        check_choice("preset", preset, PRESETS)
-        if warmup_steps is None:
-            warmup_steps = distiller_preset(preset)["warmup_steps"]
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        for old, new in (("student_head", "student_classifier"), ("teacher_head", "teacher_classifier")):
+            if old in legacy:
+                deprecated(f"CRCDDistiller({old}=...)", f"{new}= (the classifier's path; the embedding head is "
+                           "RelationConfig.embed_head)", stacklevel=3)
+                path = legacy.pop(old)
+                student_classifier, teacher_classifier = (
+                    (path, teacher_classifier) if old == "student_head" else (student_classifier, path)
+                )
+        config, options_num_samples = config_from_legacy(config, legacy)
+        num_samples = options_num_samples if num_samples is None else num_samples
+        self._check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
+                              teacher_transform, feature_token)
+        if schedule is not None:
+            deprecated("CRCDDistiller(schedule=DistillSchedule(...))",
+                       "config=CRCDConfig(schedule=kind, schedule_until=..., schedule_start=...) with total_steps=",
+                       stacklevel=3)
+            config = config.replace(schedule=schedule.kind, schedule_until=schedule.until,
+                                    schedule_start=schedule.start)
+        relation = config.relation
+        if relation.resolved_negatives(num_samples) == "bank" and num_samples is None:
+            raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
+
+        self.config = config
+        self.num_samples = num_samples
+        self.student = student
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.student_classifier = student_classifier
+        self.teacher_classifier = teacher_classifier
+        # Resolved once: a wrong path fails here, and no step looks a module up again.
+        self._classifiers = (resolve_module(student, student_classifier), resolve_module(teacher, teacher_classifier))
+        # Hooks registered once, for the distiller's life; armed only inside its own forwards.
+        self._captures = {
+            role: FeatureCapture(model, armed=False)
+            .add(path, io="input", name="feature")
+            .add(path, io="output", name="head_logits")
+            for role, model, path in (
+                ("student", student, student_classifier), ("teacher", teacher, teacher_classifier)
+            )
+        }
+        self.feature_pool = feature_pool
+        self.output_select = output_select
+        self.feature_token = feature_token
+        self.teacher_transform = teacher_transform
+        self.schedule = schedule
+        if schedule is None and total_steps is not None:
+            self.set_total_steps(total_steps)
+        # Training-mode forward calls so far, for the warm-up; a buffer so that it resumes exactly.
+        self.register_buffer("warmup_progress", torch.zeros((), dtype=torch.long))
+        self._warned_batch_of_one = False
+        # Warns once when a term or the student feature's gradient explodes (no per-step sync).
+        self.monitor = ExplosionMonitor()
+        self._student_synced_by_ddp = False
+        self._auto_sync: Optional[List[Any]] = None
+        self._skip_sync = False
+        self._trainables: List["weakref.ReferenceType[CRCDTrainableModule]"] = []
+        self.crcd_feature = None
+        self.crcd_gradient = None
+
+        student_linear, teacher_linear = self._classifiers
+        if example_input is not None:
+            self.build(example_input)
+        elif type(student_linear) is nn.Linear and type(teacher_linear) is nn.Linear and feature_pool != "flatten":
+            self._build_losses(student_linear.in_features, teacher_linear.in_features)
+
+    @staticmethod
+    def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
+                         feature_token) -> None:
         for name, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
         if unwrap_model(student) is unwrap_model(teacher):
             raise ValueError("student and teacher must be different modules")
-        if isinstance(teacher, nn.parallel.DistributedDataParallel):
+        if isinstance(teacher, _DDP):
             raise ValueError(
                 "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
                 "(it never trains, so it needs no gradient sync; wrap only the student)"
             )
-        self.gamma = _check_weight("gamma", gamma)
-        self.alpha = _check_weight("alpha", alpha)
-        self.beta = _check_weight("beta", beta)
-        self.gradient_weight = _check_weight("gradient_weight", gradient_weight)
-        if not isinstance(kd_temperature, (int, float)) or not kd_temperature > 0:
-            raise ValueError(f"kd_temperature must be > 0, got {kd_temperature!r}")
-        if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        if num_samples is not None and (
-            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0
-        ):
-            raise ValueError(f"num_samples must be None or a positive int (the dataset size), got {num_samples!r}")
-        if queue_size is not None:
-            check_positive_int("queue_size", queue_size)
-        if crcd_options is not None and not isinstance(crcd_options, Mapping):
-            raise TypeError(
-                f"crcd_options must be a dict of CRCDLoss keyword arguments, got {type(crcd_options).__name__}"
-            )
+        if num_samples is not None:
+            check_positive_int("num_samples", num_samples)
+        if total_steps is not None:
+            check_positive_int("total_steps", total_steps)
         if schedule is not None and not isinstance(schedule, DistillSchedule):
             raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
         if feature_pool is not None:
-            pool_feature(torch.zeros(1, 1), feature_pool)  # validates the name
+            check_choice("feature_pool", feature_pool, ("avg", "max", "flatten", "mean_tokens", "cls"))
         if teacher_transform is not None and not callable(teacher_transform):
             raise TypeError(
                 f"teacher_transform must be None or a callable input -> input, got {type(teacher_transform).__name__}"
@@ -318,85 +471,41 @@ class CRCDDistiller(nn.Module):
         if feature_token is not None and not callable(feature_token):
             raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
 
-        self.student = student
-        self.teacher = teacher
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        # Resolve now so a wrong path fails at construction, not at the first step.
-        student_head_module = resolve_module(student, student_head)
-        teacher_head_module = resolve_module(teacher, teacher_head)
-        self.student_head = student_head
-        self.teacher_head = teacher_head
-        self.kd_temperature = float(kd_temperature)
-        self.gradient_element = bool(gradient_element)
-        self.label_smoothing = float(label_smoothing)
-        self.feature_pool = feature_pool
-        self.output_select = output_select
-        self.feature_token = feature_token
-        self.schedule = schedule
-        self.teacher_transform = teacher_transform
-        self.preset = preset
-        self.warmup_steps = warmup_steps
-        check_choice("gradient_normalization", gradient_normalization, GRADIENT_NORMALIZATIONS)
-        self.gradient_normalization = gradient_normalization
-        # Training-mode forward calls so far, for the warm-up; a buffer so that it resumes exactly.
-        self.register_buffer("warmup_progress", torch.zeros((), dtype=torch.long))
-        self._warned_batch_of_one = False
-        self.monitor = ExplosionMonitor()
-        self.crcd_kwargs = self._crcd_kwargs(num_samples, queue_size, crcd_options, preset)
-        self.crcd_feature = None
-        self.crcd_gradient = None
-
-        if example_input is not None:
-            self.build(example_input)
-        elif (
-            type(student_head_module) is nn.Linear
-            and type(teacher_head_module) is nn.Linear
-            and feature_pool != "flatten"
-        ):
-            self._build_losses(student_head_module.in_features, teacher_head_module.in_features)
-
-    @staticmethod
-    def _crcd_kwargs(
-        num_samples: Optional[int],
-        queue_size: Optional[int],
-        crcd_options: Optional[Mapping[str, Any]],
-        preset: str,
-    ) -> Dict[str, Any]:
-        options = dict(crcd_options or {})
-        options.setdefault("preset", preset)
-        if num_samples is None and preset == "reference":
-            queue_size = 4096 if queue_size is None else queue_size  # the reference's index-free stand-in
-        queue_size = options.get("queue_size", queue_size)
-        negatives = options.get("negatives") or default_negatives("default", num_samples, queue_size)
-        options["negatives"] = negatives
-        if negatives == "bank":
-            options.setdefault("num_samples", num_samples)
-            if options["num_samples"] is None:
-                raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
-        elif negatives == "queue":
-            options["queue_size"] = 4096 if queue_size is None else queue_size
-        return options
-
+    # ------------------------------------------------------------------ building
     @property
     def built(self) -> bool:
         """Whether the CRCD losses (and so all trainable parameters) exist yet."""
-        if not (self.beta or self.gradient_element):
+        if not (self.config.feature_weight or self.config.gradient_element):
             return True  # nothing to build: CE and KD only
         return self.crcd_feature is not None or self.crcd_gradient is not None
 
+    @property
+    def student_head(self) -> str:
+        """0.2.0 name of :attr:`student_classifier`."""
+        return self.student_classifier
+
+    @property
+    def teacher_head(self) -> str:
+        """0.2.0 name of :attr:`teacher_classifier`."""
+        return self.teacher_classifier
+
     def _build_losses(self, student_dim: int, teacher_dim: int, device: Optional[torch.device] = None) -> None:
+        config = self.config
         # Parameters created inside inference_mode would be unusable for training later.
         with torch.inference_mode(False):
-            if self.beta > 0:
-                self.crcd_feature = CRCDLoss(student_dim, teacher_dim, **self.crcd_kwargs).to(device)
-            if self.gradient_element:
-                self.crcd_gradient = CRCDLoss(student_dim, teacher_dim, **self.crcd_kwargs).to(device)
+            if config.feature_weight > 0:
+                self.crcd_feature = _relation_loss(student_dim, teacher_dim, config.relation, self.num_samples)
+                self.crcd_feature.to(device)
+            if config.gradient_element:
+                self.crcd_gradient = _relation_loss(
+                    student_dim, teacher_dim, config.gradient_relation_config(), self.num_samples
+                ).to(device)
         for loss in (self.crcd_feature, self.crcd_gradient):
             if loss is not None:
                 loss.train(self.training)
                 # Built from each rank's own random state; DDP does not see them, so rank 0's wins.
                 broadcast_state(loss)
+        self._refresh_trainables()
         _logger.debug("built CRCD losses for student_dim=%d, teacher_dim=%d", student_dim, teacher_dim)
 
     def build(self, example_input: Any) -> "CRCDDistiller":
@@ -413,25 +522,102 @@ class CRCDDistiller(nn.Module):
         self.student.eval()
         try:
             with torch.no_grad():
-                f_s, _, _ = self._run(self.student, self.student_head, example_input, "student")
-                f_t, _, _ = self._run(self.teacher, self.teacher_head, self._teacher_input(example_input), "teacher")
+                f_s, _, _ = self._run("student", self.student, example_input)
+                f_t, _, _ = self._teacher_features(example_input)
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
         return self
 
+    def _ensure_built(self, f_s: torch.Tensor, f_t: torch.Tensor) -> None:
+        if not self.built:
+            self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+
+    # ------------------------------------------------------------------ features
+    def _run(self, role: str, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward ``model`` once; return (classifier input, classifier output, model logits)."""
+        capture = self._captures[role]
+        with capture.recording() as captured:
+            output = model(**x) if isinstance(x, Mapping) else model(x)
+            if len(captured) != 2:
+                path = self.student_classifier if role == "student" else self.teacher_classifier
+                raise ValueError(f"the {role} classifier {path!r} did not run during the {role}'s forward")
+            feature, head_logits = captured["feature"], captured["head_logits"]
+        logits = self._logits(output)
+        if self.feature_token is not None and head_logits.dim() == logits.dim() + 1:
+            # The classifier saw every token ([B, T, D] -> [B, T, C]) and the model kept one per row.
+            position = self.feature_token(unwrap_model(model), x)
+            if isinstance(position, torch.Tensor):
+                position = position.to(feature.device)
+            rows = torch.arange(feature.shape[0], device=feature.device)
+            feature, head_logits = feature[rows, position], head_logits[rows, position]
+        return feature, head_logits, logits
+
+    @torch.no_grad()
+    def _teacher_features(self, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's (feature, classifier output, logits) for the student's input ``x``.
+
+        The one teacher path: steps, the dry run and :meth:`fill_memory` all see the input through
+        ``teacher_transform``, under no grad, with the teacher in eval mode.
+        """
+        if self.teacher.training:
+            self.teacher.eval()
+        if self.teacher_transform is not None:
+            x = self.teacher_transform(x)
+        return self._run("teacher", self.teacher, x)
+
+    def _logits(self, output: Any) -> torch.Tensor:
+        if self.output_select is not None:
+            return select_tensor(output, self.output_select)
+        if isinstance(output, torch.Tensor):
+            return output
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"model output is a {type(output).__name__} without a .logits tensor; "
+                "pass output_select= (int index, str key/attribute or callable)"
+            )
+        return logits
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, *] -> [B, D]`` for the CRCD loss."""
+        if self.feature_pool is not None:
+            x = pool_feature(x, self.feature_pool)
+        return x.flatten(1) if x.dim() > 2 else x
+
+    def _gradient_elements(
+        self, f_s: torch.Tensor, head_s: torch.Tensor, f_t: torch.Tensor, head_t: torch.Tensor,
+        target: torch.Tensor, detached: bool,
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Both sides' CE gradients w.r.t. the features, ``[B, D]`` each (``None`` in inference mode).
+
+        ``detached`` computes the student's like the teacher's (values only, for :meth:`fill_memory`).
+        """
+        smoothing = self.config.label_smoothing
+        student_element = teacher_gradient_element if detached else student_gradient_element
+        g_s = student_element(self._classifiers[0], f_s, target, logits=head_s, label_smoothing=smoothing)
+        if g_s is None:
+            return None
+        g_t = teacher_gradient_element(self._classifiers[1], f_t, target, logits=head_t, label_smoothing=smoothing)
+        if g_t is None:
+            return None
+        # Rescaled before the embedding heads: a confident teacher's rows are otherwise all ~0.
+        mode = self.config.gradient_normalization
+        return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(self._reduce(g_t), mode)
+
     @torch.no_grad()
     def fill_memory(self, loader: Iterable[Any], device: Optional[torch.device] = None) -> "CRCDDistiller":
         """Warm-up pass: write every sample's embeddings into the CRCD memories before training.
 
-        Runs student and teacher (eval mode, no grad) over ``loader`` and hands each batch to
-        :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the first step (one extra
-        pass over the data). The gradient element's memory gets detached gradients. Train/eval
-        modes are restored afterwards; models, heads and the NCE constant are not changed.
+        Runs student and teacher (eval mode, no grad; the teacher through ``teacher_transform``,
+        exactly as in a step) over ``loader`` and hands each batch to :meth:`CRCDLoss.fill_memory`,
+        so the bank holds real rows from the first step. The gradient element's memory gets
+        detached gradients. Train/eval modes are restored afterwards; models, heads and the NCE
+        constant are not changed.
 
         Args:
             loader: Iterable of ``(input, target, index)`` batches (``(input, target)`` for a
-                queue), like the arguments of :meth:`forward`.
+                queue), like the arguments of :meth:`forward`; ``input`` may be a dict of tensors.
             device: Where to move each batch; default: the student's device.
 
         Returns:
@@ -448,32 +634,21 @@ class CRCDDistiller(nn.Module):
             for batch in loader:
                 if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
                     raise TypeError("fill_memory needs batches of (input, target, index) or (input, target)")
-                tensors = [t.to(device, non_blocking=True) for t in batch]
-                x, target, index = tensors if len(tensors) == 3 else (*tensors, None)
+                x, target, index = _to_device(tuple(batch) if len(batch) == 3 else (*batch, None), device)
                 self._check_batch(x, target, index)
-                f_s, head_logits_s, _ = self._run(self.student, self.student_head, x, "student")
-                f_t, head_logits_t, _ = self._run(self.teacher, self.teacher_head, x, "teacher")
-                if not self.built:
-                    self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+                f_s, head_s, _ = self._run("student", self.student, x)
+                f_t, head_t, _ = self._teacher_features(x)
+                self._ensure_built(f_s, f_t)
                 if self.crcd_feature is not None:
                     self.crcd_feature.fill_memory(self._reduce(f_s), self._reduce(f_t), index)
                 if self.crcd_gradient is not None:
-                    # Values only: the detached (teacher-style) gradient element serves both sides.
-                    smoothing = self.label_smoothing
-                    g_s = teacher_gradient_element(
-                        resolve_module(self.student, self.student_head), f_s, target,
-                        logits=head_logits_s, label_smoothing=smoothing,
-                    )
-                    g_t = teacher_gradient_element(
-                        resolve_module(self.teacher, self.teacher_head), f_t, target,
-                        logits=head_logits_t, label_smoothing=smoothing,
-                    )
-                    if g_s is None or g_t is None:  # a non-linear head: autograd cannot run
+                    gradients = self._gradient_elements(f_s, head_s, f_t, head_t, target, detached=True)
+                    if gradients is None:  # a non-linear classifier: autograd cannot run
                         raise RuntimeError(
-                            "fill_memory cannot compute the gradient element of a non-linear classifier head "
+                            "fill_memory cannot compute the gradient element of a non-linear classifier "
                             "inside torch.inference_mode(); call it outside inference mode"
                         )
-                    self.crcd_gradient.fill_memory(self._gradient_rows(g_s), self._gradient_rows(g_t), index)
+                    self.crcd_gradient.fill_memory(*gradients, index)
         finally:
             self.train(was_training)
         return self
@@ -484,6 +659,41 @@ class CRCDDistiller(nn.Module):
         self.teacher.eval()
         return self
 
+    def remove_hooks(self) -> None:
+        """Remove the feature hooks from both models (the distiller cannot run afterwards)."""
+        for capture in self._captures.values():
+            capture.remove()
+
+    # ------------------------------------------------------------------ integration contract
+    @property
+    def trainable_module(self) -> CRCDTrainableModule:
+        """What trains (student + CRCD state), for the optimizer and an EMA; made once, kept current."""
+        for ref in self._trainables:
+            module = ref()
+            if type(module) is CRCDTrainableModule:
+                return module
+        module = CRCDTrainableModule(self)
+        # Held outside nn.Module's registry: it is a view of the distiller, not a part of its state.
+        self.__dict__["_own_trainable"] = module
+        return module
+
+    def _refresh_trainables(self) -> None:
+        self._trainables = [ref for ref in self._trainables if ref() is not None]
+        for ref in self._trainables:
+            module = ref()
+            if module is not None:
+                module.refresh(self)
+
+    def crcd_named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
+        """Trainable CRCD parameters (the embedding heads) with their names in :meth:`crcd_state_dict`."""
+        return [
+            (f"{name}.{key}", param)
+            for name in _CRCD_CHILDREN
+            if getattr(self, name) is not None
+            for key, param in getattr(self, name).named_parameters()
+            if param.requires_grad
+        ]
+
     def student_state_dict(self) -> Dict[str, Any]:
         """The student's own ``state_dict`` (no wrapper prefixes, no teacher, no CRCD state): what to export."""
         return unwrap_model(self.student).state_dict()
@@ -492,37 +702,55 @@ class CRCDDistiller(nn.Module):
         """State of the CRCD heads, memories and schedule (everything but the two models)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(_MODEL_PREFIXES)}
 
-    def load_crcd_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load what :meth:`crcd_state_dict` returned; every CRCD key must match (the models are untouched).
+    def load_crcd_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Load what :meth:`crcd_state_dict` returned (the models are untouched); checked whole first.
 
         Args:
-            state_dict: CRCD heads, memories and schedule state, as saved by :meth:`crcd_state_dict`.
+            state_dict: CRCD heads, memories and schedule state, as saved by :meth:`crcd_state_dict`
+                (0.2.0 checkpoints load too).
+            strict: Whether missing or unexpected keys are errors; shapes must always match.
 
         Raises:
-            ValueError: If keys are missing or unexpected (e.g. a checkpoint made with other options).
+            TypeError: If ``state_dict`` is not a mapping.
+            ValueError: On model keys, on missing or unexpected keys (``strict``), or on a shape
+                mismatch; the message names the key, the shape expected and the shape given.
+                Nothing is loaded then.
         """
-        model_keys = [k for k in state_dict if k.startswith(_MODEL_PREFIXES)]
-        if model_keys:
-            raise ValueError(f"a CRCD state dict holds no model weights, got keys {model_keys[:3]} ...")
-        expected = set(self.crcd_state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"CRCD state does not match this distiller's options: missing {missing}, unexpected {unexpected}"
-            )
-        # Checked above, so strict=False only skips the two models' keys.
-        self.load_state_dict(dict(state_dict), strict=False)
+        _load_crcd_state(self, self.crcd_state_dict(), state_dict, strict)
 
-    # ------------------------------------------------------------------ distributed
+    def set_progress(self, step: int) -> None:
+        """Advance the distillation schedule to ``step`` (no-op without a schedule)."""
+        if self.schedule is not None:
+            self.schedule.set_progress(step)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the run length of ``config.schedule`` (in the unit of :meth:`set_progress`).
+
+        Creates the :class:`DistillSchedule` (no-op for ``"constant"``); a schedule that already
+        exists keeps its progress. Integrations call it once they know the number of steps.
+        """
+        check_positive_int("total_steps", total_steps)
+        config = self.config
+        if config.schedule == "constant":
+            return
+        progress = self.schedule.progress if self.schedule is not None else None
+        device = self.warmup_progress.device if hasattr(self, "warmup_progress") else None
+        schedule = DistillSchedule(total_steps, config.schedule, config.schedule_until, config.schedule_start)
+        if progress is not None:
+            schedule.set_progress(int(progress))
+        self.schedule = schedule.to(device)
+        if hasattr(self, "_trainables"):
+            self._refresh_trainables()
+
     def prepare_distributed(self, device_ids: Optional[Sequence[int]] = None, **ddp_kwargs: Any) -> "CRCDDistiller":
         """Wrap the student in ``DistributedDataParallel`` and give every rank rank 0's CRCD state.
 
-        Call once after ``torch.distributed.init_process_group`` (``torchrun``) and after moving
-        the distiller to its device, before creating the optimizer. The teacher is never wrapped
-        (it is frozen). The CRCD heads, memories and NCE constants are broadcast from rank 0
-        (a sharded memory bank keeps its own rows); their gradients are averaged by
-        :meth:`sync_gradients`. A student that is already DDP-wrapped (e.g. by
-        ``accelerator.prepare``) is kept as it is. No-op when not distributed.
+        Call once after ``torch.distributed.init_process_group`` and after moving the distiller to
+        its device, before creating the optimizer. The teacher is never wrapped (it is frozen);
+        the CRCD heads and memories stay outside DDP, so DDP never broadcasts them (their memories
+        are kept identical by the loss's own gathers, a sharded bank keeps its own rows); their
+        gradients are averaged by :meth:`sync_gradients`. A student that is already DDP-wrapped
+        (e.g. by ``accelerator.prepare``) is kept as it is. No-op when not distributed.
 
         Args:
             device_ids: ``DistributedDataParallel``'s ``device_ids`` (``[local_rank]`` on GPUs,
@@ -531,108 +759,92 @@ class CRCDDistiller(nn.Module):
 
         Returns:
             ``self``.
-
-        Example:
-            >>> distiller = CRCDDistiller(student, teacher, "fc", "fc").to(device)  # doctest: +SKIP
-            >>> distiller.prepare_distributed(device_ids=[local_rank])              # doctest: +SKIP
         """
         if world_size() == 1:
             return self
         trainable = any(p.requires_grad for p in self.student.parameters())
-        if trainable and not isinstance(self.student, nn.parallel.DistributedDataParallel):
-            self.student = nn.parallel.DistributedDataParallel(
+        if trainable and not isinstance(self.student, _DDP):
+            self.student = _DDP(
                 self.student, device_ids=list(device_ids) if device_ids is not None else None, **ddp_kwargs
             )
+        self._check_no_crcd_state_in(self.student)
         for loss in (self.crcd_feature, self.crcd_gradient):
             if loss is not None:
                 broadcast_state(loss)
+        self._refresh_trainables()
         return self
 
+    def _check_no_crcd_state_in(self, wrapper: nn.Module) -> None:
+        """Enforce the rule: no CRCD module inside a DDP wrapper (its buffer broadcast would overwrite memories)."""
+        if isinstance(wrapper, _DDP):
+            inner = set(map(id, wrapper.module.modules()))
+            if any(id(loss) in inner for loss in (self.crcd_feature, self.crcd_gradient) if loss is not None):
+                raise ValueError("the CRCD losses must stay outside DistributedDataParallel; wrap the student only")
+
     def _unsynced_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if unwrapped."""
-        modules: List[Optional[nn.Module]] = [self.crcd_feature, self.crcd_gradient]
-        if not isinstance(self.student, nn.parallel.DistributedDataParallel):
-            modules.append(self.student)
-        for module in modules:
-            if module is not None:
-                yield from (p for p in module.parameters() if p.requires_grad)
+        """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if it ran unwrapped."""
+        yield from (param for _, param in self.crcd_named_parameters())
+        if not (self._student_synced_by_ddp or isinstance(self.student, _DDP)):
+            yield from (p for p in unwrap_model(self.student).parameters() if p.requires_grad)
 
     def sync_gradients(self) -> None:
         """Average over ranks the gradients DDP does not: the CRCD heads' (and an unwrapped student's).
 
         Call after ``backward()`` and before ``optimizer.step()`` (with gradient accumulation, once
-        before the step suffices; after every micro-batch gives the same result). One flat
-        ``all_reduce`` per dtype; no-op when not distributed, so a loop can call it always.
-
-        Example:
-            >>> out = distiller(x, y, index)                                   # doctest: +SKIP
-            >>> out["loss"].backward(); distiller.sync_gradients(); optimizer.step()  # doctest: +SKIP
+        before the step suffices). One flat ``all_reduce`` per dtype (the bucketing of
+        :func:`crcd_plugin.distributed.average_gradients`); no-op when not distributed, so a loop
+        can call it always. Every rank must call it the same number of times.
         """
         average_gradients(self._unsynced_parameters())
 
-    def no_sync(self) -> ContextManager[None]:
-        """The student's ``DistributedDataParallel.no_sync()`` (a no-op context when not wrapped).
+    def sync_gradients_in_backward(self) -> "CRCDDistiller":
+        """Call :meth:`sync_gradients` at the end of every backward that reaches the CRCD heads.
 
-        For gradient accumulation: run the micro-batches but the last inside it, then call
-        :meth:`sync_gradients` before the optimizer step. Memory and queue updates still gather
-        every rank's rows on each micro-batch (they are forward-time collectives).
+        For loops that cannot call it themselves (timm's): one callback queued on the autograd
+        engine by the first head gradient of a backward, so it runs once, after every gradient
+        is accumulated, as DDP's own reduction does. Skipped inside :meth:`no_sync`. No-op when
+        not distributed; calling it again changes nothing.
+
+        Returns:
+            ``self``.
         """
-        if isinstance(self.student, nn.parallel.DistributedDataParallel):
-            return self.student.no_sync()
-        return contextlib.nullcontext()
+        if world_size() == 1 or self._auto_sync is not None:
+            return self
+        queued = [False]
 
-    def _logits(self, output: Any) -> torch.Tensor:
-        if self.output_select is not None:
-            return select_tensor(output, self.output_select)
-        if isinstance(output, torch.Tensor):
-            return output
-        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(
-                f"model output is a {type(output).__name__} without a .logits tensor; "
-                "pass output_select= (int index, str key/attribute or callable)"
-            )
-        return logits
+        def after_backward() -> None:
+            queued[0] = False
+            self.sync_gradients()
 
-    def _run(
-        self, model: nn.Module, head: str, x: Any, role: str
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward ``model`` once; return (head input, head output, model logits)."""
-        with FeatureCapture(model) as capture:
-            capture.add(head, io="input", name="feature").add(head, io="output", name="head_logits")
-            output = model(**x) if isinstance(x, Mapping) else model(x)
-            captured = capture.pop()
-        if len(captured) != 2:
-            raise ValueError(f"the {role} head {head!r} did not run during the {role}'s forward")
-        feature, head_logits, logits = captured["feature"], captured["head_logits"], self._logits(output)
-        if self.feature_token is not None and head_logits.dim() == logits.dim() + 1:
-            # The head saw every token ([B, T, D] -> [B, T, C]) and the model kept one per row.
-            position = self.feature_token(unwrap_model(model), x)
-            if isinstance(position, torch.Tensor):
-                position = position.to(feature.device)
-            rows = torch.arange(feature.shape[0], device=feature.device)
-            feature, head_logits = feature[rows, position], head_logits[rows, position]
-        return feature, head_logits, logits
+        def on_gradient(_: torch.Tensor) -> None:
+            if not queued[0] and not self._skip_sync:
+                queued[0] = True
+                torch.autograd.Variable._execution_engine.queue_callback(after_backward)
 
-    def _teacher_input(self, x: Any) -> Any:
-        return x if self.teacher_transform is None else self.teacher_transform(x)
+        self._auto_sync = [param.register_post_accumulate_grad_hook(on_gradient)
+                           for _, param in self.crcd_named_parameters()]
+        return self
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, *] -> [B, D]`` for the CRCD loss."""
-        if self.feature_pool is not None:
-            x = pool_feature(x, self.feature_pool)
-        return x.flatten(1) if x.dim() > 2 else x
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        skip, self._skip_sync = self._skip_sync, True
+        try:
+            with self.student.no_sync() if isinstance(self.student, _DDP) else contextlib.nullcontext():
+                yield
+        finally:
+            self._skip_sync = skip
 
-    def _gradient_rows(self, gradient: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` rows of the gradient element, rescaled before the embedding head."""
-        return normalize_gradient_element(self._reduce(gradient), self.gradient_normalization)
+    def no_sync(self) -> ContextManager[None]:
+        """The student's ``DistributedDataParallel.no_sync()`` (and no in-backward CRCD sync) for accumulation.
 
-    def set_progress(self, step: int) -> None:
-        """Advance the distillation schedule to ``step`` (no-op without a schedule)."""
-        if self.schedule is not None:
-            self.schedule.set_progress(step)
+        Run the micro-batches but the last inside it, then call :meth:`sync_gradients` before the
+        optimizer step. Memory and queue updates still gather every rank's rows on each micro-batch
+        (they are forward-time collectives).
+        """
+        return self._no_sync()
 
-    def _check_batch(self, x: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
+    # ------------------------------------------------------------------ the step
+    def _check_batch(self, x: Any, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
         if not isinstance(target, torch.Tensor):
             raise TypeError(
                 f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}"
@@ -644,7 +856,9 @@ class CRCDDistiller(nn.Module):
         batch = x.shape[0] if isinstance(x, torch.Tensor) else None
         if batch is not None and target.shape[0] != batch:
             raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
-        if index is None and self.crcd_kwargs.get("negatives") == "bank" and (self.beta or self.gradient_element):
+        config = self.config
+        negatives = config.relation.resolved_negatives(self.num_samples)
+        if index is None and negatives == "bank" and (config.feature_weight or config.gradient_element):
             raise ValueError(
                 "index (dataset indices of the batch, LongTensor [B]) is required with memory-bank negatives "
                 "(num_samples was given); drop num_samples to use a queue instead"
@@ -675,35 +889,38 @@ class CRCDDistiller(nn.Module):
             ``logits`` (student logits ``[B, C]``). Under ``torch.no_grad()`` the gradient element
             is skipped and ``crcd_gradient_loss`` is zero. Once the schedule's weight is 0 for
             good (:meth:`DistillSchedule.distills`), the teacher and all distillation terms are
-            skipped: ``loss = gamma * task_loss`` and the other terms are zero.
+            skipped: ``loss = task_weight * task_loss`` and the other terms are zero.
         """
         self._check_batch(input, target, index)
         if student is None:
             student = self.student
         elif unwrap_model(student) is not unwrap_model(self.student):
             raise ValueError("student= must wrap the distiller's own student (e.g. its DDP wrapper)")
-        if self.teacher.training:
-            self.teacher.eval()
-        f_s, head_logits_s, logits_s = self._run(student, self.student_head, input, "student")
+        self._check_no_crcd_state_in(student)
+        config = self.config
+        if self.training and self.schedule is None and config.schedule != "constant":
+            raise ValueError(
+                f"config.schedule={config.schedule!r} needs the run length: pass total_steps= to the distiller "
+                "or call set_total_steps() before training"
+            )
+        self._student_synced_by_ddp = isinstance(student, _DDP)
+        f_s, head_logits_s, logits_s = self._run("student", student, input)
         zero = logits_s.new_zeros((), dtype=torch.float32)
-        task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
+        task_loss = F.cross_entropy(logits_s, target, label_smoothing=config.label_smoothing)
         if self.built and self.schedule is not None and not self.schedule.distills():
             # w(t) = 0 from here on (the reference's last 4%): CE alone, as in the reference, but
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
-            return self._losses(self.gamma * task_loss, task_loss, zero, zero, zero, logits_s)
-        with torch.no_grad():
-            f_t, head_logits_t, logits_t = self._run(
-                self.teacher, self.teacher_head, self._teacher_input(input), "teacher"
-            )
+            return _losses(config.task_weight * task_loss, task_loss, zero, zero, zero, logits_s)
+        f_t, head_logits_t, logits_t = self._teacher_features(input)
         if not self.built:
             _logger.warning(
                 "CRCD heads were built on the first forward; create the optimizer after this call, "
                 "or pass example_input= to CRCDDistiller"
             )
-            self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+            self._ensure_built(f_s, f_t)
 
-        kd = kd_loss(logits_s, logits_t, self.kd_temperature) if self.alpha > 0 else zero
+        kd = kd_loss(logits_s, logits_t, config.kd_temperature) if config.kd_weight > 0 else zero
         relations = self._has_relations(logits_s.shape[0])
         # The gradient element runs first: bad values in the features also reach their gradients,
         # so it raises before either loss has written its memory, and a failed step moves no state.
@@ -711,37 +928,19 @@ class CRCDDistiller(nn.Module):
         if self.crcd_gradient is not None and relations:
             if head_logits_s.dim() != 2:
                 raise ValueError(
-                    f"the gradient element needs head logits shaped [B, C], got {tuple(head_logits_s.shape)}"
+                    f"the gradient element needs classifier logits shaped [B, C], got {tuple(head_logits_s.shape)}"
                 )
-            g_s = student_gradient_element(
-                resolve_module(self.student, self.student_head), f_s, target,
-                logits=head_logits_s, label_smoothing=self.label_smoothing,
-            )
-            if g_s is not None:
-                g_t = teacher_gradient_element(
-                    resolve_module(self.teacher, self.teacher_head), f_t, target,
-                    logits=head_logits_t, label_smoothing=self.label_smoothing,
-                )
-                assert g_t is not None  # None only in inference mode, where g_s is None too
-                gradient_loss = self.crcd_gradient(self._gradient_rows(g_s), self._gradient_rows(g_t), index)
+            gradients = self._gradient_elements(f_s, head_logits_s, f_t, head_logits_t, target, detached=False)
+            if gradients is not None:
+                gradient_loss = self.crcd_gradient(*gradients, index)
         feature_loss = zero
         if self.crcd_feature is not None and relations:
             feature_loss = self.crcd_feature(self._reduce(f_s), self._reduce(f_t), index)
 
         weight = self._distill_weight()
-        distill = self.alpha * kd + self.beta * feature_loss + self.gradient_weight * gradient_loss
-        if self.training and torch.is_grad_enabled():
-            self._observe(f_s, kd, feature_loss, gradient_loss)
-        loss = self.gamma * task_loss + weight * distill
-        return self._losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
-
-    def _observe(self, feature: torch.Tensor, kd, feature_loss, gradient_loss) -> None:
-        """Hand the step's active terms, and the student feature's gradient norm, to the monitor."""
-        terms = {"kd_loss": kd, "crcd_feature_loss": feature_loss, "crcd_gradient_loss": gradient_loss}
-        weights = {"kd_loss": self.alpha, "crcd_feature_loss": self.crcd_feature, "crcd_gradient_loss": self.crcd_gradient}
-        self.monitor.observe({name: value for name, value in terms.items() if weights[name]})
-        if feature.requires_grad:
-            feature.register_hook(lambda grad: self.monitor.observe_gradient("student_feature_grad_norm", grad))
+        distill = config.kd_weight * kd + config.feature_weight * feature_loss + config.gradient_weight * gradient_loss
+        loss = config.task_weight * task_loss + weight * distill
+        return _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
 
     def _has_relations(self, batch: int) -> bool:
         """Relations need two samples; a batch of one (a ragged last batch) gets CE and KD only."""
@@ -755,27 +954,35 @@ class CRCDDistiller(nn.Module):
     def _distill_weight(self) -> Union[float, torch.Tensor]:
         """``w(t)`` of the schedule times the warm-up ramp; advances the warm-up in training mode."""
         weight: Union[float, torch.Tensor] = self.schedule() if self.schedule is not None else 1.0
-        if self.warmup_steps > 0:
-            ramp = ((self.warmup_progress + 1).float() / self.warmup_steps).clamp(max=1.0)
+        warmup_steps = self.config.warmup_steps
+        if warmup_steps > 0:
+            ramp = ((self.warmup_progress + 1).float() / warmup_steps).clamp(max=1.0)
             weight = weight * ramp
             if self.training:
                 self.warmup_progress.add_(1)  # in place on the device: no host sync
         return weight
 
-    @staticmethod
-    def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[str, torch.Tensor]:
-        return {
-            "loss": loss,
-            "task_loss": task_loss,
-            "kd_loss": kd,
-            "crcd_feature_loss": feature_loss,
-            "crcd_gradient_loss": gradient_loss,
-            "logits": logits,
-        }
-
     def extra_repr(self) -> str:
-        return (
-            f"student_head={self.student_head!r}, teacher_head={self.teacher_head!r}, gamma={self.gamma}, "
-            f"alpha={self.alpha}, beta={self.beta}, gradient_element={self.gradient_element}, "
-            f"gradient_weight={self.gradient_weight}, kd_temperature={self.kd_temperature}"
-        )
+        return f"student_classifier={self.student_classifier!r}, teacher_classifier={self.teacher_classifier!r}"
+
+
+def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[str, torch.Tensor]:
+    return {
+        "loss": loss,
+        "task_loss": task_loss,
+        "kd_loss": kd,
+        "crcd_feature_loss": feature_loss,
+        "crcd_gradient_loss": gradient_loss,
+        "logits": logits,
+    }
+
+
+def _to_device(value: Any, device: Optional[torch.device]) -> Any:
+    """``value`` (a tensor, or a dict/tuple/list of them; ``None`` kept) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value

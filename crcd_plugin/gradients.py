@@ -17,6 +17,7 @@ from typing_extensions import TypeGuard
 __all__ = [
     "cross_entropy_targets",
     "linear_cross_entropy_feature_grad",
+    "normalize_gradient_element",
     "student_gradient_element",
     "teacher_gradient_element",
 ]
@@ -221,3 +222,28 @@ def teacher_gradient_element(
         loss = F.cross_entropy(head(feature), target, label_smoothing=label_smoothing)
         (grad,) = torch.autograd.grad(loss, feature)
     return grad.detach()
+
+
+def normalize_gradient_element(gradient: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rescale the gradient element ``[B, D]`` before its embedding head.
+
+    A confident teacher's ``dCE/df`` has norms of 1e-5 to 1e-4: through a linear embedding head
+    with a bias every row lands on the bias, and the relations carry nothing (the relation loss
+    stays at chance). ``"batch"`` divides the batch by its RMS row norm, keeping the rows' relative
+    sizes; ``"sample"`` makes each row unit-norm; ``"none"`` is the reference.
+
+    Shape:
+        gradient ``[B, D]`` -> ``[B, D]``.
+
+    Example:
+        >>> g = normalize_gradient_element(1e-5 * torch.ones(4, 3), "batch")
+        >>> round(float(g.pow(2).sum(-1).mean()), 4)
+        1.0
+    """
+    if mode == "batch":
+        return gradient / gradient.pow(2).sum(-1).mean().sqrt().clamp_min(1e-30)
+    if mode == "sample":
+        return F.normalize(gradient, dim=-1, eps=1e-30)
+    if mode != "none":
+        raise ValueError(f"mode must be one of ('none', 'sample', 'batch'), got {mode!r}")
+    return gradient

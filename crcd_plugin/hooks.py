@@ -21,9 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -195,6 +196,7 @@ class _CaptureHook:
     def __init__(
         self,
         store: Dict[str, torch.Tensor],
+        owner: "FeatureCapture",
         name: str,
         io: str,
         select: Optional[Selector],
@@ -202,6 +204,7 @@ class _CaptureHook:
         detach: bool,
     ) -> None:
         self.store = store
+        self.owner = owner
         self.name = name
         self.io = io
         self.select = select
@@ -209,6 +212,8 @@ class _CaptureHook:
         self.detach = detach
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], *output: Any) -> None:
+        if not self.owner.armed:
+            return
         if self.io == "output":
             value = output[0]
         else:
@@ -229,9 +234,14 @@ class FeatureCapture:
     autograd graph is kept alive between steps. If a module runs several times in one forward,
     the last call wins.
 
+    A capture that lives as long as the model (registered once, as ``CRCDDistiller`` does) can be
+    disarmed: with ``armed=False`` its hooks return at once, and :meth:`recording` arms it for one
+    block, so forwards outside that block keep nothing alive.
+
     Args:
         model: The model to observe. DP/DDP (``.module``) and ``torch.compile`` (``._orig_mod``)
             wrappers are looked through when resolving paths.
+        armed: Whether the hooks record (see :meth:`recording`).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
@@ -242,10 +252,11 @@ class FeatureCapture:
         torch.Size([2, 4])
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, armed: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
+        self.armed = armed
         self._store: Dict[str, torch.Tensor] = {}
         self._handles: List[RemovableHandle] = []
         self._names: List[str] = []
@@ -286,7 +297,7 @@ class FeatureCapture:
         if key in self._names:
             raise ValueError(f"a capture named {key!r} already exists; pass a distinct name=")
         module = resolve_module(self.model, path)
-        hook = _CaptureHook(self._store, key, io, select, pool, detach)
+        hook = _CaptureHook(self._store, self, key, io, select, pool, detach)
         if io == "input":
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
@@ -321,6 +332,31 @@ class FeatureCapture:
         self._handles.clear()
         self._names.clear()
         self._store.clear()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Arm the hooks for the block and forget what was captured on leaving it (also on errors).
+
+        Yields:
+            The live store: read it (or :meth:`pop` it) inside the block.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 3))
+            >>> capture = FeatureCapture(model, armed=False).add("0", io="input", name="x")
+            >>> with capture.recording():
+            ...     _ = model(torch.randn(2, 4))
+            ...     capture.pop()["x"].shape
+            torch.Size([2, 4])
+            >>> _ = model(torch.randn(2, 4)); len(capture.pop())   # disarmed: nothing kept
+            0
+        """
+        self._store.clear()
+        armed, self.armed = self.armed, True
+        try:
+            yield self._store
+        finally:
+            self.armed = armed
+            self._store.clear()
 
     def __enter__(self) -> "FeatureCapture":
         return self

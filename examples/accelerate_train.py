@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from toy_problem import accuracy, make_data, mlp, train_teacher  # next to this script
 
-from crcd_plugin import CRCDDistiller, DistillSchedule
+from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
 
 EPOCHS, BATCH, ACCUMULATE = 3, 32, 2
 
@@ -31,12 +31,15 @@ def main() -> None:
     data = make_data()
     teacher = train_teacher(data, accelerator.device)  # frozen: never passed to prepare()
     torch.manual_seed(1)
-    distiller = CRCDDistiller(
-        mlp(32), teacher, student_head="4", teacher_head="4",
+    config = CRCDConfig(
         gradient_element=True,
-        num_samples=len(data),
-        schedule=DistillSchedule(total_steps=EPOCHS, kind="step", until=0.96),
-        crcd_options={"embed_dim": 32, "num_negatives": 128},
+        schedule="step", schedule_until=0.96,  # the reference: no distillation in the last 4% of the epochs
+        relation=RelationConfig(embed_dim=32, num_negatives=128),
+    )
+    distiller = CRCDDistiller(
+        mlp(32), teacher, "4", "4", config,  # "4": dotted path of each classifier
+        num_samples=len(data),  # memory-bank negatives: the loader yields dataset indices
+        total_steps=EPOCHS,  # the schedule counts epochs (set_progress(epoch))
     ).to(accelerator.device)
     # lr 0.01: at 0.05 KD from this very confident toy teacher diverges (student at chance).
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

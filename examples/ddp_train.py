@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from toy_problem import accuracy, make_data, mlp, train_teacher  # next to this script
 
-from crcd_plugin import CRCDDistiller, DistillSchedule
+from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
 
 EPOCHS, BATCH, ACCUMULATE = 3, 32, 2
 
@@ -36,12 +36,15 @@ def main() -> None:
     data = make_data()
     teacher = train_teacher(data, device)
     torch.manual_seed(1)  # the student starts the same everywhere (DDP would broadcast it anyway)
-    distiller = CRCDDistiller(
-        mlp(32), teacher, student_head="4", teacher_head="4",  # dotted paths of the classifier heads
+    config = CRCDConfig(
         gradient_element=True,
+        schedule="step", schedule_until=0.96,  # the reference: no distillation in the last 4% of the epochs
+        relation=RelationConfig(embed_dim=32, num_negatives=128),
+    )
+    distiller = CRCDDistiller(
+        mlp(32), teacher, "4", "4", config,  # "4": dotted path of each classifier
         num_samples=len(data),  # memory-bank negatives: the loader yields dataset indices
-        schedule=DistillSchedule(total_steps=EPOCHS, kind="step", until=0.96),
-        crcd_options={"embed_dim": 32, "num_negatives": 128},
+        total_steps=EPOCHS,  # the schedule counts epochs (set_progress(epoch))
     ).to(device)
     # Each rank may now draw from its own random stream (negatives are per rank by design).
     torch.manual_seed(100 + rank)

@@ -32,7 +32,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from crcd_plugin.integrations.hf import CRCDConfig, CRCDTrainer
+from crcd_plugin import CRCDConfig, RelationConfig
+from crcd_plugin.integrations.hf import CRCDTrainer
 
 POSITIVE = "good great fine nice happy superb lovely brilliant".split()
 NEGATIVE = "bad awful poor sad terrible boring ugly dull".split()
@@ -152,10 +153,10 @@ def main() -> None:
     # The one change to a Trainer script: the class, the teacher and (optionally) a CRCD config.
     trainer = CRCDTrainer(
         model=student, teacher_model=teacher, args=arguments("student_crcd", options.epochs, 1e-3),
-        # The library's defaults, except one: negatives="batch" (the other rows of the batch, InfoNCE)
-        # is the distiller's own default without a dataset index (docs/reliability.md), while
-        # CRCDConfig still defaults to a queue of 4096. gradient_element=True adds the second element.
-        crcd_config=CRCDConfig(negatives="batch"),
+        # The library's defaults: negatives="batch" (the other rows of the batch, InfoNCE) is the
+        # default without a dataset index (docs/reliability.md), written out here for readers.
+        # gradient_element=True adds the second element.
+        crcd_config=CRCDConfig(relation=RelationConfig(negatives="batch")),
         **common,
     )
     trainer.train()

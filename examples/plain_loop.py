@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
 
 NUM_FEATURES, NUM_CLASSES, EPOCHS = 16, 10, 10
 
@@ -89,13 +89,12 @@ def main() -> None:
 
     torch.manual_seed(1)
     student = MLP(width=16, depth=2)
-    distiller = CRCDDistiller(  # CRCD
-        student, teacher, student_head="fc", teacher_head="fc",
-        gradient_element=True, num_samples=len(train_set),
-        schedule=DistillSchedule(total_steps=EPOCHS, kind="step", until=0.96),
+    config = CRCDConfig(
+        gradient_element=True, schedule="step", schedule_until=0.96,
         # Fewer negatives/anchors and a smaller embedding than the reference (K=500, A=B, d=128): CPU budget.
-        crcd_options={"num_negatives": 64, "num_anchors": 16, "embed_dim": 64},
+        relation=RelationConfig(num_negatives=64, num_anchors=16, embed_dim=64),
     )
+    distiller = CRCDDistiller(student, teacher, "fc", "fc", config, num_samples=len(train_set), total_steps=EPOCHS)
     train(student, loader, distiller)
     print(f"student  (16x2), CRCD:    test accuracy {accuracy(student, test_set):.3f}")
     torch.save(distiller.student_state_dict(), "/tmp/crcd_student.pt")  # CRCD: export the student only

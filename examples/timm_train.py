@@ -28,7 +28,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationTask
 from timm.utils import NativeScaler, ParseKwargs
 
-from crcd_plugin import DistillSchedule
+from crcd_plugin import CRCDConfig, RelationConfig
 from crcd_plugin.integrations.timm import CRCDDistillationTask
 
 _logger = logging.getLogger("timm_train")
@@ -198,9 +198,12 @@ def main():
     task = CRCDDistillationTask(
         student, teacher,
         criterion_kwargs={"smoothing": args.smoothing},
-        gradient_element=args.gradient_element,
-        crcd_options={"queue_size": args.queue_size, "embed_dim": args.embed_dim},
-        schedule=DistillSchedule(total_steps=args.epochs, kind="step", until=0.96),
+        config=CRCDConfig(
+            gradient_element=args.gradient_element,
+            schedule="step", schedule_until=0.96,
+            relation=RelationConfig(queue_size=args.queue_size, embed_dim=args.embed_dim),
+        ),
+        total_steps=args.epochs,
         device=device,
         verbose=False,
     )

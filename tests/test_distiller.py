@@ -283,12 +283,22 @@ def _num_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_no_hooks_remain_after_a_step_or_after_a_failing_forward():
+def test_hooks_are_registered_once_and_keep_nothing_after_a_step_or_a_failing_forward():
+    # 0.3: the hooks live as long as the distiller (registered at construction, never per step),
+    # so a compiled student is not re-traced; what they capture is dropped after every forward.
     distiller = make_distiller(gradient_element=True)
-    distiller(*batch())
-    assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
+    registered = (_num_hooks(distiller.student), _num_hooks(distiller.teacher))
+    assert registered == (2, 2)
+    for _ in range(3):
+        distiller(*batch())
+    assert (_num_hooks(distiller.student), _num_hooks(distiller.teacher)) == registered
     with pytest.raises(RuntimeError):
         distiller(torch.randn(BATCH, IN_DIM + 1), torch.zeros(BATCH, dtype=torch.long))
+    assert (_num_hooks(distiller.student), _num_hooks(distiller.teacher)) == registered
+    assert all(not capture.pop() for capture in distiller._captures.values())
+    distiller.student(batch()[0])  # outside the distiller the hooks are disarmed: nothing is kept
+    assert all(not capture.pop() for capture in distiller._captures.values())
+    distiller.remove_hooks()
     assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
 
 
@@ -387,3 +397,196 @@ def test_teacher_transform_that_is_a_module_moves_with_the_distiller():
 def test_teacher_transform_that_is_not_callable_is_a_type_error():
     with pytest.raises(TypeError, match="teacher_transform"):
         make_distiller(teacher_transform="normalize")
+
+
+# --- 0.3: configuration, one teacher path, compile, the integration contract ------------------------
+
+from crcd_plugin import CRCDConfig, RelationConfig  # noqa: E402
+from crcd_plugin.distiller import CRCDTrainableModule  # noqa: E402
+
+SMALL_RELATION = RelationConfig(queue_size=32, embed_dim=16)
+
+
+def new_distiller(config=None, **kwargs) -> CRCDDistiller:
+    torch.manual_seed(0)
+    config = config if config is not None else CRCDConfig(relation=SMALL_RELATION)
+    return CRCDDistiller(TinyNet(6), TinyNet(12), "fc", "fc", config, **kwargs)
+
+
+def test_config_and_the_0_2_0_keywords_build_the_same_distiller_and_losses():
+    with pytest.warns(DeprecationWarning, match=r"alpha=\.\.\.\) is deprecated.*CRCDConfig\(kd_weight"):
+        old = make_distiller(alpha=0.5, gamma=2.0, gradient_element=True)
+    new = new_distiller(CRCDConfig(kd_weight=0.5, task_weight=2.0, gradient_element=True, relation=SMALL_RELATION))
+    assert old.config == new.config
+    x, y = batch()
+    torch.manual_seed(1)
+    expected = old(x, y)
+    torch.manual_seed(1)
+    got = new(x, y)
+    for key in ("loss", "task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss"):
+        torch.testing.assert_close(got[key], expected[key])
+
+
+@pytest.mark.parametrize(
+    "keyword, value, field",
+    [
+        ("student_head", "fc", None), ("teacher_head", "fc", None), ("gamma", 1.0, "task_weight"),
+        ("alpha", 0.9, "kd_weight"), ("beta", 1.0, "feature_weight"), ("kd_temperature", 4.0, "kd_temperature"),
+        ("gradient_element", True, "gradient_element"), ("gradient_weight", 1.0, "gradient_weight"),
+        ("label_smoothing", 0.1, "label_smoothing"), ("queue_size", 32, None), ("warmup_steps", 2, "warmup_steps"),
+        ("crcd_options", {"head": "mlp", "teacher_head_grad": True}, None), ("preset", "reference", None),
+        ("schedule", DistillSchedule(10), "schedule"),
+    ],
+)
+def test_every_0_2_0_keyword_warns_naming_its_new_spelling(keyword, value, field):
+    with pytest.warns(DeprecationWarning, match=rf"{keyword}.*deprecated.*use"):
+        distiller = CRCDDistiller(TinyNet(6), TinyNet(12), **{keyword: value})
+    if field is not None and keyword != "schedule":
+        assert getattr(distiller.config, field) == value
+    if keyword == "crcd_options":
+        assert distiller.config.relation.embed_head == "mlp" and distiller.config.relation.train_teacher_embedding
+    if keyword == "preset":
+        assert distiller.config.relation == RelationConfig.reference()
+    if keyword == "schedule":
+        assert distiller.schedule is value and distiller.config.schedule == "step"
+
+
+def test_schedule_kind_with_total_steps_replaces_a_distill_schedule():
+    distiller = new_distiller(CRCDConfig(relation=SMALL_RELATION, schedule="step", schedule_until=0.5), total_steps=4)
+    distiller.set_progress(2)
+    assert float(distiller.schedule()) == 0.0 and "schedule.progress" in distiller.crcd_state_dict()
+    without_length = new_distiller(CRCDConfig(relation=SMALL_RELATION, schedule="linear"))
+    with pytest.raises(ValueError, match="total_steps"):
+        without_length(*batch())
+    without_length.set_total_steps(10)
+    assert without_length(*batch())["loss"].isfinite()
+
+
+class Shift(nn.Module):
+    def forward(self, x):
+        return x * 2.0 + 1.0
+
+
+class DictNet(TinyNet):
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # keyword input, as transformers models take
+        return super().forward(pixels)
+
+
+@pytest.mark.parametrize("dict_batches", [False, True], ids=["tensor", "dict"])
+def test_fill_memory_writes_the_teacher_rows_the_forward_path_writes(dict_batches):
+    # 0.2.0 ran the teacher without teacher_transform here (rows off by up to 0.43) and rejected dicts.
+    def make():
+        torch.manual_seed(0)
+        net = DictNet if dict_batches else TinyNet
+        config = CRCDConfig(relation=RelationConfig(embed_dim=16, momentum=0.0), gradient_element=True)
+        transform = (lambda b: {"pixels": Shift()(b["pixels"])}) if dict_batches else Shift()
+        return CRCDDistiller(net(6), net(12), "fc", "fc", config, num_samples=16, teacher_transform=transform).eval()
+
+    x, y = batch()
+    index = torch.arange(BATCH)
+    inputs = {"pixels": x} if dict_batches else x
+    filled, stepped = make(), make()
+    filled.fill_memory([(inputs, y, index)])
+    stepped.train()(inputs, y, index)  # a training step's first write of the same rows (momentum 0)
+    for loss in ("crcd_feature", "crcd_gradient"):
+        rows_filled = getattr(filled, loss).memory_teacher.weight[index]
+        rows_stepped = getattr(stepped, loss).memory_teacher.weight[index]
+        torch.testing.assert_close(rows_filled, rows_stepped)
+    unshifted = make()
+    unshifted.teacher_transform = None
+    unshifted.fill_memory([(inputs if not dict_batches else {"pixels": x}, y, index)])
+    assert not torch.allclose(unshifted.crcd_feature.memory_teacher.weight[index],
+                              filled.crcd_feature.memory_teacher.weight[index])
+
+
+def _counting_backend(calls):
+    """A torch.compile backend that runs the graph eagerly and counts how often dynamo compiles."""
+    torch._dynamo.reset()
+
+    def backend(graph_module, example_inputs):
+        calls.append(1)
+        return graph_module.forward
+
+    return backend
+
+
+def test_a_compiled_student_does_not_recompile_after_warm_up():
+    # Hooks registered once: nothing changes between steps for dynamo to guard on. The classifier
+    # is not compiled (the gradient element differentiates through it: no double backward on CPU).
+    calls: list = []
+    counting_backend = _counting_backend(calls)
+    student = TinyNet(6)
+    student.body = torch.compile(student.body, backend=counting_backend)
+    distiller = CRCDDistiller(student, TinyNet(12), "fc", "fc", CRCDConfig(relation=SMALL_RELATION))
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.01)
+    for step in range(22):
+        distiller(*batch(step))["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 1:
+            warm = len(calls)
+    assert warm >= 1 and len(calls) == warm
+    torch._dynamo.reset()
+
+
+def test_a_compiled_whole_student_with_its_classifier_hooks_does_not_recompile():
+    calls: list = []
+    counting_backend = _counting_backend(calls)
+    compiled = torch.compile(TinyNet(6), backend=counting_backend)
+    distiller = CRCDDistiller(compiled, TinyNet(12), "fc", "fc", CRCDConfig(relation=SMALL_RELATION))
+    for step in range(22):
+        distiller(*batch(step))["loss"].backward()
+        if step == 1:
+            warm = len(calls)
+    assert len(calls) == warm
+    torch._dynamo.reset()
+
+
+def test_trainable_module_holds_the_student_and_crcd_state_and_keeps_the_crcd_state_away_from_ddp():
+    distiller = new_distiller(CRCDConfig(relation=SMALL_RELATION, gradient_element=True))
+    trainable = distiller.trainable_module
+    assert isinstance(trainable, CRCDTrainableModule) and distiller.trainable_module is trainable
+    assert set(trainable.crcd_state_dict()) == set(distiller.crcd_state_dict()) - {"warmup_progress"}
+    names = {n for n, _ in trainable.named_parameters()} | {n for n, _ in trainable.named_buffers()}
+    crcd = {n for n in names if not n.startswith("student.")}
+    assert crcd and set(trainable._ddp_params_and_buffers_to_ignore) == crcd
+    assert {id(p) for p in trainable.parameters()} == {id(p) for p in distiller.parameters() if p.requires_grad}
+
+
+def test_crcd_parameters_are_built_late_into_the_trainable_module_too():
+    torch.manual_seed(0)
+    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", CRCDConfig(relation=SMALL_RELATION))
+    trainable = distiller.trainable_module
+    assert not trainable.crcd_children()
+    distiller(*batch())
+    assert "crcd_feature" in trainable.crcd_children()
+
+
+def test_load_crcd_state_dict_checks_shapes_and_keys_before_loading_anything():
+    distiller = new_distiller()
+    distiller(*batch())
+    state = distiller.crcd_state_dict()
+    other = new_distiller(CRCDConfig(relation=SMALL_RELATION.replace(queue_size=16)))
+    before = copy.deepcopy(other.crcd_state_dict())
+    with pytest.raises(ValueError, match=r"'crcd_feature.memory_student.weight' has shape \(32, 16\), .*\(16, 16\)"):
+        other.load_crcd_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in other.crcd_state_dict().items())
+    with pytest.raises(ValueError, match="missing"):
+        new_distiller(CRCDConfig(relation=SMALL_RELATION, gradient_element=True)).load_crcd_state_dict(state)
+    with pytest.raises(ValueError, match="model weights"):
+        distiller.load_crcd_state_dict(distiller.state_dict())
+    partial = {k: v for k, v in state.items() if not k.startswith("crcd_feature.memory")}
+    fresh = new_distiller()
+    fresh.load_crcd_state_dict(partial, strict=False)
+    torch.testing.assert_close(fresh.crcd_feature.embed_student.proj.weight,
+                               distiller.crcd_feature.embed_student.proj.weight)
+
+
+def test_sync_gradients_and_no_sync_are_no_ops_without_a_process_group():
+    distiller = new_distiller().sync_gradients_in_backward()
+    distiller(*batch())["loss"].backward()
+    before = [p.grad.clone() for _, p in distiller.crcd_named_parameters()]
+    distiller.sync_gradients()
+    with distiller.no_sync():
+        pass
+    assert all(torch.equal(a, p.grad) for a, (_, p) in zip(before, distiller.crcd_named_parameters()))

@@ -131,3 +131,28 @@ def test_bash_commands_are_run_by_ci_or_a_test():
     assert not missing, "documented commands no test runs:\n" + "\n".join(missing)
     if os.environ.get("CRCD_LIST_NOT_RUN"):
         print("\n".join(not_run))
+
+
+# 0.2.0's README and docs, as released (commit 61c9035): their python blocks must still run on this
+# version, through the deprecated spellings (which warn). Excerpts quote 0.2.0's example files.
+OLD_PAGES = sorted((ROOT / "tests" / "data" / "docs-0.2.0").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", OLD_PAGES, ids=[p.name for p in OLD_PAGES])
+def test_python_blocks_of_0_2_0_still_run(page, tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    namespace = _fixtures()
+    ran = 0
+    for line, marker, _argument, language, body in _blocks(page):
+        if language != "python" or marker == "excerpt":
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                exec(compile(body, f"0.2.0/{page.name}:{line}", "exec"), namespace)
+        except Exception as error:  # noqa: BLE001 - re-raised with the page and line
+            raise AssertionError(f"0.2.0 {page.name}:{line}: block failed: {error!r}") from error
+        ran += 1
+    assert ran

@@ -307,7 +307,7 @@ def test_crcd_heads_are_in_the_optimizer_with_trainers_weight_decay_rules(tmp_pa
     trainer = make_trainer(tmp_path, weight_decay=0.01)
     optimizer = trainer.create_optimizer()
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
-    heads = trainer._crcd_named_parameters()
+    heads = trainer.distiller.crcd_named_parameters()
     assert heads and all(id(p) in decay_of for _, p in heads)
     assert {decay_of[id(p)] for n, p in heads if n.endswith("bias")} == {0.0}
     assert {decay_of[id(p)] for n, p in heads if n.endswith("weight")} == {0.01}
@@ -320,12 +320,12 @@ def test_crcd_head_gradients_are_cleared_after_every_optimizer_step(tmp_path):
 
     class Probe(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            grads_at_step.append([p.grad is not None for _, p in trainer._crcd_named_parameters()])
+            grads_at_step.append([p.grad is not None for _, p in trainer.distiller.crcd_named_parameters()])
 
     trainer.add_callback(Probe())
     trainer.train()
     assert grads_at_step and all(grads_at_step[0])
-    assert all(p.grad is None for _, p in trainer._crcd_named_parameters())
+    assert all(p.grad is None for _, p in trainer.distiller.crcd_named_parameters())
 
 
 # ---- evaluate, predict -----------------------------------------------------------------------------------
@@ -464,3 +464,29 @@ def test_a_ready_distill_schedule_counts_optimizer_steps(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logs[0]["kd_loss"] > 0 and logs[1]["kd_loss"] == 0  # w = 0 from step 1 of 2
     assert int(schedule.progress) == 1
+
+
+# ---- 0.3 spelling -------------------------------------------------------------------------------------
+
+
+def test_the_new_spelling_takes_crcd_plugins_config_and_trainer_options(tmp_path):
+    import crcd_plugin
+
+    config = crcd_plugin.CRCDConfig(gradient_element=True, relation=crcd_plugin.RelationConfig(**SMALL))
+    trainer = CRCDTrainer(model=bert(16), teacher_model=bert(24, seed=1), args=training_args(tmp_path),
+                          train_dataset=TextSet(32), crcd_config=config, student_classifier="classifier")
+    assert trainer.distiller.config == config.replace(label_smoothing=0.0)
+    assert trainer.distiller.student_classifier == "classifier"
+    trainer.train()
+    assert all(math.isfinite(e["crcd_gradient_loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_the_0_2_0_config_warns_and_maps_onto_the_new_one():
+    import crcd_plugin
+
+    with pytest.warns(DeprecationWarning, match=r"hf.CRCDConfig is deprecated.*crcd_plugin.CRCDConfig"):
+        old = CRCDConfig(alpha=0.5, gradient_element=True, crcd_options=SMALL, schedule="step", teacher_head="x")
+    config, options = old.split()
+    assert config.kd_weight == 0.5 and config.gradient_element and config.schedule == "step"
+    assert config.relation == crcd_plugin.RelationConfig(negatives="queue", **SMALL)
+    assert options["teacher_classifier"] == "x" and options["index_column"] == "index"

@@ -6,8 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,3 +102,47 @@ def test_resumed_run_continues_with_bit_identical_losses(tmp_path, negatives):
     resumed = _run(script, "resume", path, negatives)
     assert resumed == uninterrupted
     assert len({row["loss"] for row in resumed}) == len(resumed)  # the steps do differ
+
+
+# --- 0.2.0 checkpoints ---------------------------------------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+class FixtureNet(nn.Module):
+    """The models of tests/data/distiller-0.2.0-*.pt (written by the 0.2.0 code, commit 61c9035)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, width), nn.ReLU())
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def _v02_distiller(mode: str) -> CRCDDistiller:
+    # The 0.2.0 options of the fixture, in the 0.3 spelling.
+    relation = RelationConfig(embed_dim=8, num_negatives=6 if mode == "bank" else None)
+    if mode == "bank":
+        config = CRCDConfig(gradient_element=True, schedule="step", schedule_until=0.9, relation=relation)
+        return CRCDDistiller(FixtureNet(6), FixtureNet(10), "fc", "fc", config, num_samples=32, total_steps=10)
+    config = CRCDConfig(gradient_element=True, relation=relation)
+    return CRCDDistiller(FixtureNet(6), FixtureNet(10), "fc", "fc", config)
+
+
+@pytest.mark.parametrize("mode", ["bank", "batch"])
+@pytest.mark.parametrize("which", ["state_dict", "crcd_state_dict"])
+def test_a_0_2_0_checkpoint_loads_and_gives_the_loss_the_0_2_0_code_gave(mode, which):
+    saved = torch.load(DATA / f"distiller-0.2.0-{mode}.pt", weights_only=True)
+    distiller = _v02_distiller(mode)
+    if which == "state_dict":
+        distiller.load_state_dict(saved["state_dict"])
+    else:
+        models = {k: v for k, v in saved["state_dict"].items() if k.startswith(("student.", "teacher."))}
+        distiller.load_state_dict(models, strict=False)
+        distiller.load_crcd_state_dict(saved["crcd_state_dict"])
+    torch.manual_seed(saved["seed"])
+    out = distiller(saved["input"], saved["target"], saved["index"])
+    for key, expected in saved["losses"].items():
+        torch.testing.assert_close(out[key].detach(), expected, msg=key)

@@ -17,10 +17,12 @@ timm = pytest.importorskip("timm")
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.task import DistillationTeacher  # noqa: E402
 
+from crcd_plugin import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.integrations.timm import CRCDDistillationTask, CRCDTrainableModule  # noqa: E402
 
 NUM_CLASSES, BATCH, SIZE = 10, 8, 32
 SMALL = {"queue_size": 32, "embed_dim": 16}
+SMALL_CONFIG = CRCDConfig(gradient_element=True, relation=RelationConfig(**SMALL))
 LOSS_KEYS = {"loss", "output", "task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss"}
 # (student name, teacher name, create_model kwargs): the CNN pair has ImageNet vs 0.5 normalisation.
 PAIRS = {
@@ -44,6 +46,7 @@ def make_task(pair: str = "vit", seed: int = 0, **options) -> CRCDDistillationTa
     student = timm.create_model(student_name, num_classes=NUM_CLASSES, **kwargs)
     teacher = timm.create_model(teacher_name, num_classes=NUM_CLASSES, **kwargs)
     options.setdefault("crcd_options", SMALL)
+    options.setdefault("gradient_element", True)  # 0.3: the default is CRCDConfig's (False) here too
     return CRCDDistillationTask(student, teacher, verbose=False, **options)
 
 
@@ -193,7 +196,7 @@ def test_a_distillation_teacher_is_used_as_given():
     torch.manual_seed(0)
     student = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=SIZE)
     teacher = DistillationTeacher(timm.create_model("test_vit2", num_classes=NUM_CLASSES, img_size=SIZE))
-    task = CRCDDistillationTask(student, teacher, crcd_options=SMALL, verbose=False)
+    task = CRCDDistillationTask(student, teacher, config=SMALL_CONFIG, verbose=False)
     assert task.teacher is teacher
 
 
@@ -209,7 +212,7 @@ def test_a_model_without_get_classifier_works_through_its_head_path():
 
     torch.manual_seed(0)
     teacher = timm.create_model("test_vit2", num_classes=NUM_CLASSES, img_size=SIZE)
-    task = CRCDDistillationTask(Plain(), teacher, student_head="classifier", crcd_options=SMALL, verbose=False)
+    task = CRCDDistillationTask(Plain(), teacher, config=SMALL_CONFIG, student_classifier="classifier", verbose=False)
     out = train_steps(task, steps=1)
     assert torch.isfinite(out["crcd_gradient_loss"]) and out["crcd_gradient_loss"] > 0
 
@@ -372,3 +375,21 @@ def test_trainable_module_is_what_timm_takes():
     task = make_task()
     assert isinstance(task.get_trainable_module(), CRCDTrainableModule)
     assert task.get_eval_model() is task.student
+
+
+# --- 0.3 configuration -----------------------------------------------------------------------------
+
+
+def test_defaults_come_from_crcd_config_and_timm_weight_names_are_aliases():
+    student = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
+    task = CRCDDistillationTask(student, "test_resnet", verbose=False, crcd_loss_weight=0.5, task_loss_weight=2.0)
+    assert task.config == CRCDConfig(feature_weight=0.5, task_weight=2.0)
+    assert task.distiller.crcd_gradient is None  # gradient_element defaults to CRCDConfig's False
+    assert task.distiller.config.task_weight == 0.0 and task.task_loss_weight == 2.0  # timm's criterion is added
+
+
+def test_0_2_0_keywords_still_work_with_a_deprecation_warning():
+    student = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
+    with pytest.warns(DeprecationWarning, match=r"crcd_options.*RelationConfig"):
+        task = CRCDDistillationTask(student, "test_resnet", verbose=False, crcd_options=SMALL, gradient_element=True)
+    assert task.config.relation.queue_size == 32 and task.config.gradient_element

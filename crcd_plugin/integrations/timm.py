@@ -8,256 +8,41 @@ are the library's. Import it explicitly: ``import crcd_plugin`` never imports ti
 
 from __future__ import annotations
 
-import difflib
 import logging
 import types
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Union
+import warnings
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
-from crcd_plugin.distributed import average_gradients, world_size
+from crcd_plugin.config import CRCDConfig, config_from_legacy, deprecated
+from crcd_plugin.distiller import CRCDDistiller, CRCDTrainableModule
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
+from crcd_plugin.integrations._timm_models import (
+    TeacherSpec,
+    TimmTrainableModule,
+    classifier_path,
+    dry_run_input,
+    resolve_teacher,
+    teacher_transform,
+)
 
 require("timm", "timm")
 
-from timm.data import resolve_model_data_config  # noqa: E402 - after the check that names the extra
-from timm.models import create_model, group_parameters, is_model, list_models  # noqa: E402
-from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss  # noqa: E402
+from timm.task import TrainingTask, resolve_classification_loss  # noqa: E402
 from timm.utils import unwrap_model as timm_unwrap_model  # noqa: E402 - also unwraps ModelEma
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["CRCDDistillationTask", "CRCDTrainableModule"]
 
-TeacherSpec = Union[str, nn.Module, DistillationTeacher]
 
 
-def _classifier_path(model: nn.Module, role: str) -> str:
-    """Dotted path of ``model.get_classifier()``, whose input is the pre-logits feature.
-
-    For timm classifiers the classifier's input is exactly ``forward_head(forward_features(x),
-    pre_logits=True)``, so a hook on it reads the feature during the ordinary forward, without a
-    second head pass.
-    """
-    inner = unwrap_model(model)
-    get_classifier = getattr(inner, "get_classifier", None)
-    hint = f"pass {role}_head= (the dotted path of the module whose input is the pre-logits feature)"
-    if not callable(get_classifier):
-        raise ValueError(f"{role}_model ({type(inner).__name__}) has no get_classifier(); {hint}")
-    classifier = get_classifier()
-    if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
-        raise ValueError(
-            f"{role}_model ({type(inner).__name__}) has no single classifier module: get_classifier() returned "
-            f"{type(classifier).__name__} (num_classes=0 or several heads); {hint}"
-        )
-    for name, module in inner.named_modules():
-        if module is classifier:
-            return name
-    raise ValueError(f"{role}_model's get_classifier() is not a submodule of the model; {hint}")
-
-
-def _check_model_name(name: str) -> None:
-    if not is_model(name):
-        close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
-        raise ValueError(
-            f"teacher_model {name!r} is not a timm model name"
-            + (f"; closest: {close}" if close else "; see timm.list_models()")
-        )
-
-
-def _resolve_teacher(
-    teacher_model: TeacherSpec,
-    student_model: nn.Module,
-    *,
-    pretrained: bool,
-    pretrained_path: Optional[str],
-    pretrained_cfg_overlay: Optional[Dict[str, Any]],
-    model_kwargs: Optional[Dict[str, Any]],
-    device: torch.device,
-    dtype: Optional[torch.dtype],
-) -> DistillationTeacher:
-    """A ``DistillationTeacher`` for a timm name, an ``nn.Module`` or a ready ``DistillationTeacher``."""
-    if isinstance(teacher_model, DistillationTeacher):
-        return teacher_model
-    if isinstance(teacher_model, str):
-        _check_model_name(teacher_model)
-        student = unwrap_model(student_model)
-        overlay: Dict[str, Any] = {}
-        if pretrained_path:
-            overlay.update(file=pretrained_path, num_classes=getattr(student, "num_classes", None))
-        overlay.update(pretrained_cfg_overlay or {})
-        if not (pretrained or pretrained_path):
-            # Unlike timm's own tasks, a name does not download weights unless asked: runs stay
-            # offline by default, and a random teacher is worth a loud warning, not a hidden fetch.
-            _logger.warning(
-                "teacher %r is created with random weights; pass teacher_pretrained=True (downloads) or "
-                "teacher_pretrained_path= (a local checkpoint) to distil from a trained teacher",
-                teacher_model,
-            )
-        model = create_model(
-            teacher_model,
-            pretrained=bool(pretrained or pretrained_path),
-            pretrained_cfg_overlay=overlay or None,
-            num_classes=getattr(student, "num_classes", None),
-            in_chans=getattr(student, "in_chans", None),
-            device=device,
-            dtype=dtype,
-            **(model_kwargs or {}),
-        )
-        return DistillationTeacher(model, device=device, dtype=dtype)
-    if isinstance(teacher_model, nn.Module):
-        return DistillationTeacher(teacher_model, device=device, dtype=dtype)
-    raise TypeError(
-        "teacher_model must be a timm model name (str), an nn.Module or a timm.task.DistillationTeacher, "
-        f"got {type(teacher_model).__name__}"
-    )
-
-
-def _buffer(module: nn.Module, name: str) -> torch.Tensor:
-    value = getattr(module, name)
-    assert isinstance(value, torch.Tensor)
-    return value
-
-
-class _Renormalize(nn.Module):
-    """Maps input normalised with the student's mean/std to the teacher's normalisation.
-
-    The same map as timm's ``DistillationTeacher.normalize_input``; whether it is needed at all is
-    decided once at construction, not by an equality test on every step (a host sync on GPU).
-    """
-
-    student_mean: torch.Tensor
-    student_std: torch.Tensor
-    teacher_mean: torch.Tensor
-    teacher_std: torch.Tensor
-
-    def __init__(self, student_mean: torch.Tensor, student_std: torch.Tensor, teacher: DistillationTeacher) -> None:
-        super().__init__()
-        self.register_buffer("student_mean", student_mean, persistent=False)
-        self.register_buffer("student_std", student_std, persistent=False)
-        self.register_buffer("teacher_mean", _buffer(teacher, "mean_kd").clone(), persistent=False)
-        self.register_buffer("teacher_std", _buffer(teacher, "std_kd").clone(), persistent=False)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return (input * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
-
-
-def _teacher_transform(
-    student_model: nn.Module, teacher: DistillationTeacher, device: torch.device, dtype: torch.dtype
-) -> Optional[_Renormalize]:
-    """``_Renormalize`` when both ``pretrained_cfg`` normalisations are known and differ, else ``None``."""
-    cfg = getattr(unwrap_model(student_model), "pretrained_cfg", None) or {}
-    if "mean" not in cfg or "std" not in cfg:
-        _logger.info("student has no pretrained_cfg mean/std: the teacher sees the student's input as is")
-        return None
-    mean = torch.tensor(cfg["mean"], device=device, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"], device=device, dtype=dtype).view(1, -1, 1, 1)
-    teacher_mean, teacher_std = _buffer(teacher, "mean_kd").to(mean), _buffer(teacher, "std_kd").to(std)
-    if mean.shape == teacher_mean.shape and torch.equal(mean, teacher_mean) and torch.equal(std, teacher_std):
-        return None
-    return _Renormalize(mean, std, teacher).to(device=device, dtype=dtype)
-
-
-class CRCDTrainableModule(nn.Module):
-    """What trains: the student and the CRCD state (embedding heads, memories, NCE constants, schedule).
-
-    This is the task's ``trainable_module``, so that timm's optimizer factory and EMA, which take
-    ``task.get_trainable_module()``, see the CRCD heads as well as the student. It shares its
-    submodules with the task's :class:`~crcd_plugin.distiller.CRCDDistiller`, which runs the step.
-    Calling it returns the student's logits.
-
-    Args:
-        student: The student model (possibly wrapped in DDP by ``prepare_distributed``).
-        distiller: The built distiller whose CRCD losses and schedule it holds.
-    """
-
-    def __init__(self, student: nn.Module, distiller: CRCDDistiller) -> None:
-        super().__init__()
-        self.student = student
-        # Same attribute names as the distiller, so crcd_state_dict() keys match CRCDDistiller's.
-        self.crcd_feature = distiller.crcd_feature
-        self.crcd_gradient = distiller.crcd_gradient
-        self.schedule = distiller.schedule
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.student(input)
-
-    def crcd_children(self) -> Dict[str, nn.Module]:
-        """The CRCD submodules by name (everything but the student)."""
-        return {name: module for name, module in self.named_children() if name != "student"}
-
-    def crcd_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the CRCD embedding heads."""
-        for module in self.crcd_children().values():
-            yield from module.parameters()
-
-    def crcd_state_dict(self) -> Dict[str, torch.Tensor]:
-        """CRCD heads, memories, NCE constants and schedule progress (the student excluded)."""
-        return {
-            f"{name}.{key}": value
-            for name, module in self.crcd_children().items()
-            for key, value in module.state_dict().items()
-        }
-
-    def load_crcd_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Load what :meth:`crcd_state_dict` returned; nothing is written unless every entry fits.
-
-        Args:
-            state: ``{"crcd_feature.…": tensor, ...}``.
-            strict: Whether missing or unexpected keys are errors (shapes must always match).
-
-        Raises:
-            TypeError: If ``state`` is not a mapping of tensors.
-            ValueError: On a key or shape mismatch (checked before anything is loaded).
-        """
-        if not isinstance(state, Mapping):
-            raise TypeError(f"CRCD task state must be a dict of tensors, got {type(state).__name__}")
-        current = self.crcd_state_dict()
-        missing = sorted(set(current) - set(state))
-        unexpected = sorted(set(state) - set(current))
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"CRCD task state does not match this task (same gradient_element, crcd_loss_weight > 0 and "
-                f"schedule?): missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for key in sorted(set(current) & set(state)):
-            value = state[key]
-            if not isinstance(value, torch.Tensor) or value.shape != current[key].shape:
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(
-                    f"CRCD task state {key!r} has shape {shape}, this task expects {tuple(current[key].shape)}"
-                )
-        for name, module in self.crcd_children().items():
-            prefix = f"{name}."
-            part = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-            if part:
-                module.load_state_dict(part, strict=strict)
-
-    def no_weight_decay(self) -> set:
-        """The student's no-weight-decay names (e.g. ViT position embeddings), for timm's optimizer factory."""
-        no_weight_decay = getattr(unwrap_model(self.student), "no_weight_decay", None)
-        if not callable(no_weight_decay):
-            return set()
-        return {"student." + name for name in no_weight_decay()}
-
-    def group_matcher(self, coarse: bool = False) -> Union[Dict[str, Any], Callable[[str], int]]:
-        """Layer groups for timm's layer-wise lr decay: the student's, CRCD heads in the last group."""
-        student = unwrap_model(self.student)
-        student_matcher = getattr(student, "group_matcher", None)
-        if not callable(student_matcher):
-            return {}
-        layer_of = group_parameters(student, student_matcher(coarse=coarse), reverse=True)
-        last = max(layer_of.values(), default=0)
-
-        def matcher(name: str) -> int:
-            if name.startswith("student."):
-                return layer_of.get(name[len("student."):], last)
-            return last
-
-        return matcher
+# timm's weight names, documented aliases of CRCDConfig's fields (same defaults: those of CRCDConfig).
+WEIGHT_ALIASES = {"task_loss_weight": "task_weight", "kd_loss_weight": "kd_weight",
+                  "crcd_loss_weight": "feature_weight", "gradient_loss_weight": "gradient_weight"}
 
 
 class CRCDDistillationTask(TrainingTask):
@@ -272,57 +57,43 @@ class CRCDDistillationTask(TrainingTask):
                + w(t) * (kd_loss_weight * KD + crcd_loss_weight * CRCD_feature
                          + gradient_loss_weight * CRCD_gradient)
 
-    The distilled features are the pre-logits features,
-    ``forward_head(forward_features(x), pre_logits=True)``: the input of ``get_classifier()``,
-    read by a hook during the ordinary forward (for CNNs and ViTs alike). For a model without
-    ``get_classifier()``, name its classifier with ``student_head`` / ``teacher_head``. The
-    gradient element differentiates the CE through the student's classifier only.
-
-    When the two models' ``pretrained_cfg`` normalisations differ, the teacher sees the student's
-    input re-normalised for it, as in timm's own distillation tasks.
-
-    Negatives need no dataset index by default (timm loaders give none): the other samples of the
-    batch with InfoNCE, the library's default (docs/reliability.md), or a queue when ``queue_size``
-    is given. With ``num_samples`` the reference memory bank is used and ``forward`` needs ``index``.
+    The features are the inputs of ``get_classifier()`` (pre-logits, CNNs and ViTs alike). When the
+    models' ``pretrained_cfg`` normalisations differ, the teacher sees the input re-normalised, as in
+    timm's tasks. The rest is ``config`` (a :class:`crcd_plugin.CRCDConfig`, the same defaults as
+    everywhere) and the distiller's integration contract (DDP, gradient sync, state).
 
     Args:
-        student_model: The student, a timm classifier (or any ``nn.Module`` with ``student_head``).
+        student_model: The student: a timm classifier, or any ``nn.Module`` with ``student_classifier``.
         teacher_model: A timm model name, an ``nn.Module`` or a ``timm.task.DistillationTeacher``.
-        criterion: Task loss on the student logits; created by timm's
-            ``create_classification_loss(**criterion_kwargs)`` when ``None``.
+        criterion: The task loss; default timm's ``create_classification_loss(**criterion_kwargs)``.
         criterion_kwargs: Arguments of ``create_classification_loss`` when ``criterion`` is ``None``.
-        teacher_pretrained: For a teacher name: load timm's pretrained weights (downloads them).
-            Default ``False``, unlike timm's tasks: no network unless asked (a warning says that
-            the teacher is random).
-        teacher_pretrained_path: For a teacher name: a local checkpoint to load (no network).
+        teacher_pretrained: For a teacher name: timm's pretrained weights (downloads; default ``False``).
+        teacher_pretrained_path: For a teacher name: a local checkpoint (no network).
         teacher_pretrained_cfg_overlay: For a teacher name: ``pretrained_cfg`` overrides.
-        teacher_kwargs: For a teacher name: more ``timm.create_model`` arguments (``img_size``, ...).
-            ``num_classes`` and ``in_chans`` come from the student.
-        task_loss_weight: Weight of the task criterion.
-        kd_loss_weight: Weight of Hinton KD (reference 0.9; 0 turns it off).
-        kd_temperature: KD temperature.
-        crcd_loss_weight: Weight of the CRCD feature element (0 turns it off).
-        gradient_element: Also distil relations between the CE gradients w.r.t. the features (the
-            paper's complementary element).
-        gradient_loss_weight: Weight of the CRCD gradient element.
+        teacher_kwargs: For a teacher name: more ``timm.create_model`` arguments.
+        config: Weights (``task_weight`` weighs ``criterion``), schedule and relation options.
+        task_loss_weight: timm's name for ``config.task_weight`` (overrides it when given).
+        kd_loss_weight: timm's name for ``config.kd_weight``.
+        crcd_loss_weight: timm's name for ``config.feature_weight``.
+        gradient_loss_weight: timm's name for ``config.gradient_weight``.
         num_samples: Dataset size: memory-bank negatives (``forward`` then needs ``index``).
-        queue_size: Use a queue of this length for the negatives instead of the batch.
-        crcd_options: More ``CRCDLoss`` arguments (``embed_dim``, ``temperature``, ``objective``, ...).
-        schedule: Distillation weight ``w(t)``; advance it with :meth:`set_progress`.
-        student_head: Dotted path of the student's classifier; default that of ``get_classifier()``.
-        teacher_head: Same for the teacher (relative to the teacher model).
+        total_steps: Run length of ``config.schedule``, in the unit of :meth:`set_progress`.
+        student_classifier: Dotted path of the student's classifier; default ``get_classifier()``'s.
+        teacher_classifier: The same for the teacher.
         normalize_teacher_input: Re-normalise the teacher's input when normalisations differ.
-        example_input: A batch for a dry run that fixes the feature sizes, needed only when a
-            classifier is not an ``nn.Linear`` (default: zeros of the student's data-config size).
-        device: Device of the task's tensors, the CRCD heads and a teacher created from a name;
-            default: the student's device.
+        example_input: A batch for a dry run, needed only when a classifier is not an ``nn.Linear``.
+        device: Device of the task's tensors; default the student's.
         dtype: Dtype of the task's tensors (and of a teacher created from a name).
         verbose: Log the configuration.
+        **legacy: 0.2.0 keywords (``kd_temperature``, ``gradient_element``, ``queue_size``,
+            ``crcd_options``, ``schedule``, ``student_head``, ``teacher_head``), with a ``DeprecationWarning``.
 
     Example:
         >>> import timm
+        >>> from crcd_plugin import CRCDConfig, RelationConfig
         >>> student = timm.create_model("test_efficientnet", num_classes=10)
-        >>> task = CRCDDistillationTask(student, "test_resnet", crcd_options={"queue_size": 64}, verbose=False)
+        >>> config = CRCDConfig(relation=RelationConfig(queue_size=64))
+        >>> task = CRCDDistillationTask(student, "test_resnet", config=config, verbose=False)
         >>> out = task(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
         >>> sorted(out)
         ['crcd_feature_loss', 'crcd_gradient_loss', 'kd_loss', 'loss', 'output', 'task_loss']
@@ -340,23 +111,22 @@ class CRCDDistillationTask(TrainingTask):
         teacher_pretrained_path: Optional[str] = None,
         teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         teacher_kwargs: Optional[Dict[str, Any]] = None,
-        task_loss_weight: float = 1.0,
-        kd_loss_weight: float = 0.9,
-        kd_temperature: float = 4.0,
-        crcd_loss_weight: float = 1.0,
-        gradient_element: bool = True,
-        gradient_loss_weight: float = 1.0,
+        config: Optional[CRCDConfig] = None,
+        *,
+        task_loss_weight: Optional[float] = None,
+        kd_loss_weight: Optional[float] = None,
+        crcd_loss_weight: Optional[float] = None,
+        gradient_loss_weight: Optional[float] = None,
         num_samples: Optional[int] = None,
-        queue_size: Optional[int] = None,
-        crcd_options: Optional[Mapping[str, Any]] = None,
-        schedule: Optional[DistillSchedule] = None,
-        student_head: Optional[str] = None,
-        teacher_head: Optional[str] = None,
+        total_steps: Optional[int] = None,
+        student_classifier: Optional[str] = None,
+        teacher_classifier: Optional[str] = None,
         normalize_teacher_input: bool = True,
         example_input: Optional[torch.Tensor] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
+        **legacy: Any,
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if device is None and isinstance(student_model, nn.Module):
@@ -370,20 +140,23 @@ class CRCDDistillationTask(TrainingTask):
             )
         if not isinstance(student_model, nn.Module):
             raise TypeError(f"student_model must be an nn.Module, got {type(student_model).__name__}")
-        if isinstance(task_loss_weight, bool) or not isinstance(task_loss_weight, (int, float)) or task_loss_weight < 0:
-            raise ValueError(f"task_loss_weight must be a float >= 0, got {task_loss_weight!r}")
-        student_head = _classifier_path(student_model, "student") if student_head is None else student_head
-        teacher = _resolve_teacher(
-            teacher_model,
-            student_model,
-            pretrained=teacher_pretrained,
-            pretrained_path=teacher_pretrained_path,
-            pretrained_cfg_overlay=teacher_pretrained_cfg_overlay,
-            model_kwargs=teacher_kwargs,
-            device=self.device,
-            dtype=dtype,
-        )
-        teacher_head = _classifier_path(teacher.model, "teacher") if teacher_head is None else teacher_head
+        for old, new in (("student_head", "student_classifier="), ("teacher_head", "teacher_classifier="),
+                         ("schedule", "config=CRCDConfig(schedule=kind, ...) with total_steps=")):
+            if old in legacy:
+                deprecated(f"CRCDDistillationTask({old}=...)", new, stacklevel=3)
+        student_classifier = legacy.pop("student_head", student_classifier)
+        teacher_classifier = legacy.pop("teacher_head", teacher_classifier)
+        schedule = legacy.pop("schedule", None)
+        config, options_num_samples = config_from_legacy(config, legacy, owner="CRCDDistillationTask")
+        aliases = dict(task_loss_weight=task_loss_weight, kd_loss_weight=kd_loss_weight,
+                       crcd_loss_weight=crcd_loss_weight, gradient_loss_weight=gradient_loss_weight)
+        config = config.replace(**{WEIGHT_ALIASES[k]: v for k, v in aliases.items() if v is not None})
+        student_classifier = student_classifier or classifier_path(student_model, "student")
+        teacher = resolve_teacher(teacher_model, student_model, pretrained=teacher_pretrained,
+                                  pretrained_path=teacher_pretrained_path, model_kwargs=teacher_kwargs,
+                                  pretrained_cfg_overlay=teacher_pretrained_cfg_overlay, device=self.device,
+                                  dtype=dtype)
+        teacher_classifier = teacher_classifier or classifier_path(teacher.model, "teacher")
         student_classes = getattr(unwrap_model(student_model), "num_classes", None)
         teacher_classes = getattr(unwrap_model(teacher.model), "num_classes", None)
         if student_classes is not None and teacher_classes is not None and student_classes != teacher_classes:
@@ -394,53 +167,30 @@ class CRCDDistillationTask(TrainingTask):
         teacher.requires_grad_(False)
         self.teacher = teacher
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
-        self.task_loss_weight = float(task_loss_weight)
-        transform = (
-            _teacher_transform(student_model, teacher, self.device, self.dtype) if normalize_teacher_input else None
-        )
-        self.distiller = CRCDDistiller(
-            student_model,
-            teacher.model,
-            student_head=student_head,
-            teacher_head=teacher_head,
-            gamma=0.0,  # the task criterion is timm's, added in forward
-            alpha=kd_loss_weight,
-            beta=crcd_loss_weight,
-            kd_temperature=kd_temperature,
-            gradient_element=gradient_element,
-            gradient_weight=gradient_loss_weight,
-            num_samples=num_samples,
-            queue_size=queue_size,
-            crcd_options=crcd_options,
-            schedule=schedule,
-            example_input=example_input,
-            teacher_transform=transform,
-        )
+        self.task_loss_weight = config.task_weight
+        transform = teacher_transform(student_model, teacher, self.device, self.dtype) if normalize_teacher_input \
+            else None
+        with warnings.catch_warnings():  # the task's own legacy keywords warned above, under its name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.distiller = CRCDDistiller(  # task_weight 0: the task criterion is timm's, added in forward
+                student_model, teacher.model, student_classifier, teacher_classifier, config.replace(task_weight=0.0),
+                num_samples=num_samples if num_samples is not None else options_num_samples, total_steps=total_steps,
+                schedule=schedule, example_input=example_input, teacher_transform=transform,
+            )
+        self.config = config
         if not self.distiller.built:
-            self.distiller.build(self._dry_run_input(student_model))
-        self.trainable_module = CRCDTrainableModule(student_model, self.distiller)
+            self.distiller.build(dry_run_input(student_model, self.device, self.dtype))
+        self.trainable_module = TimmTrainableModule(self.distiller)
         for module in self.trainable_module.crcd_children().values():
             module.to(self.device)  # built on the CPU
-        self._grad_sync_handles: List[Any] = []
         if self.verbose:
-            _logger.info(
-                "CRCDDistillationTask: student_head=%r, teacher_head=%r, teacher input re-normalised: %s, %r",
-                student_head, teacher_head, transform is not None, self.distiller,
-            )
-
-    def _dry_run_input(self, student_model: nn.Module) -> torch.Tensor:
-        try:
-            input_size = resolve_model_data_config(unwrap_model(student_model))["input_size"]
-        except Exception as error:  # noqa: BLE001 - any failure means: the user has to say
-            raise ValueError(
-                "a classifier is not an nn.Linear, so the feature sizes need a dry run: pass example_input="
-            ) from error
-        return torch.zeros(2, *input_size, device=self.device, dtype=self.dtype)
+            _logger.info("CRCDDistillationTask: classifiers %r, %r; teacher input re-normalised: %s; %r",
+                         student_classifier, teacher_classifier, transform is not None, config)
 
     @property
     def student(self) -> nn.Module:
         """The student model, without DDP or compile wrappers."""
-        return unwrap_model(self.trainable_module.student)
+        return unwrap_model(self.distiller.student)
 
     def train(self, mode: bool = True) -> "CRCDDistillationTask":
         """Set training mode while keeping the teacher in evaluation mode."""
@@ -455,80 +205,38 @@ class CRCDDistillationTask(TrainingTask):
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, index: Optional[torch.Tensor] = None
     ) -> Dict[str, torch.Tensor]:
-        """One step's losses.
-
-        Args:
-            input: Images ``[B, C, H, W]``, normalised for the student.
-            target: Class indices ``[B]`` or soft targets ``[B, num_classes]`` (mixup).
-            index: Dataset indices ``[B]``; needed with memory-bank negatives (``num_samples``).
-
-        Returns:
-            ``loss`` (to backpropagate), ``output`` (student logits ``[B, num_classes]``),
-            ``task_loss``, ``kd_loss``, ``crcd_feature_loss`` and ``crcd_gradient_loss`` (scalars;
-            terms that are off are zeros).
-        """
+        """One step's losses: ``loss``, ``output`` (student logits ``[B, C]``), ``task_loss``, ``kd_loss``,
+        ``crcd_feature_loss``, ``crcd_gradient_loss``. ``input`` is ``[B, C, H, W]`` normalised for the
+        student, ``target`` ``[B]`` or soft ``[B, C]`` (mixup), ``index`` ``[B]`` for a memory bank."""
         out = self.distiller(input, target, index)
         task_loss = self.criterion(out["logits"], target)
-        return {
-            "loss": self.task_loss_weight * task_loss + out["loss"],
-            "output": out["logits"],
-            "task_loss": task_loss,
-            "kd_loss": out["kd_loss"],
-            "crcd_feature_loss": out["crcd_feature_loss"],
-            "crcd_gradient_loss": out["crcd_gradient_loss"],
-        }
+        parts = {name: out[name] for name in ("kd_loss", "crcd_feature_loss", "crcd_gradient_loss")}
+        return {"loss": self.task_loss_weight * task_loss + out["loss"], "output": out["logits"],
+                "task_loss": task_loss, **parts}
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "CRCDDistillationTask":
-        """Wrap the student in DDP; keep the teacher out and average the CRCD heads' gradients.
+        """Wrap the student alone in DDP; average the CRCD heads' gradients at the end of each backward.
 
-        :meth:`CRCDDistiller.prepare_distributed` wraps the student alone and gives every rank
-        rank 0's CRCD state. The CRCD heads stay outside DDP (it would broadcast the memories every
-        step), so each head parameter averages its gradient over ranks as soon as backward has
-        accumulated it (:func:`crcd_plugin.distributed.average_gradients`): timm's loop, which
-        knows nothing of :meth:`CRCDDistiller.sync_gradients`, needs no extra call. No-op when not
-        distributed; calling it twice changes nothing.
-
-        Args:
-            device_ids: DDP ``device_ids`` (e.g. ``[local_rank]``; ``None`` on CPU).
-            **ddp_kwargs: More ``DistributedDataParallel`` arguments.
-
-        Returns:
-            ``self``.
+        The distiller's contract: :meth:`CRCDDistiller.prepare_distributed`, then
+        :meth:`CRCDDistiller.sync_gradients_in_backward` (timm's loop never calls a sync itself).
+        No-op when not distributed; returns ``self``.
         """
         self.teacher.requires_grad_(False)
-        self.distiller.prepare_distributed(device_ids, **ddp_kwargs)
-        self.trainable_module.student = self.distiller.student
-        if world_size() > 1 and not self._grad_sync_handles:
-            for param in self.trainable_module.crcd_parameters():
-                if param.requires_grad:
-                    handle = param.register_post_accumulate_grad_hook(lambda p: average_gradients([p]))
-                    self._grad_sync_handles.append(handle)
+        self.distiller.prepare_distributed(device_ids, **ddp_kwargs).sync_gradients_in_backward()
         return self
 
     def no_sync(self) -> ContextManager[None]:
-        """The DDP student's ``no_sync()`` for gradient accumulation (a no-op context otherwise)."""
+        """The distiller's ``no_sync()`` for gradient accumulation (a no-op context when not distributed)."""
         return self.distiller.no_sync()
 
     def compile(  # type: ignore[override]  # timm's TrainingTask.compile, not nn.Module.compile
         self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any
     ) -> nn.Module:
-        """Compile the backbones (``forward_features``) and the CRCD loss core.
+        """Compile the backbones' ``forward_features`` (per instance) and switch the loss core to ``"compile"``.
 
-        ``forward_features`` of the student and teacher instances is replaced by its compiled
-        version (classes, parameters and ``state_dict`` keys are unchanged); ``forward_head`` and
-        the classifier stay eager: the gradient element differentiates through the student's
-        classifier, and compiled graphs cannot double-backward. The loss core switches to
-        ``CRCDLoss(backend="compile")`` (inductor, whatever ``backend`` says). Call it before
-        :meth:`prepare_distributed`, as timm does. An EMA copy made before or after it runs the
-        compiled backbone on its own weights.
-
-        Args:
-            backend: ``torch.compile`` backend of the backbones.
-            mode: ``torch.compile`` mode of the backbones.
-            **compile_kwargs: More ``torch.compile`` arguments.
-
-        Returns:
-            The student (the eval model), its backbone compiled.
+        The classifiers stay eager: the gradient element differentiates through the student's, and
+        compiled graphs cannot double-backward. Call it before :meth:`prepare_distributed`, as timm
+        does. Returns the student (the eval model).
         """
         for role, model in (("student", self.student), ("teacher", unwrap_model(self.teacher.model))):
             forward_features = getattr(type(model), "forward_features", None)
@@ -536,9 +244,7 @@ class CRCDDistillationTask(TrainingTask):
                 _logger.warning("%s has no forward_features(): it stays eager", role)
                 continue
             compiled = torch.compile(forward_features, backend=backend, mode=mode, **compile_kwargs)
-            # An instance attribute shadows the method for this model only (its class is untouched).
-            # A bound method of the compiled function, not a compiled bound method: deepcopy (the
-            # EMA copy) rebinds it to the copy instead of running the original's weights.
+            # Per instance; a bound method of the compiled function, so that deepcopy (EMA) rebinds it.
             object.__setattr__(model, "forward_features", types.MethodType(compiled, model))
         for loss in (self.distiller.crcd_feature, self.distiller.crcd_gradient):
             if loss is not None:
@@ -569,24 +275,15 @@ class CRCDDistillationTask(TrainingTask):
         return inner
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """``{"crcd": ...}``: CRCD heads, memories, NCE constants and schedule progress.
-
-        Saved by timm next to the student's ``state_dict`` (``task_state`` in the checkpoint),
-        never mixed into it.
-        """
+        """``{"crcd": trainable.crcd_state_dict()}``, saved by timm beside the student's ``state_dict``."""
         trainable = self._trainable(module, ema)
         if trainable is None:
             return {}
         state = trainable.crcd_state_dict()
         return {"crcd": state} if state else {}
 
-    def load_task_state(
-        self,
-        state: Optional[Dict[str, Any]],
-        strict: bool = True,
-        module: Optional[nn.Module] = None,
-        ema: bool = False,
-    ) -> None:
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
+                        module: Optional[nn.Module] = None, ema: bool = False) -> None:
         """Load what :meth:`get_task_state` returned (checked whole before anything is written)."""
         if not state:
             return
