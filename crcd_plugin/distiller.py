@@ -657,16 +657,55 @@ class CRCDDistiller(nn.Module):
             student = self.student
         elif unwrap_model(student) is not unwrap_model(self.student):
             raise ValueError("student= must wrap the distiller's own student (e.g. its DDP wrapper)")
-        if self.teacher.training:
-            self.teacher.eval()
         f_s, head_logits_s, logits_s = self._run(student, self.student_head, input, "student")
-        zero = logits_s.new_zeros((), dtype=torch.float32)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=self.label_smoothing)
+        terms = self.distill(f_s, head_logits_s, logits_s, input, target, index)
+        loss = self.gamma * task_loss + terms["distill_loss"]
+        return self._losses(
+            loss, task_loss, terms["kd_loss"], terms["crcd_feature_loss"], terms["crcd_gradient_loss"], logits_s
+        )
+
+    def distill(
+        self,
+        student_feature: torch.Tensor,
+        student_head_logits: torch.Tensor,
+        student_logits: torch.Tensor,
+        input: Any,
+        target: torch.Tensor,
+        index: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """The distillation terms of a student forward that has already run (for trainers that run it).
+
+        Runs the teacher on ``input`` and returns KD and the CRCD terms against the student's
+        captured tensors, weighted by ``w(t)``; :meth:`forward` is the student's forward, the task
+        CE and this. Memories and the warm-up progress move as in :meth:`forward`.
+
+        Args:
+            student_feature: Input of the student's classifier head, ``[B, Ds]`` (or ``[B, *]``,
+                reduced by ``feature_pool``); graph-connected, so that the CRCD terms train the student.
+            student_head_logits: Output of the student's classifier head ``[B, C]`` (for the
+                gradient element).
+            student_logits: The student's logits ``[B, C]`` (for KD).
+            input: The batch the student saw (the teacher sees ``teacher_transform(input)``).
+            target: Class indices ``[B]`` (or probabilities ``[B, C]``).
+            index: Dataset indices ``[B]``; required for memory-bank negatives.
+
+        Returns:
+            ``distill_loss`` (``w(t) * (alpha * KD + beta * CRCD_feature + gradient_weight *
+            CRCD_gradient)``, to add to ``gamma * task_loss``), ``kd_loss``, ``crcd_feature_loss``
+            and ``crcd_gradient_loss`` (scalars; terms that are off are zeros). Once the schedule's
+            weight is 0 for good, the teacher is not run and all four are zero.
+        """
+        self._check_batch(input, target, index)
+        zero = student_logits.new_zeros((), dtype=torch.float32)
         if self.built and self.schedule is not None and not self.schedule.distills():
             # w(t) = 0 from here on (the reference's last 4%): CE alone, as in the reference, but
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
-            return self._losses(self.gamma * task_loss, task_loss, zero, zero, zero, logits_s)
+            return self._terms(zero, zero, zero, zero)
+        if self.teacher.training:
+            self.teacher.eval()
+        f_s, head_logits_s, logits_s = student_feature, student_head_logits, student_logits
         with torch.no_grad():
             f_t, head_logits_t, logits_t = self._run(
                 self.teacher, self.teacher_head, self._teacher_input(input), "teacher"
@@ -705,8 +744,7 @@ class CRCDDistiller(nn.Module):
 
         weight = self._distill_weight()
         distill = self.alpha * kd + self.beta * feature_loss + self.gradient_weight * gradient_loss
-        loss = self.gamma * task_loss + weight * distill
-        return self._losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
+        return self._terms(weight * distill, kd, feature_loss, gradient_loss)
 
     def _has_relations(self, batch: int) -> bool:
         """Relations need two samples; a batch of one (a ragged last batch) gets CE and KD only."""
@@ -726,6 +764,15 @@ class CRCDDistiller(nn.Module):
             if self.training:
                 self.warmup_progress.add_(1)  # in place on the device: no host sync
         return weight
+
+    @staticmethod
+    def _terms(distill_loss, kd, feature_loss, gradient_loss) -> Dict[str, torch.Tensor]:
+        return {
+            "distill_loss": distill_loss,
+            "kd_loss": kd,
+            "crcd_feature_loss": feature_loss,
+            "crcd_gradient_loss": gradient_loss,
+        }
 
     @staticmethod
     def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[str, torch.Tensor]:
