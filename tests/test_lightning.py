@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 L = pytest.importorskip("lightning")
 
+from crcd_plugin import CRCDDistiller  # noqa: E402
 from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.integrations.lightning import CRCDCallback  # noqa: E402
 
@@ -84,6 +85,16 @@ def _crcd_state(callback: CRCDCallback) -> dict:
     return {k: v.detach().clone() for k, v in callback.state_dict()["crcd"].items()}
 
 
+class _Snapshot(L.pytorch.callbacks.Callback):
+    """Copies a CRCDCallback's state when training starts (after it is built, before the first step)."""
+
+    def __init__(self, callback: CRCDCallback, into: dict) -> None:
+        self.callback, self.into = callback, into
+
+    def on_train_start(self, trainer, pl_module):
+        self.into.update(_crcd_state(self.callback))
+
+
 @pytest.mark.parametrize("return_dict", [False, True], ids=["tensor", "dict"])
 def test_every_loss_component_is_logged_and_added_to_the_returned_loss(return_dict):
     torch.manual_seed(0)
@@ -109,19 +120,54 @@ def test_crcd_heads_train_in_the_modules_optimizer_and_training_step_is_restored
     torch.manual_seed(0)
     callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
     initial = {}
-
-    class Snapshot(L.pytorch.callbacks.Callback):
-        def on_train_start(self, trainer, pl_module):
-            initial.update(_crcd_state(callback))
-
     module = _Classifier()
-    trainer = _fit(module, callback, max_epochs=2, callbacks=[Snapshot()])
+    trainer = _fit(module, callback, max_epochs=2, callbacks=[_Snapshot(callback, initial)])
     heads = [k for k in initial if k.endswith((".weight", ".bias")) and "memory" not in k]
     assert len(heads) == 8  # student and teacher embedding heads of both elements
     assert all(not torch.equal(initial[k], callback.state_dict()["crcd"][k]) for k in heads)
     optimizer = trainer.optimizers[0]
     assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["momentum"] == 0.9
     assert "training_step" not in vars(module)
+
+
+def test_a_fit_with_the_callback_equals_the_plain_loop_distiller_bitwise():
+    torch.manual_seed(0)
+    module, teacher = _Classifier(), _teacher()
+    student, plain_teacher = copy.deepcopy(module.model), copy.deepcopy(teacher)
+    callback = CRCDCallback(teacher, student_head="model.fc", config=_config())
+    initial = {}
+    _fit(module, callback, max_epochs=2, callbacks=[_Snapshot(callback, initial)])
+
+    distiller = CRCDDistiller(student, plain_teacher, "fc", "fc", gradient_element=True, queue_size=16,
+                              crcd_options={"embed_dim": 8, "objective": "nce"})
+    distiller.load_crcd_state_dict(initial)
+    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for x, y in DataLoader(_data(), batch_size=8):
+            optimizer.zero_grad()
+            distiller(x, y)["loss"].backward()
+            optimizer.step()
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in student.state_dict().items())
+    assert all(torch.equal(v, callback.state_dict()["crcd"][k]) for k, v in distiller.crcd_state_dict().items())
+
+
+def test_memory_bank_negatives_read_the_index_of_three_element_batches():
+    class Indexed(_Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+    x, y = _data().tensors
+    config = _config(relation=RelationConfig(embed_dim=8, num_negatives=8))
+    callback = CRCDCallback(_teacher(), student_head="model.fc", config=config, num_samples=32)
+    initial = {}
+    trainer = _fit(Indexed(), callback, data=TensorDataset(x[:24], y[:24], torch.arange(24)),
+                   callbacks=[_Snapshot(callback, initial)])
+    name = "crcd_feature.memory_student.weight"
+    bank, before = callback.state_dict()["crcd"][name], initial[name]
+    assert bank.shape[0] == 32 and torch.equal(bank[24:], before[24:])  # rows of samples never seen
+    assert all(not torch.equal(bank[i], before[i]) for i in range(24))
+    assert float(trainer.callback_metrics["crcd_feature_loss"]) > 0
 
 
 def test_validation_is_untouched_and_moves_no_crcd_state():
