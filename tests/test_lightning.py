@@ -300,15 +300,16 @@ from crcd_plugin.integrations.lightning import CRCDCallback
 
 L.seed_everything(0)
 callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
-trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback], enable_progress_bar=False,
-                    enable_model_summary=False, logger=False, enable_checkpointing=False)
+trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback],
+                    enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
 module = _Classifier()
 torch.manual_seed(trainer.global_rank)  # ranks start from different random states: the CRCD state must not care
 trainer.fit(module, DataLoader(_data(64, seed=trainer.global_rank), batch_size=8))
 crcd = {{k: id(v) for k, v in callback.distiller.named_buffers() if not k.startswith(("student.", "teacher."))}}
 ddp_buffers = {{id(b) for b in trainer.strategy.model.buffers()}}
 assert not set(crcd.values()) & ddp_buffers, "a CRCD buffer is inside the DDP module"
-torch.save({{"crcd": callback.state_dict()["crcd"], "student": module.state_dict()}}, {out!r} + f"/rank{{trainer.global_rank}}.pt")
+state = {{"crcd": callback.state_dict()["crcd"], "student": module.state_dict()}}
+torch.save(state, {out!r} + f"/rank{{trainer.global_rank}}.pt")
 """
 
 

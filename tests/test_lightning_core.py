@@ -32,7 +32,9 @@ def _distiller(**kwargs) -> CRCDDistiller:
 
 def _batches(steps: int = 3):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(6, 12, generator=generator), torch.randint(0, 5, (6,), generator=generator)) for _ in range(steps)]
+    return [
+        (torch.randn(6, 12, generator=generator), torch.randint(0, 5, (6,), generator=generator)) for _ in range(steps)
+    ]
 
 
 def _run_distill(distiller: CRCDDistiller, x: torch.Tensor, y: torch.Tensor) -> dict:

@@ -185,7 +185,9 @@ class CRCDCallback(Callback):
         self._add_heads_to_optimizer(trainer)
         self._wrap_training_step(pl_module)
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         # The schedule counts optimizer steps, so accumulation does not stretch it.
         self._distiller().set_progress(trainer.global_step)  # distiller: schedule progress
 
@@ -235,7 +237,9 @@ class CRCDCallback(Callback):
         if not parameters:
             return
         if not trainer.optimizers:
-            raise ValueError("CRCDCallback trains the CRCD heads in the module's optimizer: configure_optimizers gave none")
+            raise ValueError(
+                "CRCDCallback trains the CRCD heads in the module's optimizer: configure_optimizers gave none"
+            )
         optimizer = trainer.optimizers[0]
         groups = len(optimizer.param_groups)
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
