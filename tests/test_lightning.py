@@ -130,6 +130,16 @@ def test_crcd_heads_train_in_the_modules_optimizer_and_training_step_is_restored
     assert "training_step" not in vars(module)
 
 
+def test_the_heads_follow_the_modules_lr_scheduler():
+    class Scheduled(_Classifier):
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)]
+
+    trainer = _fit(Scheduled(), CRCDCallback(_teacher(), student_head="model.fc", config=_config()), max_epochs=2)
+    assert [group["lr"] for group in trainer.optimizers[0].param_groups] == [0.025, 0.025]
+
+
 def test_a_fit_with_the_callback_equals_the_plain_loop_distiller_bitwise():
     torch.manual_seed(0)
     module, teacher = _Classifier(), _teacher()
