@@ -292,6 +292,12 @@ def test_a_wrong_head_path_names_the_module_path_convention():
         _fit(_Classifier(), CRCDCallback(_teacher(), student_head="fc", config=_config()))
 
 
+def test_memory_bank_negatives_without_the_dataset_size_name_the_argument():
+    config = _config(relation=RelationConfig(embed_dim=8, negatives="bank"))
+    with pytest.raises(ValueError, match="num_samples= to CRCDCallback"):
+        _fit(_Classifier(), CRCDCallback(_teacher(), student_head="model.fc", config=config))
+
+
 def test_importing_crcd_plugin_does_not_import_lightning_and_a_missing_extra_names_the_install():
     code = "import sys, crcd_plugin; print('lightning' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

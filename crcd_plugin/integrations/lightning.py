@@ -65,6 +65,8 @@ def _distiller_kwargs(config: CRCDConfig, total_steps: int, num_samples: Optiona
     if config.gradient_element and config.gradient_relation_config() != relation:
         raise ValueError("CRCDCallback: CRCDConfig.gradient_relation must be None (the same options as relation)")
     negatives = relation.resolved_negatives(num_samples)
+    if negatives == "bank" and num_samples is None:
+        raise ValueError("memory-bank negatives need the dataset size: pass num_samples= to CRCDCallback")
     options: Dict[str, Any] = dict(
         embed_dim=relation.embed_dim, head=relation.embed_head, head_hidden_dim=relation.embed_hidden_dim,
         temperature=relation.temperature, objective=relation.resolved_objective(negatives), negatives=negatives,
@@ -195,8 +197,9 @@ class CRCDCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         # DDP averages the module's gradients only; the heads live outside it (once per step,
-        # after accumulation, before clipping). A no-op in one process.
-        average_gradients(self._crcd_parameters())
+        # after accumulation, before clipping). Not distiller.sync_gradients(): its student is the
+        # LightningModule, which it cannot see is DDP-wrapped, so it would all-reduce it again.
+        average_gradients(self._crcd_parameters())  # a no-op in one process
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._unwrap_training_step()
@@ -223,8 +226,7 @@ class CRCDCallback(Callback):
 
     # ------------------------------------------------------------------ translation
     def _distiller(self) -> CRCDDistiller:
-        if self.distiller is None:
-            raise RuntimeError("CRCDCallback is used before trainer.fit() started (on_fit_start builds it)")
+        assert self.distiller is not None, "CRCDCallback builds its distiller at on_fit_start"
         return self.distiller
 
     def _crcd_parameters(self) -> List[nn.Parameter]:
@@ -237,9 +239,7 @@ class CRCDCallback(Callback):
         if not parameters:
             return
         if not trainer.optimizers:
-            raise ValueError(
-                "CRCDCallback trains the CRCD heads in the module's optimizer: configure_optimizers gave none"
-            )
+            raise ValueError("CRCDCallback trains the CRCD heads in the module's optimizer; there is none")
         optimizer = trainer.optimizers[0]
         groups = len(optimizer.param_groups)
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
