@@ -905,13 +905,52 @@ class CRCDDistiller(nn.Module):
             )
         self._student_synced_by_ddp = isinstance(student, _DDP)
         f_s, head_logits_s, logits_s = self._run("student", student, input)
-        zero = logits_s.new_zeros((), dtype=torch.float32)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=config.label_smoothing)
+        terms = self.distill(f_s, head_logits_s, logits_s, input, target, index)
+        loss = config.task_weight * task_loss + terms["distill_loss"]
+        return _losses(loss, task_loss, terms["kd_loss"], terms["crcd_feature_loss"], terms["crcd_gradient_loss"],
+                       logits_s)
+
+    def distill(
+        self,
+        student_feature: torch.Tensor,
+        student_head_logits: torch.Tensor,
+        student_logits: torch.Tensor,
+        input: Any,
+        target: torch.Tensor,
+        index: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """The distillation terms of a student forward that has already run (for trainers that run it).
+
+        Runs the teacher on ``input`` and returns KD and the CRCD terms against the student's
+        captured tensors, weighted by ``w(t)``; :meth:`forward` is the student's forward, the task
+        CE and this. Memories and the warm-up progress move as in :meth:`forward`.
+
+        Args:
+            student_feature: Input of the student's classifier ``[B, Ds]`` (or ``[B, *]``, reduced
+                by ``feature_pool``); graph-connected, so that the CRCD terms train the student.
+            student_head_logits: Output of the student's classifier ``[B, C]`` (gradient element).
+            student_logits: The student's logits ``[B, C]`` (for KD).
+            input: The batch the student saw (the teacher sees ``teacher_transform(input)``).
+            target: Class indices ``[B]`` (or probabilities ``[B, C]``).
+            index: Dataset indices ``[B]``; required for memory-bank negatives.
+
+        Returns:
+            ``distill_loss`` (``w(t) * (kd_weight * KD + feature_weight * CRCD_feature +
+            gradient_weight * CRCD_gradient)``, to add to ``task_weight * task_loss``),
+            ``kd_loss``, ``crcd_feature_loss`` and ``crcd_gradient_loss`` (scalars; terms that are
+            off are zeros). Once the schedule's weight is 0 for good, the teacher is not run and
+            all four are zero.
+        """
+        self._check_batch(input, target, index)
+        config = self.config
+        f_s, head_logits_s, logits_s = student_feature, student_head_logits, student_logits
+        zero = logits_s.new_zeros((), dtype=torch.float32)
         if self.built and self.schedule is not None and not self.schedule.distills():
             # w(t) = 0 from here on (the reference's last 4%): CE alone, as in the reference, but
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
-            return _losses(config.task_weight * task_loss, task_loss, zero, zero, zero, logits_s)
+            return _terms(zero, zero, zero, zero)
         f_t, head_logits_t, logits_t = self._teacher_features(input)
         if not self.built:
             _logger.warning(
@@ -939,8 +978,20 @@ class CRCDDistiller(nn.Module):
 
         weight = self._distill_weight()
         distill = config.kd_weight * kd + config.feature_weight * feature_loss + config.gradient_weight * gradient_loss
-        loss = config.task_weight * task_loss + weight * distill
-        return _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits_s)
+        if self.training and torch.is_grad_enabled():
+            self._observe(f_s, kd, feature_loss, gradient_loss)
+        return _terms(weight * distill, kd, feature_loss, gradient_loss)
+
+    def _observe(self, feature: torch.Tensor, kd, feature_loss, gradient_loss) -> None:
+        """Hand the step's active terms, and the student feature's gradient norm, to the monitor."""
+        active = {
+            "kd_loss": (kd, self.config.kd_weight > 0),
+            "crcd_feature_loss": (feature_loss, self.crcd_feature is not None),
+            "crcd_gradient_loss": (gradient_loss, self.crcd_gradient is not None),
+        }
+        self.monitor.observe({name: value for name, (value, on) in active.items() if on})
+        if feature.requires_grad:
+            feature.register_hook(lambda grad: self.monitor.observe_gradient("student_feature_grad_norm", grad))
 
     def _has_relations(self, batch: int) -> bool:
         """Relations need two samples; a batch of one (a ragged last batch) gets CE and KD only."""
@@ -964,6 +1015,15 @@ class CRCDDistiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"student_classifier={self.student_classifier!r}, teacher_classifier={self.teacher_classifier!r}"
+
+
+def _terms(distill_loss, kd, feature_loss, gradient_loss) -> Dict[str, torch.Tensor]:
+    return {
+        "distill_loss": distill_loss,
+        "kd_loss": kd,
+        "crcd_feature_loss": feature_loss,
+        "crcd_gradient_loss": gradient_loss,
+    }
 
 
 def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,300 @@
+"""PyTorch Lightning with CRCD: add ``CRCDCallback(teacher, ...)`` to ``L.Trainer(callbacks=[...])``.
+
+The loss is :class:`~crcd_plugin.distiller.CRCDDistiller`'s. This file only translates Lightning's
+conventions (the module's own ``training_step``, its optimizer, callback state, ranks); the relation
+math, sampling and state live in the core. Every call into the distiller is marked ``# distiller:``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from crcd_plugin.config import CRCDConfig
+from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+from crcd_plugin.distributed import average_gradients
+from crcd_plugin.hooks import FeatureCapture, PoolMode
+from crcd_plugin.integrations import require
+
+require("lightning", "lightning")
+import lightning.pytorch as pl  # noqa: E402  (after require, which names the extra if missing)
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+__all__ = ["BatchFn", "CRCDCallback", "LOSS_COMPONENTS", "default_batch_fn"]
+
+_logger = logging.getLogger(__name__)
+
+# batch -> (input the teacher takes, target [B] or [B, C], dataset index [B] or None)
+BatchFn = Callable[[Any], Tuple[Any, torch.Tensor, Optional[torch.Tensor]]]
+LOSS_COMPONENTS: Tuple[str, ...] = ("task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss")
+_MODEL_PREFIXES = ("student.", "teacher.")
+
+
+def default_batch_fn(batch: Any) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
+    """Split a training batch into ``(input, target, index)``.
+
+    ``(input, target)`` or ``(input, target, index)`` tuples/lists; or a dict with ``"labels"``
+    (and optionally ``"index"``), whose other entries are the input, passed to the teacher as
+    keyword arguments (the Hugging Face convention).
+
+    Example:
+        >>> x, y = torch.randn(4, 3), torch.arange(4)
+        >>> default_batch_fn((x, y))[2] is None
+        True
+        >>> sorted(default_batch_fn({"input_ids": x, "labels": y, "index": y})[0])
+        ['input_ids']
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    if isinstance(batch, Mapping) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "index")}
+        return inputs, batch["labels"], batch.get("index")
+    raise TypeError(
+        "CRCDCallback reads (input, target[, index]) tuples or dicts with 'labels' (and 'index'); "
+        f"got a {type(batch).__name__}: pass batch_fn=lambda batch: (input, target, index)"
+    )
+
+
+def _distiller_kwargs(config: CRCDConfig, total_steps: int, num_samples: Optional[int]) -> Dict[str, Any]:
+    """``CRCDConfig`` -> the keywords ``CRCDDistiller`` takes today (the one place that translates)."""
+    relation = config.relation
+    if config.gradient_element and config.gradient_relation_config() != relation:
+        raise ValueError("CRCDCallback: CRCDConfig.gradient_relation must be None (the same options as relation)")
+    negatives = relation.resolved_negatives(num_samples)
+    if negatives == "bank" and num_samples is None:
+        raise ValueError("memory-bank negatives need the dataset size: pass num_samples= to CRCDCallback")
+    options: Dict[str, Any] = dict(
+        embed_dim=relation.embed_dim, head=relation.embed_head, head_hidden_dim=relation.embed_hidden_dim,
+        temperature=relation.temperature, objective=relation.resolved_objective(negatives), negatives=negatives,
+        num_negatives=relation.num_negatives, queue_size=relation.queue_size, momentum=relation.momentum,
+        memory_init=relation.resolved_memory_init(), num_anchors=relation.num_anchors,
+        self_anchor=relation.self_anchor, symmetric=relation.symmetric,
+        teacher_head_grad=relation.train_teacher_embedding, anchored=relation.anchored, eps=relation.eps,
+        on_nonfinite=relation.on_nonfinite, check_index=relation.check_index, backend=relation.backend,
+        chunk_size=relation.chunk_size, shard_memory=relation.shard_memory, share_negatives=relation.share_negatives,
+    )
+    schedule = None
+    if config.schedule != "constant":
+        schedule = DistillSchedule(total_steps, config.schedule, config.schedule_until, config.schedule_start)
+    return dict(
+        gamma=config.task_weight, alpha=config.kd_weight, beta=config.feature_weight,
+        kd_temperature=config.kd_temperature, gradient_element=config.gradient_element,
+        gradient_weight=config.gradient_weight, label_smoothing=config.label_smoothing,
+        warmup_steps=config.warmup_steps, num_samples=num_samples, crcd_options=options, schedule=schedule,
+        # The loss's "default" preset caps the anchors at 500; "reference" reads None as every sample.
+        preset="reference" if relation.num_anchors is None else "default",
+    )
+
+
+class CRCDCallback(Callback):
+    """Adds KD and CRCD to the loss an unchanged ``LightningModule.training_step`` returns.
+
+    For the duration of ``fit`` the module's ``training_step`` is wrapped: it runs as written while
+    a hook reads the input and output of the student's classifier head (``student_head``, a dotted
+    path on the LightningModule), then the teacher runs on the batch's input and
+    ``task_weight * loss + w(t) * (KD + CRCD terms)`` is returned in place of ``loss``, so that
+    Lightning's precision, accumulation, DDP and clipping treat the whole loss as the module's own.
+
+    The CRCD heads join the module's optimizer as one more parameter group (the hyperparameters of
+    its first group). They, the memories and the teacher live in the callback, outside the
+    LightningModule: DDP never wraps or broadcasts them, and checkpoints hold the student alone plus
+    the CRCD state in this callback's ``state_dict`` (restored by ``fit(ckpt_path=...)``).
+
+    Args:
+        teacher: The trained teacher (frozen, eval mode, moved to the module's device).
+        student_head: Dotted path of the student's classifier head on the LightningModule (e.g.
+            ``"model.fc"``); its output must be the student's logits.
+        teacher_head: Dotted path of the teacher's classifier head.
+        config: Loss weights, schedule (over optimizer steps) and relation options; ``None``:
+            ``CRCDConfig()``.
+        num_samples: Dataset size, for memory-bank negatives (batches must then carry the index).
+        batch_fn: ``batch -> (input, target, index)`` for batches :func:`default_batch_fn` cannot read.
+        feature_pool: Reduction of a head input that is not ``[B, D]`` (``"avg"``, ``"cls"``, ...).
+        teacher_transform: Map from the student's input to the teacher's (e.g. re-normalisation).
+        example_input: A batch input for a dry run when a head is not an ``nn.Linear``.
+        log_prefix: Prefix of the logged component names.
+
+    Example:
+        >>> callback = CRCDCallback(teacher, student_head="model.fc", teacher_head="fc")  # doctest: +SKIP
+        >>> L.Trainer(max_epochs=3, callbacks=[callback]).fit(module, train_loader)       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        student_head: str,
+        teacher_head: str = "fc",
+        config: Optional[CRCDConfig] = None,
+        num_samples: Optional[int] = None,
+        batch_fn: Optional[BatchFn] = None,
+        feature_pool: Optional[PoolMode] = None,
+        teacher_transform: Optional[Callable[[Any], Any]] = None,
+        example_input: Optional[Any] = None,
+        log_prefix: str = "",
+    ) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if config is not None and not isinstance(config, CRCDConfig):
+            raise TypeError(f"config must be a crcd_plugin.config.CRCDConfig or None, got {type(config).__name__}")
+        if batch_fn is not None and not callable(batch_fn):
+            raise TypeError(f"batch_fn must be a callable batch -> (input, target, index), got {batch_fn!r}")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student_head = student_head
+        self.teacher_head = teacher_head
+        self.config = config if config is not None else CRCDConfig()
+        self.num_samples = num_samples
+        self.batch_fn: BatchFn = batch_fn or default_batch_fn
+        self.feature_pool = feature_pool
+        self.teacher_transform = teacher_transform
+        self.example_input = example_input
+        self.log_prefix = log_prefix
+        self.distiller: Optional[CRCDDistiller] = None  # built at on_fit_start, on the module's device
+        self._pending_state: Optional[Dict[str, Any]] = None
+        self._wrapped: Optional[pl.LightningModule] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(student_head=self.student_head, teacher_head=self.teacher_head)
+
+    # ------------------------------------------------------------------ fit lifecycle
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # After configure_optimizers and the DDP wrap, before the optimizer state is restored
+        # (so a resumed optimizer finds the heads' group where it was saved).
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "CRCDCallback adds to the loss training_step returns (automatic optimization); with "
+                "manual optimization call CRCDDistiller yourself (docs/lightning.md, Fabric)"
+            )
+        if self.distiller is not None and self._pending_state is None:
+            self._pending_state = self.distiller.crcd_state_dict()  # a second fit continues the state
+        self.teacher.to(pl_module.device)
+        # The schedule's length in optimizer steps (only read when there is a schedule).
+        total_steps = 1 if self.config.schedule == "constant" else int(trainer.estimated_stepping_batches)
+        self.distiller = CRCDDistiller(  # distiller: built with the LightningModule as the student
+            pl_module, self.teacher, self.student_head, self.teacher_head,
+            feature_pool=self.feature_pool, teacher_transform=self.teacher_transform,
+            example_input=self.example_input,
+            **_distiller_kwargs(self.config, total_steps, self.num_samples),
+        ).to(pl_module.device)
+        if self._pending_state is not None:
+            self.distiller.load_crcd_state_dict(self._pending_state)  # distiller: CRCD state
+            self._pending_state = None
+        self._add_heads_to_optimizer(trainer)
+        self._wrap_training_step(pl_module)
+
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        # The schedule counts optimizer steps, so accumulation does not stretch it.
+        self._distiller().set_progress(trainer.global_step)  # distiller: schedule progress
+
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        # DDP averages the module's gradients only; the heads live outside it (once per step,
+        # after accumulation, before clipping). Not distiller.sync_gradients(): its student is the
+        # LightningModule, which it cannot see is DDP-wrapped, so it would all-reduce it again.
+        average_gradients(self._crcd_parameters())  # a no-op in one process
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._unwrap_training_step()
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._unwrap_training_step()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"crcd": ...}``: the CRCD heads, memories, NCE constants and schedule (no model weights)."""
+        if self.distiller is None:
+            return {} if self._pending_state is None else {"crcd": self._pending_state}
+        return {"crcd": self.distiller.crcd_state_dict()}  # distiller: CRCD state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Keep the CRCD state for ``on_fit_start`` (Lightning loads callbacks before the distiller exists)."""
+        state = state_dict.get("crcd")
+        if state is None:
+            _logger.warning("the checkpoint holds no CRCD state: the CRCD heads and memories start fresh")
+        elif self.distiller is not None:
+            self.distiller.load_crcd_state_dict(state)  # distiller: CRCD state
+        else:
+            self._pending_state = dict(state)
+
+    # ------------------------------------------------------------------ translation
+    def _distiller(self) -> CRCDDistiller:
+        assert self.distiller is not None, "CRCDCallback builds its distiller at on_fit_start"
+        return self.distiller
+
+    def _crcd_parameters(self) -> List[nn.Parameter]:
+        """The CRCD heads' trainable parameters (everything of the distiller but its two models)."""
+        named = self._distiller().named_parameters()
+        return [p for name, p in named if p.requires_grad and not name.startswith(_MODEL_PREFIXES)]
+
+    def _add_heads_to_optimizer(self, trainer: "pl.Trainer") -> None:
+        parameters = self._crcd_parameters()
+        if not parameters:
+            return
+        if not trainer.optimizers:
+            raise ValueError("CRCDCallback trains the CRCD heads in the module's optimizer; there is none")
+        optimizer = trainer.optimizers[0]
+        groups = len(optimizer.param_groups)
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.add_param_group({**group, "params": parameters})
+        # LR schedulers keep per-group lists (base_lrs, lr_lambdas, min_lrs, ...) sized at creation:
+        # the new group follows group 0's entry.
+        for config in trainer.lr_scheduler_configs:
+            if getattr(config.scheduler, "optimizer", None) is optimizer:
+                for value in vars(config.scheduler).values():
+                    if isinstance(value, list) and len(value) == groups:
+                        value.append(value[0])
+
+    def _wrap_training_step(self, pl_module: "pl.LightningModule") -> None:
+        self._unwrap_training_step()
+        step = pl_module.training_step
+
+        @functools.wraps(step)
+        def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            with FeatureCapture(pl_module) as capture:
+                capture.add(self.student_head, io="input", name="feature").add(self.student_head, name="logits")
+                output = step(batch, *args, **kwargs)
+                captured = capture.pop()
+            if output is None:  # the module skips this batch
+                return None
+            return self._add_distillation(pl_module, batch, output, captured)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._wrapped = pl_module
+
+    def _unwrap_training_step(self) -> None:
+        if self._wrapped is not None:
+            self._wrapped.__dict__.pop("training_step", None)  # back to the class's method
+            self._wrapped = None
+
+    def _add_distillation(
+        self, pl_module: "pl.LightningModule", batch: Any, output: Any, captured: Dict[str, torch.Tensor]
+    ) -> Any:
+        task_loss = output.get("loss") if isinstance(output, Mapping) else output
+        if not isinstance(task_loss, torch.Tensor):
+            raise TypeError(
+                "CRCDCallback needs training_step to return the task loss (a tensor, or a dict with 'loss'), "
+                f"got {type(output).__name__}"
+            )
+        if len(captured) != 2:
+            raise ValueError(
+                f"the student head {self.student_head!r} did not run during training_step: "
+                "student_head is a dotted path on the LightningModule (e.g. 'model.fc')"
+            )
+        input, target, index = self.batch_fn(batch)
+        terms = self._distiller().distill(  # distiller: teacher, KD, CRCD, w(t) on the captured student
+            captured["feature"], captured["logits"], captured["logits"], input, target, index
+        )
+        loss = self.config.task_weight * task_loss + terms["distill_loss"]
+        components = {"task_loss": task_loss, **{k: terms[k] for k in LOSS_COMPONENTS[1:]}}
+        for name, value in components.items():
+            pl_module.log(self.log_prefix + name, value.detach().float(), batch_size=target.shape[0])
+        return {**output, "loss": loss} if isinstance(output, Mapping) else loss
+
