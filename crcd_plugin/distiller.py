@@ -68,41 +68,9 @@ def _relation_loss(
 ) -> CRCDLoss:
     """The one place a :class:`CRCDLoss` is made from a :class:`RelationConfig` (the loss seam).
 
-    Translates the typed options into ``CRCDLoss``'s keywords, with every default resolved by
-    ``RelationConfig`` (negatives, objective, first-write rule), so the loss's own presets decide
-    nothing here.
+    Every default is resolved by ``RelationConfig`` (negatives, objective, first-write rule).
     """
-    negatives = relation.resolved_negatives(num_samples)
-    kwargs: Dict[str, Any] = dict(
-        embed_dim=relation.embed_dim,
-        head=relation.embed_head,
-        head_hidden_dim=relation.embed_hidden_dim,
-        negatives=negatives,
-        num_negatives=relation.num_negatives,
-        temperature=relation.temperature,
-        objective=relation.resolved_objective(negatives),
-        momentum=relation.momentum,
-        memory_init=relation.resolved_memory_init(),
-        num_anchors=relation.num_anchors,
-        self_anchor=relation.self_anchor,
-        symmetric=relation.symmetric,
-        teacher_head_grad=relation.train_teacher_embedding,
-        anchored=relation.anchored,
-        eps=relation.eps,
-        on_nonfinite=relation.on_nonfinite,
-        check_index=relation.check_index,
-        backend=relation.backend,
-        chunk_size=relation.chunk_size,
-        shard_memory=relation.shard_memory,
-        share_negatives=relation.share_negatives,
-        # 0.2.0's CRCDLoss reads num_anchors=None as "the preset's"; "reference" makes it "every sample".
-        preset="reference" if relation.num_anchors is None else "default",
-    )
-    if negatives == "bank":
-        kwargs["num_samples"] = num_samples
-    elif negatives == "queue":
-        kwargs["queue_size"] = REFERENCE_QUEUE_SIZE if relation.queue_size is None else relation.queue_size
-    return CRCDLoss(student_dim, teacher_dim, **kwargs)
+    return CRCDLoss(student_dim, teacher_dim, relation, num_samples=num_samples)
 
 
 class DistillSchedule(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from crcd_plugin.config import CRCDConfig
-from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.distributed import average_gradients
 from crcd_plugin.hooks import FeatureCapture, PoolMode
 from crcd_plugin.integrations import require
@@ -56,37 +56,6 @@ def default_batch_fn(batch: Any) -> Tuple[Any, torch.Tensor, Optional[torch.Tens
     raise TypeError(
         "CRCDCallback reads (input, target[, index]) tuples or dicts with 'labels' (and 'index'); "
         f"got a {type(batch).__name__}: pass batch_fn=lambda batch: (input, target, index)"
-    )
-
-
-def _distiller_kwargs(config: CRCDConfig, total_steps: int, num_samples: Optional[int]) -> Dict[str, Any]:
-    """``CRCDConfig`` -> the keywords ``CRCDDistiller`` takes today (the one place that translates)."""
-    relation = config.relation
-    if config.gradient_element and config.gradient_relation_config() != relation:
-        raise ValueError("CRCDCallback: CRCDConfig.gradient_relation must be None (the same options as relation)")
-    negatives = relation.resolved_negatives(num_samples)
-    if negatives == "bank" and num_samples is None:
-        raise ValueError("memory-bank negatives need the dataset size: pass num_samples= to CRCDCallback")
-    options: Dict[str, Any] = dict(
-        embed_dim=relation.embed_dim, head=relation.embed_head, head_hidden_dim=relation.embed_hidden_dim,
-        temperature=relation.temperature, objective=relation.resolved_objective(negatives), negatives=negatives,
-        num_negatives=relation.num_negatives, queue_size=relation.queue_size, momentum=relation.momentum,
-        memory_init=relation.resolved_memory_init(), num_anchors=relation.num_anchors,
-        self_anchor=relation.self_anchor, symmetric=relation.symmetric,
-        teacher_head_grad=relation.train_teacher_embedding, anchored=relation.anchored, eps=relation.eps,
-        on_nonfinite=relation.on_nonfinite, check_index=relation.check_index, backend=relation.backend,
-        chunk_size=relation.chunk_size, shard_memory=relation.shard_memory, share_negatives=relation.share_negatives,
-    )
-    schedule = None
-    if config.schedule != "constant":
-        schedule = DistillSchedule(total_steps, config.schedule, config.schedule_until, config.schedule_start)
-    return dict(
-        gamma=config.task_weight, alpha=config.kd_weight, beta=config.feature_weight,
-        kd_temperature=config.kd_temperature, gradient_element=config.gradient_element,
-        gradient_weight=config.gradient_weight, label_smoothing=config.label_smoothing,
-        warmup_steps=config.warmup_steps, num_samples=num_samples, crcd_options=options, schedule=schedule,
-        # The loss's "default" preset caps the anchors at 500; "reference" reads None as every sample.
-        preset="reference" if relation.num_anchors is None else "default",
     )
 
 
@@ -174,12 +143,14 @@ class CRCDCallback(Callback):
             self._pending_state = self.distiller.crcd_state_dict()  # a second fit continues the state
         self.teacher.to(pl_module.device)
         # The schedule's length in optimizer steps (only read when there is a schedule).
-        total_steps = 1 if self.config.schedule == "constant" else int(trainer.estimated_stepping_batches)
+        relation = self.config.relation
+        if relation.resolved_negatives(self.num_samples) == "bank" and self.num_samples is None:
+            raise ValueError("memory-bank negatives need the dataset size: pass num_samples= to CRCDCallback")
+        total_steps = None if self.config.schedule == "constant" else int(trainer.estimated_stepping_batches)
         self.distiller = CRCDDistiller(  # distiller: built with the LightningModule as the student
-            pl_module, self.teacher, self.student_head, self.teacher_head,
-            feature_pool=self.feature_pool, teacher_transform=self.teacher_transform,
-            example_input=self.example_input,
-            **_distiller_kwargs(self.config, total_steps, self.num_samples),
+            pl_module, self.teacher, self.student_head, self.teacher_head, self.config,
+            num_samples=self.num_samples, total_steps=total_steps, feature_pool=self.feature_pool,
+            teacher_transform=self.teacher_transform, example_input=self.example_input,
         ).to(pl_module.device)
         if self._pending_state is not None:
             self.distiller.load_crcd_state_dict(self._pending_state)  # distiller: CRCD state
