@@ -39,6 +39,8 @@ BACKENDS = ("auto", "eager", "compile", "naive", "triton")
 
 # The reference draws K = 500 negatives per sample from its memory bank.
 REFERENCE_NUM_NEGATIVES = 500
+# The default K of a memory bank: what the defaults suite measured (docs/reliability.md).
+DEFAULT_BANK_NEGATIVES = 256
 # The reference's index-free stand-in: a queue of 4096 rows.
 REFERENCE_QUEUE_SIZE = 4096
 
@@ -73,13 +75,13 @@ class RelationConfig:
         embed_hidden_dim: Hidden width of the ``"mlp"`` embedding head.
         temperature: ``tau`` of the relation scores.
         objective: ``"infonce"`` (cross-entropy over the ``K+1`` scores) or ``"nce"`` (the
-            reference: CRD's NCE with the constant ``Z`` fixed once); ``None``: the rule of
-            ``resolved_objective``.
+            reference: CRD's NCE with the constant ``Z`` fixed once); ``None``: InfoNCE.
         negatives: ``"bank"`` (one memory row per training sample; needs ``num_samples`` and the
             dataset ``index``), ``"queue"`` (the last ``queue_size`` embeddings) or ``"batch"``
             (the other samples of the batch); ``None``: a bank when ``num_samples`` is known, a
             queue when ``queue_size`` is set, else the batch.
-        num_negatives: ``K`` for a bank or a queue (``None``: 500, or ``min(queue_size, 500)``).
+        num_negatives: ``K`` for a bank or a queue (``None``: 256 for a bank, ``min(queue_size, 500)``
+            for a queue).
         queue_size: Queue length ``Q``.
         momentum: Memory-bank momentum ``m``.
         memory_init: ``"first_write"`` (a bank row is right from its first write) or ``"cold"``
@@ -173,9 +175,12 @@ class RelationConfig:
         4096 where there is no dataset index)."""
         settings: dict = dict(
             objective="nce", num_anchors=None, memory_init="cold", temperature=0.05, embed_dim=128, symmetric=True,
+            num_negatives=REFERENCE_NUM_NEGATIVES,
             queue_size=REFERENCE_QUEUE_SIZE,  # without dataset indices the reference stand-in is a queue of 4096
         )
         settings.update(changes)
+        if settings.get("negatives") == "batch" and "num_negatives" not in changes:
+            del settings["num_negatives"]  # in-batch: K = B - 1
         return cls(**settings)
 
     def replace(self, **changes: Any) -> "RelationConfig":
@@ -195,7 +200,9 @@ class RelationConfig:
         """The objective: ``objective`` if set, else the default for ``negatives``."""
         if self.objective is not None:
             return self.objective
-        return "nce" if negatives == "bank" else "infonce"
+        # InfoNCE for every source, the bank included: NCE with a first-write bank fixes Z before
+        # the rows are real, and diverged or lost to InfoNCE on the defaults suite (reliability.md).
+        return "infonce"
 
     def resolved_memory_init(self) -> MemoryInit:
         """The bank's first-write rule: ``memory_init`` if set, else first write (cold when sharded)."""

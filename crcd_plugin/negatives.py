@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from crcd_plugin._checks import check_positive_int
-from crcd_plugin.config import REFERENCE_NUM_NEGATIVES, RelationConfig
+from crcd_plugin.config import DEFAULT_BANK_NEGATIVES, REFERENCE_NUM_NEGATIVES, RelationConfig
 from crcd_plugin.distributed import gather_rows, world_size
 from crcd_plugin.memory import FeatureQueue, MemoryBank
 from crcd_plugin.sharded_memory import ShardedMemoryBank
@@ -178,7 +178,7 @@ class _BankSource(NegativeSource):
     share_negatives: bool
 
     def _setup(self, num_negatives: Optional[int], share_negatives: bool) -> None:
-        self.num_negatives = REFERENCE_NUM_NEGATIVES if num_negatives is None else num_negatives
+        self.num_negatives = DEFAULT_BANK_NEGATIVES if num_negatives is None else num_negatives
         check_positive_int("num_negatives", self.num_negatives)
         self.share_negatives = bool(share_negatives)
         self.noise_size = self.index_bound = cast(Any, self).num_samples
