@@ -25,7 +25,9 @@ class _Net(nn.Module):
 
 def _distiller(**kwargs) -> CRCDDistiller:
     torch.manual_seed(0)
-    options = dict(gradient_element=True, queue_size=16, crcd_options={"embed_dim": 8, "objective": "nce"})
+    # 0.2.0's relation defaults (every sample an anchor: no random draw between the two runs compared).
+    options = dict(gradient_element=True, queue_size=16,
+                   crcd_options={"embed_dim": 8, "objective": "nce", "num_anchors": 500, "symmetric": True})
     options.update(kwargs)
     return CRCDDistiller(_Net(8), _Net(16), "fc", "fc", **options)
 
@@ -45,7 +47,7 @@ def _run_distill(distiller: CRCDDistiller, x: torch.Tensor, y: torch.Tensor) -> 
         captured = capture.pop()
     task_loss = F.cross_entropy(logits, y)
     terms = distiller.distill(captured["feature"], captured["logits"], logits, x, y)
-    return {"loss": distiller.gamma * task_loss + terms["distill_loss"], "task_loss": task_loss, **terms}
+    return {"loss": distiller.config.task_weight * task_loss + terms["distill_loss"], "task_loss": task_loss, **terms}
 
 
 def test_distill_after_the_trainers_own_student_forward_equals_forward_bitwise():
