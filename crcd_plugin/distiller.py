@@ -35,7 +35,6 @@ from torch import nn
 
 from ._checks import check_choice, check_positive_int
 from .config import (
-    REFERENCE_QUEUE_SIZE,
     SCHEDULE_KINDS,
     CRCDConfig,
     RelationConfig,

@@ -14,10 +14,10 @@ pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.demo.__main__ import main  # noqa: E402
 from crcd_plugin.demo.data import DataConfig, load_dataset  # noqa: E402
 from crcd_plugin.demo.models import TEACHER_ARCHS, build_teacher  # noqa: E402
-from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.demo.train import (  # noqa: E402
     METHODS,
     TeacherOutputs,
@@ -137,9 +137,8 @@ def test_relational_methods_train_with_each_negatives_mode(tiny_setup, negatives
     data, teacher = tiny_setup
     relation = RelationConfig(negatives=negatives, num_negatives=None if negatives == "batch" else 16, queue_size=128)
     config = CRCDConfig(relation=relation)
-    run = train_student(
-        "crcd_grad", data, teacher, TrainConfig(epochs=1, batch_size=64), config, seed=0, num_samples=negatives == "bank"
-    )
+    train = TrainConfig(epochs=1, batch_size=64)
+    run = train_student("crcd_grad", data, teacher, train, config, seed=0, num_samples=negatives == "bank")
     assert 0.0 <= run.acc <= 1.0
 
 

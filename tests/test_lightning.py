@@ -243,7 +243,8 @@ def test_fit_with_ckpt_path_resumes_the_crcd_state_bit_for_bit(tmp_path):
 
 
 def test_the_schedule_counts_optimizer_steps_under_gradient_accumulation():
-    config = _config(schedule="step", schedule_until=0.5, relation=RelationConfig(embed_dim=8, queue_size=64, symmetric=True))
+    relation = RelationConfig(embed_dim=8, queue_size=64, symmetric=True)
+    config = _config(schedule="step", schedule_until=0.5, relation=relation)
     callback = CRCDCallback(_teacher(), student_head="model.fc", config=config)
     trainer = _fit(_Classifier(), callback, accumulate_grad_batches=2)  # 4 micro-batches, 2 optimizer steps
     assert trainer.global_step == 2 and callback.distiller.schedule.total_steps == 2

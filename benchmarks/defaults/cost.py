@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
@@ -103,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         t = epoch_times(setting, args.epochs)
         for name in names[1:]:
             ratios[name].append(t[name] / t["kd"])
-        lines.append(f"| {setting.name} | {t['kd']:.3f} | " + " | ".join(f"{t[n] / t['kd']:.2f}x" for n in names[1:]) + " |")
+        cells = " | ".join(f"{t[n] / t['kd']:.2f}x" for n in names[1:])
+        lines.append(f"| {setting.name} | {t['kd']:.3f} | {cells} |")
         print(lines[-1], flush=True)
     lines.append("| mean | | " + " | ".join(f"{statistics.fmean(ratios[n]):.2f}x" for n in names[1:]) + " |")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

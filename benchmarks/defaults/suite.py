@@ -282,26 +282,8 @@ def make_config(fields: Dict[str, Any]) -> CRCDConfig:
 
 
 def make_distiller(student: nn.Module, teacher: nn.Module, config: CRCDConfig, num_samples: Optional[int]):
-    """``CRCDDistiller`` for ``config``; through the 0.2.0 keywords where the distiller predates it."""
-    try:
-        return CRCDDistiller(student, teacher, "model.fc", "fc", config=config, num_samples=num_samples)
-    except TypeError:
-        pass
-    rel = config.relation
-    options = {
-        "embed_dim": rel.embed_dim, "head": rel.embed_head, "temperature": rel.temperature,
-        "num_anchors": rel.num_anchors, "symmetric": rel.symmetric, "anchored": rel.anchored,
-        "self_anchor": rel.self_anchor, "momentum": rel.momentum, "share_negatives": rel.share_negatives,
-    }
-    for name in ("objective", "negatives", "num_negatives", "queue_size", "memory_init"):
-        if getattr(rel, name) is not None:
-            options[name] = getattr(rel, name)
-    return CRCDDistiller(
-        student, teacher, "model.fc", "fc", gamma=config.task_weight, alpha=config.kd_weight, beta=config.feature_weight,
-        kd_temperature=config.kd_temperature, gradient_element=config.gradient_element,
-        gradient_weight=config.gradient_weight, warmup_steps=config.warmup_steps, num_samples=num_samples,
-        crcd_options=options, gradient_normalization=config.gradient_normalization,
-    )
+    """``CRCDDistiller`` for ``config``: the student behind :class:`Student`, the cached teacher."""
+    return CRCDDistiller(student, teacher, "model.fc", "fc", config=config, num_samples=num_samples)
 
 
 def run(spec: RunSpec) -> RunResult:

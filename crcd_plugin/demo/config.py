@@ -7,8 +7,8 @@ budget are the demo's own.
 
 from __future__ import annotations
 
-from crcd_plugin.demo.data import DataConfig
 from crcd_plugin.config import CRCDConfig
+from crcd_plugin.demo.data import DataConfig
 from crcd_plugin.demo.train import TeacherConfig, TrainConfig
 
 DEFAULT_DATA = {
