@@ -1,6 +1,4 @@
-"""Per-epoch time of each demo method with the tuned settings, measured side by side.
-
-The methods include ``crd_matched``: CRD with CRCD's bank settings.
+"""Per-epoch time of each demo method (the library's default config), measured side by side.
 
 The methods run interleaved (round-robin, a few epochs each, several rounds) in one process on one
 thread, so that load from other processes hits all of them alike; the figure is the median epoch.
@@ -28,7 +26,7 @@ from crcd_plugin.demo.train import train_student
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--methods", default="ce,kd,crd,crd_matched,crcd,crcd_grad")
+    p.add_argument("--methods", default="ce,kd,crd,crcd,crcd_grad")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3, help="epochs per method per round")
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/crcdcache_demo"))
@@ -37,15 +35,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     data, teacher = prepare(config.DEFAULT_DATA["mnist1d"], config.DEFAULT_TEACHER, args.cache_dir, progress=False)
-    # Epochs beyond distill_until run CE only: keep every timed epoch a distillation epoch.
-    settings = {m: dataclasses.replace(s, distill_until=1.0) for m, s in config.DEFAULT_SETTINGS.items()}
-    # CRD at CRCD's tuned negatives (bank, K=16, symmetric): the same budget of memory work, no anchors.
-    settings["crd_matched"] = settings["crcd"]
+    demo_config = config.DEMO_CONFIG
     if args.profile:
         train = dataclasses.replace(config.DEFAULT_TRAIN, epochs=1)
-        train_student(args.profile, data, teacher, train, settings[args.profile], seed=0)  # warm-up
+        train_student(args.profile, data, teacher, train, demo_config, seed=0)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            train_student(args.profile, data, teacher, train, settings[args.profile], seed=0)
+            train_student(args.profile, data, teacher, train, demo_config, seed=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         return
     train = dataclasses.replace(config.DEFAULT_TRAIN, epochs=args.epochs)
@@ -53,8 +48,7 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for m in methods:
-            method = "crd" if m == "crd_matched" else m
-            times[m] += train_student(method, data, teacher, train, settings[m], seed=r).epoch_times
+            times[m] += train_student(m, data, teacher, train, demo_config, seed=r).epoch_times
     med = {m: statistics.median(t) for m, t in times.items()}
     for m in methods:
         ratio = f"  {med[m] / med['crd']:.2f}x crd" if "crd" in med else ""

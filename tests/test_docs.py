@@ -135,7 +135,10 @@ def test_bash_commands_are_run_by_ci_or_a_test():
 
 # 0.2.0's README and docs, as released (commit 61c9035): their python blocks must still run on this
 # version, through the deprecated spellings (which warn). Excerpts quote 0.2.0's example files.
-OLD_PAGES = sorted((ROOT / "tests" / "data" / "docs-0.2.0").glob("*.md"))
+# demo.md is left out: its blocks drive the demo's own modules (crcd_plugin.demo.*), the command's
+# implementation rather than library API, which 0.3 rebuilt on CRCDDistiller (its tuning module and
+# per-method settings are gone: the demo runs the library's CRCDConfig; the CHANGELOG says so).
+OLD_PAGES = [page for page in sorted((ROOT / "tests" / "data" / "docs-0.2.0").glob("*.md")) if page.name != "demo.md"]
 
 
 @pytest.mark.parametrize("page", OLD_PAGES, ids=[p.name for p in OLD_PAGES])

@@ -201,6 +201,8 @@ class _PrecomputedTeacher(nn.Module):
     logits and gradient element; a student step then pays for the student and the losses only.
     """
 
+    features: torch.Tensor
+
     def __init__(self, outputs: TeacherOutputs) -> None:
         super().__init__()
         self.register_buffer("features", outputs.features)
