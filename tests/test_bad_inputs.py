@@ -3,6 +3,7 @@ and stored state (memories, queue, NCE constant, warm-up, schedule) unchanged af
 
 import pytest
 import torch
+from conftest import V020_LOSS_KEYWORDS
 from torch import nn
 
 from crcd_plugin import CRCDDistiller, CRCDLoss, DistillSchedule
@@ -44,7 +45,8 @@ def trained_loss(negatives: str, **options) -> CRCDLoss:
     """A loss that has taken one training step, so memories, queue and Z hold real values."""
     torch.manual_seed(0)
     sizes = {"bank": {"num_samples": N, "num_negatives": 9}, "queue": {"queue_size": 12}, "batch": {}}[negatives]
-    loss = CRCDLoss(DS, DT, embed_dim=EMBED, negatives=negatives, objective="nce", **sizes, **options)
+    v020 = dict(V020_LOSS_KEYWORDS, embed_dim=EMBED)  # 0.2.0's settings: both sides' memories written
+    loss = CRCDLoss(DS, DT, **v020, negatives=negatives, objective="nce", **sizes, **options)
     loss(*features(seed=1), torch.arange(B) if negatives == "bank" else None)
     return loss
 

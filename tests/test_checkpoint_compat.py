@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import V020_BANK, V020_RELATION
 
 from crcd_plugin import CRCDLoss
 from crcd_plugin.config import RelationConfig
@@ -19,7 +20,10 @@ def _load(mode):
     fixture = torch.load(DATA / f"crcd_loss_v020_{mode}.pt")
     options = dict(fixture["options"])
     negatives, num_samples = options.pop("negatives"), options.pop("num_samples", None)
-    crcd = CRCDLoss(*fixture["dims"], RelationConfig(**options), negatives=negatives, num_samples=num_samples)
+    # written by 0.2.0 with its defaults (NCE for a bank only); the fixture's own options override them
+    v020 = V020_BANK if negatives == "bank" else V020_RELATION
+    config = RelationConfig(**{**v020, **options})
+    crcd = CRCDLoss(*fixture["dims"], config, negatives=negatives, num_samples=num_samples)
     crcd.load_state_dict(fixture["state_dict"])
     return crcd, fixture
 

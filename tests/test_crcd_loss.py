@@ -5,12 +5,15 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import V020_BANK, V020_LOSS_KEYWORDS
 from naive import naive_nce, naive_relations, naive_z
 
 from crcd_plugin import CRCDLoss
 from crcd_plugin.config import RelationConfig
 
 B, DS, DT, EMBED, N, K = 6, 10, 14, 8, 40, 7
+# 0.2.0's settings (the naive reference's: every sample an anchor, NCE on a bank, both sides), at this size.
+V020_SMALL = dict(V020_LOSS_KEYWORDS, embed_dim=EMBED)
 
 
 def _feats(seed=0, batch=B):
@@ -20,7 +23,7 @@ def _feats(seed=0, batch=B):
 
 def _bank_loss(num_samples=N, **options):
     torch.manual_seed(0)
-    config = RelationConfig(**{"embed_dim": EMBED, "num_negatives": K, **options})
+    config = RelationConfig(**{**V020_BANK, "embed_dim": EMBED, "num_negatives": K, **options})
     return CRCDLoss(DS, DT, config, negatives="bank", num_samples=num_samples)
 
 
@@ -100,7 +103,7 @@ def test_nce_constant_is_fixed_by_the_first_training_batch():
 
 
 def test_queue_wraps_around():
-    crcd = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=10)
+    crcd = CRCDLoss(DS, DT, **V020_SMALL, negatives="queue", queue_size=10)
     batches = [_feats(seed) for seed in range(3)]  # 18 rows into a queue of 10
     for student_feat, teacher_feat in batches:
         crcd(student_feat, teacher_feat)
@@ -186,7 +189,7 @@ def test_masking_self_anchors_drops_degenerate_entries():
 
 @pytest.mark.parametrize("negatives, options", [("queue", {"queue_size": 16}), ("batch", {})])
 def test_index_free_modes_train_heads_without_indices(negatives, options):
-    crcd = CRCDLoss(DS, DT, embed_dim=EMBED, negatives=negatives, objective="infonce", **options)
+    crcd = CRCDLoss(DS, DT, **V020_SMALL, negatives=negatives, objective="infonce", **options)
     student_feat = _feats()[0].requires_grad_()
     crcd(student_feat, _feats()[1]).backward()
     assert student_feat.grad.abs().sum() > 0

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import V020_RELATION
 
 from crcd_plugin import CRCDLoss
 from crcd_plugin.config import RelationConfig
@@ -15,13 +16,13 @@ LEGACY = {
     "head_hidden_dim": (20, {"head": "mlp"}),
     "queue_size": (64, {}),
     "num_negatives": (7, {}),
-    "temperature": (0.1, {}),
-    "objective": ("infonce", {}),
+    "temperature": (0.2, {}),
+    "objective": ("nce", {}),
     "momentum": (0.8, {}),
     "memory_init": ("cold", {}),
     "num_anchors": (3, {}),
     "self_anchor": ("mask", {}),
-    "symmetric": (False, {}),
+    "symmetric": (True, {}),
     "teacher_head_grad": (True, {}),
     "anchored": (False, {}),
     "eps": (1e-5, {}),
@@ -75,7 +76,8 @@ def test_preset_reference_is_relation_config_reference():
 
 
 def test_return_parts_warns_and_equals_forward_parts():
-    crcd = CRCDLoss(DS, DT, RelationConfig(embed_dim=8), negatives="batch")
+    # 0.2.0's anchors (every sample, no random draw) and both sides, as the three calls are compared bitwise
+    crcd = CRCDLoss(DS, DT, RelationConfig(**dict(V020_RELATION, embed_dim=8)), negatives="batch")
     crcd.eval()
     features = torch.randn(B, DS), torch.randn(B, DT)
     with pytest.warns(DeprecationWarning, match="forward_parts"):

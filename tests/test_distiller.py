@@ -7,13 +7,21 @@ import resource
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import V020_RELATION, V020_WEIGHTS
 from torch import nn
 
+from crcd_plugin import CRCDConfig, RelationConfig
 from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
 from crcd_plugin.functional import kd_loss
 
 IN_DIM, NUM_CLASSES, BATCH = 8, 3, 8
 SMALL_QUEUE = {"queue_size": 32, "embed_dim": 16}
+
+
+def v020_config(**relation) -> CRCDConfig:
+    """0.2.0's weights and relation options (tests/conftest.py), with ``relation`` options on top, for the tests
+    whose assertions were written against them; 0.2.0 keywords (crcd_options too) given beside it apply on top."""
+    return CRCDConfig(**V020_WEIGHTS, relation=RelationConfig(**dict(V020_RELATION, **relation)))
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +91,7 @@ def test_step_under_bf16_autocast_keeps_the_losses_in_fp32_and_trains():
 
 
 def test_disabled_components_are_zero_tensors_not_none():
-    distiller = make_distiller(alpha=0.0, beta=0.0, gradient_element=False)
+    distiller = make_distiller(config=v020_config(), alpha=0.0, beta=0.0, gradient_element=False)
     out = distiller(*batch())
     for key in ("kd_loss", "crcd_feature_loss", "crcd_gradient_loss"):
         assert isinstance(out[key], torch.Tensor) and out[key] == 0 and out[key].device == out["logits"].device
@@ -92,8 +100,8 @@ def test_disabled_components_are_zero_tensors_not_none():
 
 
 def test_total_loss_is_the_weighted_sum_of_components():
-    distiller = make_distiller(gamma=0.5, alpha=0.9, beta=2.0, gradient_element=True, gradient_weight=3.0,
-                               label_smoothing=0.1)
+    distiller = make_distiller(config=v020_config(), gamma=0.5, alpha=0.9, beta=2.0, gradient_element=True,
+                               gradient_weight=3.0, label_smoothing=0.1)
     x, y = batch()
     out = distiller(x, y)
     expected = (0.5 * out["task_loss"] + 0.9 * out["kd_loss"] + 2.0 * out["crcd_feature_loss"]
@@ -122,7 +130,7 @@ def test_teacher_parameters_and_batchnorm_buffers_are_bitwise_unchanged_after_tr
 
 
 def test_gradients_reach_the_student_and_embedding_heads_and_never_the_teacher():
-    distiller = make_distiller(gradient_element=True)
+    distiller = make_distiller(config=v020_config(), gradient_element=True)
     distiller(*batch())["loss"].backward()
     for name, p in distiller.student.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -182,7 +190,7 @@ def test_without_num_samples_the_losses_use_a_queue_and_no_index():
 def test_step_schedule_turns_distillation_off_at_96_percent():
     schedule = DistillSchedule(total_steps=250, kind="step", until=0.96)
     assert schedule(0) == 1 and schedule(239) == 1 and schedule(240) == 0 and schedule(249) == 0
-    distiller = make_distiller(schedule=DistillSchedule(100), gradient_element=True)
+    distiller = make_distiller(config=v020_config(), schedule=DistillSchedule(100), gradient_element=True)
     x, y = batch()
     distiller.set_progress(95)
     assert distiller(x, y)["loss"] > distiller(x, y)["task_loss"]
@@ -401,7 +409,6 @@ def test_teacher_transform_that_is_not_callable_is_a_type_error():
 
 # --- 0.3: configuration, one teacher path, compile, the integration contract ------------------------
 
-from crcd_plugin import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.distiller import CRCDTrainableModule  # noqa: E402
 
 SMALL_RELATION = RelationConfig(queue_size=32, embed_dim=16)
@@ -583,7 +590,7 @@ def test_load_crcd_state_dict_checks_shapes_and_keys_before_loading_anything():
 
 
 def test_sync_gradients_and_no_sync_are_no_ops_without_a_process_group():
-    distiller = new_distiller().sync_gradients_in_backward()
+    distiller = new_distiller(v020_config(**SMALL_QUEUE)).sync_gradients_in_backward()
     distiller(*batch())["loss"].backward()
     before = [p.grad.clone() for _, p in distiller.crcd_named_parameters()]
     distiller.sync_gradients()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import V020_BANK, V020_LOSS_KEYWORDS
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -41,6 +42,9 @@ from crcd_plugin.integrations.hf import (  # noqa: E402
 
 VOCAB, SEQ, NUM_LABELS, PAD = 40, 8, 3, 0
 SMALL = {"queue_size": 32, "embed_dim": 8}
+# SMALL on 0.2.0's relation defaults (tests/conftest.py), for the tests whose assertions were written against them:
+# every sample an anchor (no random draw to align) and both sides' loss (both memories written, both heads trained).
+V020_SMALL = dict(V020_LOSS_KEYWORDS, **SMALL)
 
 
 @pytest.fixture(autouse=True)
@@ -263,8 +267,8 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16_without_relation_t
 
 
 def test_accumulated_update_with_crcd_is_the_mean_of_the_micro_batch_gradients(tmp_path):
-    trainer = make_trainer(tmp_path, data=TextSet(16), per_device_train_batch_size=8,
-                           gradient_accumulation_steps=2, **SGD)
+    trainer = make_trainer(tmp_path, data=TextSet(16), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                           config=CRCDConfig(gradient_element=True, crcd_options=V020_SMALL), **SGD)
     replica = copy.deepcopy(trainer.distiller)
     micro_batches = []
     forward = trainer.distiller.forward
@@ -315,7 +319,7 @@ def test_crcd_heads_are_in_the_optimizer_with_trainers_weight_decay_rules(tmp_pa
 
 
 def test_crcd_head_gradients_are_cleared_after_every_optimizer_step(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer = make_trainer(tmp_path, config=CRCDConfig(gradient_element=True, crcd_options=V020_SMALL), max_steps=1)
     grads_at_step = []
 
     class Probe(TrainerCallback):
@@ -345,8 +349,8 @@ def test_eval_loss_is_the_students_task_loss_and_leaves_crcd_state_alone(tmp_pat
 
 
 def test_eval_loss_total_is_the_distillation_loss_without_the_gradient_element(tmp_path):
-    trainer = make_trainer(tmp_path, config=CRCDConfig(gradient_element=True, crcd_options=SMALL, eval_loss="total"),
-                           per_device_eval_batch_size=16)
+    config = CRCDConfig(gradient_element=True, crcd_options=V020_SMALL, eval_loss="total")
+    trainer = make_trainer(tmp_path, config=config, per_device_eval_batch_size=16)
     metrics = trainer.evaluate()
     data = trainer.eval_dataset
     trainer.distiller.eval()
@@ -416,7 +420,7 @@ def test_checkpoints_and_saved_student_hold_no_teacher_or_crcd_weights(tmp_path)
 
 
 def test_memory_bank_reads_the_index_column_when_columns_are_kept(tmp_path):
-    config = CRCDConfig(negatives="bank", crcd_options={"embed_dim": 8, "num_negatives": 16})
+    config = CRCDConfig(negatives="bank", crcd_options=dict(V020_BANK, embed_dim=8, num_negatives=16))
     trainer = make_trainer(tmp_path, data=TextSet(32, with_index=True), config=config,
                            remove_unused_columns=False, max_steps=1, per_device_train_batch_size=8)
     before = crcd_state(trainer)

@@ -152,7 +152,7 @@ def test_the_cold_option_does_use_never_written_rows():
 
 
 def test_first_training_step_stores_the_embeddings_themselves():
-    crcd = _bank_loss()
+    crcd = _bank_loss(symmetric=True)  # 0.2.0's default: the student-side memory is written too
     student_feat, teacher_feat = _feats()
     index = torch.tensor([3, 17, 0, 39, 22, 8])
     crcd(student_feat, teacher_feat, index)

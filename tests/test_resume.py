@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import V020_BANK, V020_RELATION, V020_WEIGHTS
 from torch import nn
 
 from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
@@ -122,12 +123,14 @@ class FixtureNet(nn.Module):
 
 
 def _v02_distiller(mode: str) -> CRCDDistiller:
-    # The 0.2.0 options of the fixture, in the 0.3 spelling.
-    relation = RelationConfig(embed_dim=8, num_negatives=6 if mode == "bank" else None)
+    # The 0.2.0 options of the fixture, in the 0.3 spelling, on 0.2.0's defaults (tests/conftest.py) that wrote it.
     if mode == "bank":
-        config = CRCDConfig(gradient_element=True, schedule="step", schedule_until=0.9, relation=relation)
+        relation = RelationConfig(**dict(V020_BANK, embed_dim=8, num_negatives=6))
+        config = CRCDConfig(**V020_WEIGHTS, gradient_element=True, schedule="step", schedule_until=0.9,
+                            relation=relation)
         return CRCDDistiller(FixtureNet(6), FixtureNet(10), "fc", "fc", config, num_samples=32, total_steps=10)
-    config = CRCDConfig(gradient_element=True, relation=relation)
+    relation = RelationConfig(**dict(V020_RELATION, embed_dim=8))
+    config = CRCDConfig(**V020_WEIGHTS, gradient_element=True, relation=relation)
     return CRCDDistiller(FixtureNet(6), FixtureNet(10), "fc", "fc", config)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import V020_RELATION, V020_WEIGHTS
 from torch import nn
 
 timm = pytest.importorskip("timm")
@@ -23,6 +24,10 @@ from crcd_plugin.integrations.timm import CRCDDistillationTask, CRCDTrainableMod
 NUM_CLASSES, BATCH, SIZE = 10, 8, 32
 SMALL = {"queue_size": 32, "embed_dim": 16}
 SMALL_CONFIG = CRCDConfig(gradient_element=True, relation=RelationConfig(**SMALL))
+# 0.2.0's weights and relation options (tests/conftest.py), for the tests whose assertions were written against them:
+# every sample an anchor (no random draw to align) and both sides' loss (both memories written, both heads trained).
+# make_task's crcd_options and gradient_element apply on top of it.
+V020_CONFIG = CRCDConfig(**V020_WEIGHTS, relation=RelationConfig(**V020_RELATION))
 LOSS_KEYS = {"loss", "output", "task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss"}
 # (student name, teacher name, create_model kwargs): the CNN pair has ImageNet vs 0.5 normalisation.
 PAIRS = {
@@ -100,7 +105,7 @@ def test_training_steps_leave_the_teacher_bitwise_unchanged(pair):
 
 @pytest.mark.parametrize("pair", ["cnn", "vit"])
 def test_training_steps_update_the_student_and_the_crcd_heads(pair):
-    task = make_task(pair)
+    task = make_task(pair, config=V020_CONFIG)
     student_before = {k: v.clone() for k, v in task.student.named_parameters()}
     crcd_before = [p.detach().clone() for p in task.trainable_module.crcd_parameters()]
     train_steps(task)
@@ -261,11 +266,12 @@ def test_checkpoint_holds_the_student_alone_and_the_crcd_state_beside_it():
 
 
 def test_task_state_round_trips_into_a_fresh_task(tmp_path):
-    task = make_task(seed=0)
+    task = make_task(seed=0, config=V020_CONFIG)
     train_steps(task, steps=3)
     torch.save(task.get_checkpoint_state(), tmp_path / "checkpoint.pth")
 
-    fresh = make_task(seed=0)  # the same teacher: timm checkpoints leave it out, it is rebuilt from its source
+    # The same teacher: timm checkpoints leave it out, it is rebuilt from its source.
+    fresh = make_task(seed=0, config=V020_CONFIG)
     assert not torch.equal(fresh.trainable_module.crcd_feature.memory_student.weight,
                            task.trainable_module.crcd_feature.memory_student.weight)
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)

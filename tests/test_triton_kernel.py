@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import V020_LOSS_KEYWORDS
 from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
@@ -117,7 +118,8 @@ def test_triton_loss_never_stores_the_scores(monkeypatch):
 def test_crcd_loss_with_the_triton_backend_trains_like_eager():
     def make(backend):
         torch.manual_seed(0)
-        return CRCDLoss(10, 14, embed_dim=16, num_samples=40, num_negatives=20, backend=backend)
+        v020 = dict(V020_LOSS_KEYWORDS, embed_dim=16, objective="nce")  # 0.2.0: NCE on a bank, both sides
+        return CRCDLoss(10, 14, **v020, num_samples=40, num_negatives=20, backend=backend)
 
     losses = {"triton": make("triton"), "eager": make("eager")}
     for step in range(2):  # the first step fixes Z, the second uses it
@@ -215,7 +217,8 @@ def test_crcd_loss_with_shared_candidates_on_triton_trains_like_eager(negatives)
     def make(backend):
         torch.manual_seed(0)
         queue = {"queue_size": 20} if negatives == "queue" else {}
-        return CRCDLoss(10, 14, embed_dim=16, negatives=negatives, num_anchors=4, backend=backend, **queue)
+        v020 = dict(V020_LOSS_KEYWORDS, embed_dim=16, num_anchors=4)  # 0.2.0: both sides
+        return CRCDLoss(10, 14, **v020, negatives=negatives, backend=backend, **queue)
 
     losses = {"triton": make("triton"), "eager": make("eager")}
     for step in range(2):  # the first step fixes Z, the second uses it
