@@ -7,8 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import V020_RELATION
 
-from crcd_plugin import CRCDLoss
+from crcd_plugin import CRCDLoss, RelationConfig
 
 B, DS, DT, EMBED, N = 4, 6, 8, 8, 32
 WORLD = 2
@@ -17,10 +18,12 @@ WORLD = 2
 def _make(negatives):
     torch.manual_seed(0)  # identical heads and memories on every rank, as DDP would broadcast
     # NCE explicitly: its constant Z is part of the state under test (a queue defaults to InfoNCE).
+    # 0.2.0's relation options: symmetric, so that the student-side memory checked below is written.
+    options = dict(V020_RELATION, embed_dim=EMBED, objective="nce")
     if negatives.startswith("bank"):
         init = "cold" if negatives == "bank-cold" else "first_write"
-        return CRCDLoss(DS, DT, embed_dim=EMBED, num_samples=N, num_negatives=5, memory_init=init, objective="nce")
-    return CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=16, objective="nce")
+        return CRCDLoss(DS, DT, RelationConfig(**options, num_negatives=5, memory_init=init), num_samples=N)
+    return CRCDLoss(DS, DT, RelationConfig(**options, negatives="queue", queue_size=16))
 
 
 def _rank_batch(rank):

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import V020_BANK, V020_WEIGHTS
 from torch import nn
 
-from crcd_plugin import CRCDDistiller, CRCDLoss
+from crcd_plugin import CRCDConfig, CRCDDistiller, CRCDLoss, RelationConfig
 
 WORLD, N, DIN, CLASSES, B = 2, 40, 6, 3, 4
 
@@ -39,12 +40,16 @@ class Teacher(nn.Module):
         return self.fc(self.body(x))
 
 
-def make_distiller(gradient_element=True, **crcd):
-    """Same models on every rank (as loaded from a checkpoint); CRCD state from each rank's own seed."""
+def make_distiller(gradient_element=True, v020=False, **crcd):
+    """Same models on every rank (as loaded from a checkpoint); CRCD state from each rank's own seed.
+
+    The library's defaults, or with ``v020`` 0.2.0's (weights, NCE bank, every sample an anchor, both
+    sides' memories written) for the scenarios whose checks were written against them."""
     torch.manual_seed(0)
     student, teacher = Student(), Teacher()
-    options = {"embed_dim": 8, "num_negatives": 6, **crcd}
-    return CRCDDistiller(student, teacher, gradient_element=gradient_element, num_samples=N, crcd_options=options)
+    relation = RelationConfig(**{**(V020_BANK if v020 else {}), "embed_dim": 8, "num_negatives": 6, **crcd})
+    config = CRCDConfig(**(V020_WEIGHTS if v020 else {}), gradient_element=gradient_element, relation=relation)
+    return CRCDDistiller(student, teacher, "fc", "fc", config, num_samples=N)
 
 
 def batch(step, rank, size=B):
@@ -86,7 +91,7 @@ def scenario_accumulate(rank, out):
 
 def scenario_uneven(rank, out):
     torch.manual_seed(rank)
-    distiller = make_distiller().prepare_distributed()
+    distiller = make_distiller(v020=True).prepare_distributed()  # symmetric: the student memory is written
     last = 5 if rank == 0 else 3  # the last batch differs between the ranks
     torch.save(train(distiller, steps=3, sizes=[B, B, last]).state_dict(), out("uneven"))
 
@@ -96,7 +101,11 @@ def scenario_uneven(rank, out):
 # so both differ from one process's by design (docs/distributed.md).
 # A cold bank: with first-write rows, a rank's rows not written yet stand in only for its own
 # batch's samples, so its draws differ from one process's over the whole batch (docs/distributed.md).
-CONCATENATED = {"gradient_element": False, "anchored": False, "objective": "infonce", "memory_init": "cold"}
+# 0.2.0's settings: with num_anchors < B a rank would draw its anchors (a randperm, even unanchored),
+# which shifts its stream of negative draws; symmetric, so that the teacher embedding head has a gradient.
+CONCATENATED = {
+    "gradient_element": False, "anchored": False, "objective": "infonce", "memory_init": "cold", "v020": True,
+}
 
 
 def scenario_concatenated(rank, out):
@@ -239,7 +248,7 @@ def test_uneven_last_batch_keeps_ranks_identical(results):
 
 def test_uneven_last_batch_writes_every_ranks_rows_to_the_memory(results):
     state = results("uneven", 0)
-    reference = make_distiller()
+    reference = make_distiller(v020=True)
     fresh = reference.crcd_feature.memory_student.weight
     written = (state["crcd_feature.memory_student.weight"] != fresh).any(1)
     for rank, size in ((0, 5), (1, 3)):
