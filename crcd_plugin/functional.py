@@ -7,6 +7,7 @@ which reaches the objectives through :func:`contrastive_loss` (via the kernel di
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -59,11 +60,28 @@ def relation_logits(
     return gram_relation_logits(student, anchors, candidates, float(temperature), float(eps))
 
 
-def nce_log_normalizer(logits: torch.Tensor, noise_size: int) -> torch.Tensor:
+def _legacy_noise_size(noise_size: Optional[int], num_samples: Optional[int], owner: str) -> int:
+    """``noise_size``, or 0.2.0's name for it, ``num_samples=`` (with a ``DeprecationWarning``)."""
+    if num_samples is not None:
+        warnings.warn(f"{owner}(num_samples=...) is deprecated since crcd-plugin 0.3: use noise_size=",
+                      DeprecationWarning, stacklevel=3)
+        if noise_size is not None:
+            raise TypeError(f"{owner}: pass noise_size or num_samples (deprecated), not both")
+        noise_size = num_samples
+    if noise_size is None:
+        raise TypeError(f"{owner} needs noise_size (NCE's N)")
+    return noise_size
+
+
+def nce_log_normalizer(
+    logits: torch.Tensor, noise_size: Optional[int] = None, *, num_samples: Optional[int] = None
+) -> torch.Tensor:
     """``log Z`` for NCE, ``Z = mean(exp(logits)) * noise_size`` (detached, computed in log space).
 
-    ``CRCDLoss`` fixes it from the first training batch and keeps it in a buffer.
+    ``CRCDLoss`` fixes it from the first training batch and keeps it in a buffer. ``num_samples``
+    is 0.2.0's name of ``noise_size`` (deprecated).
     """
+    noise_size = _legacy_noise_size(noise_size, num_samples, "nce_log_normalizer")
     check_positive_int("noise_size", noise_size)
     return _nce_log_normalizer(logits, noise_size)
 
@@ -71,8 +89,10 @@ def nce_log_normalizer(logits: torch.Tensor, noise_size: int) -> torch.Tensor:
 def nce_loss(
     logits: torch.Tensor,
     log_z: torch.Tensor,
-    noise_size: int,
+    noise_size: Optional[int] = None,
     mask: Optional[torch.Tensor] = None,
+    *,
+    num_samples: Optional[int] = None,
 ) -> torch.Tensor:
     """CRD's NCE objective: ``P = exp(logit) / Z``, noise ``Pn = 1 / noise_size``.
 
@@ -85,10 +105,12 @@ def nce_loss(
         noise_size: ``N`` of the noise distribution.
         mask: Optional bool tensor like ``logits``; ``True`` entries are left out, rows whose
             positive is masked are dropped from the mean.
+        num_samples: 0.2.0's name of ``noise_size`` (deprecated).
 
     Returns:
         Scalar loss: sum over a row's entries, mean over (kept) rows.
     """
+    noise_size = _legacy_noise_size(noise_size, num_samples, "nce_loss")
     check_positive_int("noise_size", noise_size)
     _check_objective_inputs(logits, mask)
     return _nce_loss(logits, torch.as_tensor(log_z, device=logits.device), noise_size, mask)

@@ -92,3 +92,15 @@ def test_the_new_api_emits_no_deprecation_warning(recwarn):
     crcd = CRCDLoss(DS, DT, RelationConfig(embed_dim=8), negatives="bank", num_samples=N)
     crcd.forward_parts(torch.randn(B, DS), torch.randn(B, DT), torch.arange(B))
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+
+
+def test_functional_nce_takes_0_2_0_num_samples_with_a_warning():
+    from crcd_plugin import functional
+
+    logits = torch.randn(4, 6)
+    with pytest.warns(DeprecationWarning, match="noise_size"):
+        old_z = functional.nce_log_normalizer(logits, num_samples=100)
+    torch.testing.assert_close(old_z, functional.nce_log_normalizer(logits, 100))
+    with pytest.warns(DeprecationWarning, match="noise_size"):
+        old = functional.nce_loss(logits, old_z, num_samples=100)
+    torch.testing.assert_close(old, functional.nce_loss(logits, old_z, noise_size=100))
