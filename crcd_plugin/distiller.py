@@ -873,7 +873,7 @@ class CRCDDistiller(nn.Module):
         self._student_synced_by_ddp = isinstance(student, _DDP)
         f_s, head_logits_s, logits_s = self._run("student", student, input)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=config.label_smoothing)
-        terms = self.distill(f_s, head_logits_s, logits_s, input, target, index)
+        terms = self._distill_terms(f_s, head_logits_s, logits_s, input, target, index)
         loss = config.task_weight * task_loss + terms["distill_loss"]
         return _losses(loss, task_loss, terms["kd_loss"], terms["crcd_feature_loss"], terms["crcd_gradient_loss"],
                        logits_s)
@@ -910,8 +910,19 @@ class CRCDDistiller(nn.Module):
             all four are zero.
         """
         self._check_batch(input, target, index)
+        return self._distill_terms(student_feature, student_head_logits, student_logits, input, target, index)
+
+    def _distill_terms(
+        self,
+        f_s: torch.Tensor,
+        head_logits_s: torch.Tensor,
+        logits_s: torch.Tensor,
+        input: Any,
+        target: torch.Tensor,
+        index: Optional[torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """:meth:`distill` on a batch already checked (``forward`` checks it before the student runs)."""
         config = self.config
-        f_s, head_logits_s, logits_s = student_feature, student_head_logits, student_logits
         zero = logits_s.new_zeros((), dtype=torch.float32)
         if self.built and self.schedule is not None and not self.schedule.distills():
             # w(t) = 0 from here on (the reference's last 4%): CE alone, as in the reference, but

@@ -9,7 +9,7 @@ maxima on the device and reads them once every ``check_every`` steps: no host sy
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 
@@ -51,30 +51,27 @@ class ExplosionMonitor:
         self._steps = 0
         self._warned: set = set()
 
-    def observe(self, values: Dict[str, torch.Tensor], *, gradients: Optional[List[str]] = None) -> None:
+    def observe(self, values: Dict[str, torch.Tensor]) -> None:
         """Record one step's values (0-dim tensors); every ``check_every`` steps, check them."""
         for name, value in values.items():
-            value = value.detach().float()
-            if name not in self._first:
-                self._first[name] = value.clone()
-                self._peak[name] = value.clone()
-            else:
-                # NaN propagates through maximum, so a non-finite step is never lost.
-                self._peak[name] = torch.maximum(self._peak[name], value)
+            self._record(name, value.detach().float())
         self._steps += 1
         if self._steps % self.check_every == 0:
-            self.check(gradients or [])
+            self.check()
 
     def observe_gradient(self, name: str, grad: torch.Tensor) -> None:
         """Record the norm of a gradient (a tensor hook calls this during backward)."""
-        norm = grad.detach().float().norm()
-        if name not in self._first:
-            self._first[name] = norm.clone()
-            self._peak[name] = norm.clone()
-        else:
-            self._peak[name] = torch.maximum(self._peak[name], norm)
+        self._record(name, grad.detach().float().norm())
 
-    def check(self, gradient_names: Optional[List[str]] = None) -> None:
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        if name not in self._first:
+            self._first[name] = value.clone()
+            self._peak[name] = value.clone()
+        else:
+            # NaN propagates through maximum, so a non-finite step is never lost.
+            self._peak[name] = torch.maximum(self._peak[name], value)
+
+    def check(self) -> None:
         """Compare the maxima with the first values (one host sync) and warn once per name."""
         names = [n for n in self._peak if n not in self._warned]
         if not names:

@@ -9,7 +9,7 @@ from torch import nn
 
 from crcd_plugin import CRCDDistiller, CRCDLoss
 from crcd_plugin.config import CRCDConfig
-from crcd_plugin.distiller import normalize_gradient_element
+from crcd_plugin.gradients import normalize_gradient_element
 
 
 def _models(seed: int = 0):
