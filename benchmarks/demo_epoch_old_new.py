@@ -123,7 +123,8 @@ def main() -> None:
         import torch
 
         args.out.write_text(json.dumps({
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, one thread per worker", "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, one thread per worker",
+            "torch": torch.__version__,
             "old": "0.2.0 (61c9035)", "rounds": args.rounds, "epochs_per_worker": args.epochs,
             "summary": summary, "epoch_times": times,
         }, indent=1))

@@ -167,3 +167,46 @@ def test_the_demo_trains_through_the_distiller(tiny_setup, monkeypatch: pytest.M
     data, teacher = tiny_setup
     train_student("crcd", data, teacher, TrainConfig(epochs=1, batch_size=100), CRCDConfig(), seed=0)
     assert len(calls) == 3  # one distiller step per batch of the epoch
+
+
+def test_augment_gives_shifted_noisy_views_from_its_generator() -> None:
+    from crcd_plugin.demo.data import augment
+
+    x = torch.randn(16, 40)
+    view = augment(x, torch.Generator().manual_seed(0), shift=2, noise=0.0)
+    for row, original in zip(view, x):  # every row is the input rolled by at most 2 positions
+        assert any(torch.equal(row, torch.roll(original, k)) for k in range(-2, 3))
+    assert not torch.equal(view, x)
+    noisy = augment(x, torch.Generator().manual_seed(0), noise=0.1)
+    assert torch.equal(noisy, augment(x, torch.Generator().manual_seed(0), noise=0.1))  # seeded
+    assert 0.05 < float((noisy - view).std()) < 0.15  # the same shifts, plus the noise
+
+
+def test_augmented_runs_distil_from_the_live_teacher_on_each_view(tiny_setup, monkeypatch) -> None:
+    from crcd_plugin.demo import train as demo_train
+
+    data, teacher = tiny_setup
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.fc = torch.nn.Linear(40, 8), teacher.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.body(x))
+
+    teacher.model = Tiny()
+    seen = []
+    teacher.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    module, path = demo_train._teacher_for(teacher, TrainConfig(augment=True), None)
+    assert isinstance(module, demo_train._LiveTeacher) and path == "model.fc"
+    module, path = demo_train._teacher_for(teacher, TrainConfig(augment=False), None)
+    assert isinstance(module, demo_train._PrecomputedTeacher) and path == "fc"
+
+    views = []
+    real_augment = demo_train.augment
+    monkeypatch.setattr(demo_train, "augment", lambda x, g: views.append(real_augment(x, g)) or views[-1])
+    run = train_student("kd", data, teacher, TrainConfig(epochs=1, batch_size=100, augment=True), CRCDConfig(),
+                        seed=0)
+    assert 0.0 <= run.acc <= 1.0 and len(views) == 3
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, views))  # the teacher saw each view

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="shared student learning rate")
     p.add_argument("--hidden", default=None, help="student hidden widths, e.g. 100,100")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="train students on random views (shift + noise) of every batch; the teacher runs live on each view",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="default: $CRCD_CACHE or ~/.cache/crcd-plugin")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the dataset/teacher cache")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable)")
@@ -77,7 +82,7 @@ def _configs(args: argparse.Namespace) -> tuple["DataConfig", "TrainConfig", tup
         )
     train = config.DEFAULT_TRAIN
     epochs = args.epochs if args.epochs is not None else (config.QUICK_EPOCHS if args.quick else train.epochs)
-    overrides: dict[str, Any] = {"epochs": epochs}
+    overrides: dict[str, Any] = {"epochs": epochs, "augment": args.augment}
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.lr is not None:

@@ -62,6 +62,19 @@ class Dataset:
         return int(self.x_train.shape[1])
 
 
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, noise: float = 0.1) -> torch.Tensor:
+    """One random view of a batch of signals ``[B, L]``: each row circularly shifted by up to
+    ``shift`` positions either way, plus Gaussian noise of std ``noise`` (inputs have std ~1).
+
+    MNIST-1D's own generator already shifts and corrupts its templates, so these are views of the
+    kind the data set varies by; on digits' flattened 8x8 images the shift moves pixels along rows.
+    """
+    rows = torch.arange(x.shape[0]).unsqueeze(1)
+    offsets = torch.randint(-shift, shift + 1, (x.shape[0], 1), generator=generator)
+    columns = (torch.arange(x.shape[1]).unsqueeze(0) - offsets) % x.shape[1]
+    return x[rows, columns] + noise * torch.randn(x.shape, generator=generator)
+
+
 def _make_mnist1d(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     # Only the procedural generator is used; get_dataset() would download a pickle.
     from mnist1d.data import get_dataset_args, make_dataset

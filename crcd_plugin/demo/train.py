@@ -14,14 +14,14 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin.config import CRCDConfig
-from crcd_plugin.demo.data import DataConfig, Dataset
+from crcd_plugin.demo.data import DataConfig, Dataset, augment
 from crcd_plugin.demo.models import StudentMLP, Teacher, build_teacher
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class TrainConfig:
         batch_size: Mini-batch size.
         lr: Peak learning rate (AdamW, cosine decay to zero).
         weight_decay: AdamW weight decay.
+        augment: Train on a fresh random view of every batch (:func:`~crcd_plugin.demo.data.augment`);
+            the teacher then runs live on each view, unless the run distils from a teacher cache,
+            which holds one fixed (un-augmented) view per sample.
     """
 
     hidden: tuple[int, ...] = (100, 100)
@@ -65,6 +68,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 1e-4
+    augment: bool = False
 
 
 @dataclass
@@ -97,6 +101,7 @@ class TeacherOutputs:
     head: nn.Linear
     acc: float
     arch: str
+    model: Optional[nn.Module] = None  # the frozen teacher itself, for runs that need it live
 
 
 @torch.no_grad()
@@ -179,7 +184,9 @@ def teacher_outputs(teacher: Teacher, data: Dataset, acc: float) -> TeacherOutpu
     head = nn.Linear(teacher.fc.in_features, teacher.fc.out_features)
     head.load_state_dict(teacher.fc.state_dict())
     head.requires_grad_(False)
-    return TeacherOutputs(logits=head(feats), features=feats, head=head, acc=acc, arch=str(teacher.arch))
+    return TeacherOutputs(
+        logits=head(feats), features=feats, head=head, acc=acc, arch=str(teacher.arch), model=teacher
+    )
 
 
 class _IndexedStudent(nn.Module):
@@ -212,6 +219,32 @@ class _PrecomputedTeacher(nn.Module):
         return self.fc(self.features[index])
 
 
+class _LiveTeacher(nn.Module):
+    """The frozen teacher behind the student's keyword interface, run on every (augmented) batch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _teacher_for(teacher: TeacherOutputs, train: TrainConfig, source: Optional[Any]) -> tuple[Any, str]:
+    """What stands in the teacher's place in the distiller, and its classifier's path.
+
+    ``source`` (a :class:`~crcd_plugin.TeacherCache`) wins; otherwise the precomputed features
+    (exact for un-augmented batches), or the live teacher when every batch is a new random view.
+    """
+    if source is not None:
+        return source, source.classifier
+    if train.augment:
+        if teacher.model is None:
+            raise ValueError("augmented training needs the teacher model live (TeacherOutputs.model is None)")
+        return _LiveTeacher(teacher.model), "model.fc"
+    return _PrecomputedTeacher(teacher), "fc"
+
+
 def method_config(method: str, base: CRCDConfig) -> Optional[CRCDConfig]:
     """The ``CRCDConfig`` a method trains with, from the run's ``base`` (the library's defaults unless
     the demo says otherwise): KD alone, CRD (no anchors), CRCD, CRCD + gradient element; ``None``
@@ -236,6 +269,7 @@ def train_student(
     seed: int,
     on_epoch: Optional[Callable[[int, float], None]] = None,
     num_samples: bool = False,
+    teacher_source: Optional[Any] = None,
 ) -> RunResult:
     """Train one student with ``method`` through ``CRCDDistiller`` (CE alone: a plain loop).
 
@@ -252,6 +286,8 @@ def train_student(
         on_epoch: Called with ``(epoch, accuracy)`` after each epoch (progress bars).
         num_samples: Give the distiller the dataset size, so that the memory bank serves the
             negatives (otherwise what ``config`` resolves without an index).
+        teacher_source: A :class:`~crcd_plugin.TeacherCache` of the teacher over the training set
+            to distil from instead of the teacher (see :func:`_teacher_for` for the default).
 
     Returns:
         The run's final accuracy, curve and epoch times.
@@ -269,8 +305,9 @@ def train_student(
     if method_cfg is not None:
         assert teacher is not None
         torch.manual_seed(seed + 7919)
+        teacher_module, teacher_classifier = _teacher_for(teacher, train, teacher_source)
         distiller = CRCDDistiller(
-            _IndexedStudent(student), _PrecomputedTeacher(teacher), "student.fc", "fc", config=method_cfg,
+            _IndexedStudent(student), teacher_module, "student.fc", teacher_classifier, config=method_cfg,
             num_samples=len(data.y_train) if num_samples else None,
         )
         params = [p for p in distiller.parameters() if p.requires_grad]
@@ -280,6 +317,7 @@ def train_student(
 
     result = RunResult(method=method, seed=seed, acc=float("nan"))
     x_all, y_all = data.x_train, data.y_train
+    views = torch.Generator().manual_seed(seed + 104729)  # the same random views for every method
     for epoch in range(train.epochs):
         if distiller is not None:
             distiller.train()
@@ -288,6 +326,8 @@ def train_student(
         start = time.perf_counter()
         for idx in _batches(len(y_all), train.batch_size, order):
             x, y = x_all[idx], y_all[idx]
+            if train.augment:
+                x = augment(x, views)
             if distiller is None:
                 loss = F.cross_entropy(student(x), y)
             else:
