@@ -574,13 +574,16 @@ def _finish(path: Path, summaries: List[Dict[str, Any]], builder: _Builder, head
               if name not in _INDEX_DTYPES}
     fields.update({name: {"dtype": _dtype_name(field_dtype), "shape": []}
                    for name, field_dtype in _INDEX_DTYPES.items()})
-    for name, spec in fields.items():
-        _check_size(path, name, spec, num_samples, "the loader must yield every index in [0, num_samples)")
-    written = _map_field(path, "written", fields["written"], num_samples)
+    # The written flags first: rows never written at the end of the set leave every file short.
+    flags = (path / "written.bin").read_bytes()[:num_samples]
+    written = torch.zeros(num_samples, dtype=torch.uint8)
+    written[: len(flags)] = torch.frombuffer(bytearray(flags), dtype=torch.uint8) if flags else written[:0]
     missing = torch.nonzero(written == 0).flatten()
     if missing.numel():
         raise ValueError(f"{missing.numel()} of num_samples={num_samples} rows were never written (e.g. "
                          f"{missing[:5].tolist()}): the loader must yield every index in [0, num_samples)")
+    for name, spec in fields.items():
+        _check_size(path, name, spec, num_samples, "the loader must yield every index in [0, num_samples)")
     if linear:
         assert isinstance(head, nn.Linear)
         torch.save({k: v.detach().to("cpu").clone() for k, v in head.state_dict().items()}, path / CLASSIFIER_NAME)
