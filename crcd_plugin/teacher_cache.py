@@ -122,6 +122,14 @@ class TeacherCache:
             name: _map_field(self.path, name, spec, self._num_samples) for name, spec in metadata["fields"].items()
         }
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # Pickled (deepcopy, spawn) as its path and metadata: the copy maps the same files again
+        # instead of carrying the rows.
+        return {"path": str(self.path), "metadata": self._metadata}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(state["path"], state["metadata"])  # type: ignore[misc]
+
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
         return self._num_samples
@@ -257,7 +265,14 @@ class TeacherCache:
         """A stable hash of ``teacher.state_dict()``: sha256 over every entry's name, shape, dtype and bytes.
 
         Example:
-            >>> TeacherCache.fingerprint_of(nn.Linear(2, 2)) == TeacherCache.fingerprint_of(nn.Linear(2, 2))
+            >>> import copy
+            >>> head = nn.Linear(2, 2)
+            >>> same = copy.deepcopy(head)
+            >>> TeacherCache.fingerprint_of(head) == TeacherCache.fingerprint_of(same)
+            True
+            >>> with torch.no_grad():
+            ...     _ = same.bias.add_(1e-6)
+            >>> TeacherCache.fingerprint_of(head) == TeacherCache.fingerprint_of(same)
             False
         """
         if not isinstance(teacher, nn.Module):

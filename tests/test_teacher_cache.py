@@ -7,6 +7,7 @@ and refuses a cache that does not fit with an error before anything is written.
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -205,6 +206,14 @@ def test_half_precision_storage_halves_the_files_and_reads_close_float32(tmp_pat
     for a, b in zip(full.rows(torch.arange(N)), half.rows(torch.arange(N))):
         assert b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
+
+
+def test_a_copied_or_pickled_cache_maps_the_same_files_instead_of_carrying_the_rows(tmp_path):
+    cache = build(tmp_path, trained(MLP(12, seed=0)))
+    state = pickle.dumps(cache)
+    assert len(state) < 2000  # the path and metadata, not N rows
+    for other in (pickle.loads(state), copy.deepcopy(cache)):
+        assert other.path == cache.path and torch.equal(other.rows(torch.arange(N))[2], cache.rows(torch.arange(N))[2])
 
 
 def test_fingerprint_depends_on_every_value_and_not_on_the_object():
