@@ -15,6 +15,7 @@ from crcd_plugin.hooks import FeatureCapture
 from crcd_plugin.loss import CRCDLoss
 from crcd_plugin.memory import FeatureQueue, MemoryBank
 from crcd_plugin.sharded_memory import ShardedMemoryBank
+from crcd_plugin.teacher_cache import TeacherCache
 
 try:
     # One source: pyproject.toml's version, as installed.
@@ -30,6 +31,7 @@ __all__ = [
     "CRCDDistiller",
     "CRCDTrainableModule",
     "DistillSchedule",
+    "TeacherCache",
     # the loss and its state
     "CRCDLoss",
     "EmbedHead",

@@ -23,6 +23,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._batches import to_device
 from ._checks import check_choice, check_positive_int
 from .config import (
     SCHEDULE_KINDS,
@@ -42,12 +44,22 @@ from .config import (
     config_from_legacy,
     deprecated,
 )
-from .distributed import average_gradients, broadcast_state, world_size
+from .distributed import average_gradients, broadcast_state, rank, world_size
 from .functional import kd_loss
 from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
-from .hooks import FeatureCapture, PoolMode, Selector, pool_feature, resolve_module, select_tensor, unwrap_model
+from .hooks import (
+    FeatureCapture,
+    PoolMode,
+    Selector,
+    TokenSelector,
+    classifier_forward,
+    pool_feature,
+    resolve_module,
+    unwrap_model,
+)
 from .loss import CRCDLoss
 from .monitor import ExplosionMonitor
+from .teacher_cache import CachedTeacher, TeacherCache
 
 _logger = logging.getLogger(__name__)
 
@@ -57,9 +69,17 @@ _MODEL_PREFIXES = ("student.", "teacher.")
 # The CRCD children of the distiller (and of its trainable module): what crcd_state_dict() holds.
 _CRCD_CHILDREN = ("crcd_feature", "crcd_gradient", "schedule")
 _DDP = nn.parallel.DistributedDataParallel
+_DEFAULT_CLASSIFIER = "fc"
 
-# (model, model input) -> position of the token the model classifies, [B] or one int for all rows.
-TokenSelector = Callable[[nn.Module, Any], Union[int, torch.Tensor]]
+
+class _TeacherRows(NamedTuple):
+    """One batch of the teacher side, from a live forward or from a :class:`TeacherCache`."""
+
+    feature: torch.Tensor  # the classifier's input as captured, [B, *] ([B, D] from a cache)
+    head_logits: torch.Tensor  # the classifier's output
+    logits: torch.Tensor  # the model's logits [B, C], for KD
+    reduced: torch.Tensor  # the feature as the CRCD loss takes it, [B, D]
+    gradient: Optional[torch.Tensor]  # a cache's per-sample gradient element dCE_b/df_b [B, D] (non-linear head)
 
 
 def _relation_loss(
@@ -271,6 +291,10 @@ class CRCDDistiller(nn.Module):
     ``teacher_transform``), and kept in eval mode whatever ``train()`` is called with. Export the
     student with :meth:`student_state_dict`; :meth:`crcd_state_dict` is the CRCD state to resume.
 
+    A :class:`~crcd_plugin.TeacherCache` may take the teacher's place: each step then reads the
+    teacher's rows by ``index`` (required, whatever the negatives) and no teacher runs or needs to
+    be loaded; :meth:`fill_memory` warms the memories from it (docs/teacher-cache.md).
+
     Integration contract (what the HF and timm integrations use, and nothing else):
     :attr:`trainable_module` (student + CRCD state: what the optimizer and EMA take),
     :meth:`prepare_distributed` (DDP wraps the student only; CRCD buffers are never broadcast by
@@ -284,9 +308,10 @@ class CRCDDistiller(nn.Module):
 
     Args:
         student: Student model, ``student(x)`` returns logits (or see ``output_select``).
-        teacher: Trained teacher model.
+        teacher: Trained teacher model, or a :class:`~crcd_plugin.TeacherCache` built from it.
         student_classifier: Dotted path of the student's classifier module.
-        teacher_classifier: Dotted path of the teacher's classifier module.
+        teacher_classifier: Dotted path of the teacher's classifier module; default ``"fc"``, or
+            with a cache the cache's classifier (a different path is an error).
         config: Loss weights, schedule and relation options; ``None``: ``CRCDConfig()``.
         num_samples: Dataset size; selects memory-bank negatives (``forward`` needs ``index``).
         total_steps: Run length for ``config.schedule`` (``"step"``/``"linear"``); may also be set
@@ -303,7 +328,8 @@ class CRCDDistiller(nn.Module):
         example_input: Optional batch for a dry run (eval mode, no grad) that fixes dimensions.
         teacher_transform: Optional map from the student's input batch to the teacher's, applied
             (under no grad) before every teacher forward (steps, dry run and :meth:`fill_memory`).
-            An ``nn.Module`` is registered, so it moves with ``.to()``.
+            An ``nn.Module`` is registered, so it moves with ``.to()``. Not with a cache (pass it
+            to :meth:`TeacherCache.build`).
         **legacy: 0.2.0 keywords (``student_head``, ``teacher_head``, ``gamma``, ``alpha``,
             ``beta``, ``kd_temperature``, ``gradient_element``, ``gradient_weight``,
             ``label_smoothing``, ``queue_size``, ``crcd_options``, ``warmup_steps``, ``preset``),
@@ -320,6 +346,8 @@ class CRCDDistiller(nn.Module):
         >>> out["loss"].backward()
     """
 
+    teacher: nn.Module
+    teacher_cache: Optional[TeacherCache]
     crcd_feature: Optional[CRCDLoss]
     crcd_gradient: Optional[CRCDLoss]
     schedule: Optional[DistillSchedule]
@@ -328,9 +356,9 @@ class CRCDDistiller(nn.Module):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module,
+        teacher: Union[nn.Module, TeacherCache],
         student_classifier: str = "fc",
-        teacher_classifier: str = "fc",
+        teacher_classifier: Optional[str] = None,
         config: Optional[CRCDConfig] = None,
         *,
         num_samples: Optional[int] = None,
@@ -356,6 +384,14 @@ class CRCDDistiller(nn.Module):
         num_samples = options_num_samples if num_samples is None else num_samples
         self._check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
                               teacher_transform, feature_token)
+        cache: Optional[TeacherCache] = None
+        if isinstance(teacher, TeacherCache):
+            cache = teacher
+            teacher_classifier = _check_cache(cache, teacher_classifier, teacher_transform, config, num_samples)
+            teacher_module: nn.Module = CachedTeacher(cache)
+        else:
+            teacher_module = teacher
+            teacher_classifier = _DEFAULT_CLASSIFIER if teacher_classifier is None else teacher_classifier
         if schedule is not None:
             deprecated("CRCDDistiller(schedule=DistillSchedule(...))",
                        "config=CRCDConfig(schedule=kind, schedule_until=..., schedule_start=...) with total_steps=",
@@ -369,21 +405,27 @@ class CRCDDistiller(nn.Module):
         self.config = config
         self.num_samples = num_samples
         self.student = student
-        self.teacher = teacher
+        # With a cache, ``teacher`` is its CachedTeacher: no parameters to train, rows by index.
+        self.teacher = teacher_module
+        self.teacher_cache = cache
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.student_classifier = student_classifier
         self.teacher_classifier = teacher_classifier
-        # Resolved once: a wrong path fails here, and no step looks a module up again.
-        self._classifiers = (resolve_module(student, student_classifier), resolve_module(teacher, teacher_classifier))
+        # Resolved once: a wrong path fails here, and no step looks a module up again. A cache's
+        # classifier is its rebuilt nn.Linear (None for a non-linear one: its gradient is stored).
+        teacher_head = teacher_module.classifier if isinstance(teacher_module, CachedTeacher) \
+            else resolve_module(teacher_module, teacher_classifier)
+        self._classifiers = (resolve_module(student, student_classifier), teacher_head)
         # Hooks registered once, for the distiller's life; armed only inside its own forwards.
+        models = [("student", student, student_classifier)]
+        if cache is None:
+            models.append(("teacher", teacher_module, teacher_classifier))
         self._captures = {
             role: FeatureCapture(model, armed=False)
             .add(path, io="input", name="feature")
             .add(path, io="output", name="head_logits")
-            for role, model, path in (
-                ("student", student, student_classifier), ("teacher", teacher, teacher_classifier)
-            )
+            for role, model, path in models
         }
         self.feature_pool = feature_pool
         self.output_select = output_select
@@ -405,18 +447,26 @@ class CRCDDistiller(nn.Module):
         self.crcd_gradient = None
 
         student_linear, teacher_linear = self._classifiers
+        student_dim = student_linear.in_features if type(student_linear) is nn.Linear \
+            and feature_pool != "flatten" else None
+        if cache is not None:
+            teacher_dim: Optional[int] = cache.feature_dim  # stored reduced: known without a teacher
+        else:
+            teacher_dim = teacher_linear.in_features if type(teacher_linear) is nn.Linear \
+                and feature_pool != "flatten" else None
         if example_input is not None:
             self.build(example_input)
-        elif type(student_linear) is nn.Linear and type(teacher_linear) is nn.Linear and feature_pool != "flatten":
-            self._build_losses(student_linear.in_features, teacher_linear.in_features)
+        elif student_dim is not None and teacher_dim is not None:
+            self._build_losses(student_dim, teacher_dim)
 
     @staticmethod
     def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
                          feature_token) -> None:
-        for name, model in (("student", student), ("teacher", teacher)):
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
-        if unwrap_model(student) is unwrap_model(teacher):
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        if not isinstance(teacher, (nn.Module, TeacherCache)):
+            raise TypeError(f"teacher must be an nn.Module or a TeacherCache, got {type(teacher).__name__}")
+        if isinstance(teacher, nn.Module) and unwrap_model(student) is unwrap_model(teacher):
             raise ValueError("student and teacher must be different modules")
         if isinstance(teacher, _DDP):
             raise ValueError(
@@ -490,61 +540,47 @@ class CRCDDistiller(nn.Module):
         try:
             with torch.no_grad():
                 f_s, _, _ = self._run("student", self.student, example_input)
-                f_t, _, _ = self._teacher_features(example_input)
+                if self.teacher_cache is None:
+                    teacher_dim = self._reduce(self._teacher_features(example_input).feature).shape[1]
+                else:  # the cache's rows are [N, D] already: no teacher to run
+                    teacher_dim = self.teacher_cache.feature_dim
         finally:
             self.student.train(was_training)
-        self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+        self._build_losses(self._reduce(f_s).shape[1], teacher_dim, f_s.device)
         return self
 
-    def _ensure_built(self, f_s: torch.Tensor, f_t: torch.Tensor) -> None:
+    def _ensure_built(self, f_s: torch.Tensor, teacher: "_TeacherRows") -> None:
         if not self.built:
-            self._build_losses(self._reduce(f_s).shape[1], self._reduce(f_t).shape[1], f_s.device)
+            self._build_losses(self._reduce(f_s).shape[1], teacher.reduced.shape[1], f_s.device)
 
     # ------------------------------------------------------------------ features
     def _run(self, role: str, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward ``model`` once; return (classifier input, classifier output, model logits)."""
-        capture = self._captures[role]
-        with capture.recording() as captured:
-            output = model(**x) if isinstance(x, Mapping) else model(x)
-            if len(captured) != 2:
-                path = self.student_classifier if role == "student" else self.teacher_classifier
-                raise ValueError(f"the {role} classifier {path!r} did not run during the {role}'s forward")
-            feature, head_logits = captured["feature"], captured["head_logits"]
-        logits = self._logits(output)
-        if self.feature_token is not None and head_logits.dim() == logits.dim() + 1:
-            # The classifier saw every token ([B, T, D] -> [B, T, C]) and the model kept one per row.
-            position = self.feature_token(unwrap_model(model), x)
-            if isinstance(position, torch.Tensor):
-                position = position.to(feature.device)
-            rows = torch.arange(feature.shape[0], device=feature.device)
-            feature, head_logits = feature[rows, position], head_logits[rows, position]
-        return feature, head_logits, logits
+        path = self.student_classifier if role == "student" else self.teacher_classifier
+        return classifier_forward(self._captures[role], model, x, role=role, path=path,
+                                  output_select=self.output_select, feature_token=self.feature_token)
 
     @torch.no_grad()
-    def _teacher_features(self, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The teacher's (feature, classifier output, logits) for the student's input ``x``.
+    def _teacher_features(
+        self, x: Any, index: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
+    ) -> _TeacherRows:
+        """The teacher side of the batch: feature, classifier output, logits (and a cache's gradient).
 
-        The one teacher path: steps, the dry run and :meth:`fill_memory` all see the input through
-        ``teacher_transform``, under no grad, with the teacher in eval mode.
+        The one teacher path: steps, the dry run and :meth:`fill_memory` all come here. A live
+        teacher sees the input through ``teacher_transform``, under no grad, in eval mode; a
+        :class:`TeacherCache` gives the rows of ``index`` (checked against ``target``; required)
+        and runs nothing. Everything downstream (KD, gradient elements, memories) is shared.
         """
+        if isinstance(self.teacher, CachedTeacher):
+            assert target is not None, "a cached teacher's rows are checked against the step's targets"
+            rows = self.teacher(index, target, gradient=self.config.gradient_element)
+            return _TeacherRows(rows.feature, rows.head_logits, rows.logits, rows.feature, rows.gradient)
         if self.teacher.training:
             self.teacher.eval()
         if self.teacher_transform is not None:
             x = self.teacher_transform(x)
-        return self._run("teacher", self.teacher, x)
-
-    def _logits(self, output: Any) -> torch.Tensor:
-        if self.output_select is not None:
-            return select_tensor(output, self.output_select)
-        if isinstance(output, torch.Tensor):
-            return output
-        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(
-                f"model output is a {type(output).__name__} without a .logits tensor; "
-                "pass output_select= (int index, str key/attribute or callable)"
-            )
-        return logits
+        feature, head_logits, logits = self._run("teacher", self.teacher, x)
+        return _TeacherRows(feature, head_logits, logits, self._reduce(feature), None)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *] -> [B, D]`` for the CRCD loss."""
@@ -553,8 +589,7 @@ class CRCDDistiller(nn.Module):
         return x.flatten(1) if x.dim() > 2 else x
 
     def _gradient_elements(
-        self, f_s: torch.Tensor, head_s: torch.Tensor, f_t: torch.Tensor, head_t: torch.Tensor,
-        target: torch.Tensor, detached: bool,
+        self, f_s: torch.Tensor, head_s: torch.Tensor, teacher: _TeacherRows, target: torch.Tensor, detached: bool,
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Both sides' CE gradients w.r.t. the features, ``[B, D]`` each (``None`` in inference mode).
 
@@ -565,60 +600,119 @@ class CRCDDistiller(nn.Module):
         g_s = student_element(self._classifiers[0], f_s, target, logits=head_s, label_smoothing=smoothing)
         if g_s is None:
             return None
-        g_t = teacher_gradient_element(self._classifiers[1], f_t, target, logits=head_t, label_smoothing=smoothing)
+        g_t = self._teacher_gradient_element(teacher, target)
         if g_t is None:
             return None
         # Rescaled before the embedding heads: a confident teacher's rows are otherwise all ~0.
         mode = self.config.gradient_normalization
-        return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(self._reduce(g_t), mode)
+        return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(g_t, mode)
+
+    def _teacher_gradient_element(self, teacher: _TeacherRows, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """``dCE(teacher)/df_t`` of the batch-mean CE, ``[B, D]`` as the CRCD loss takes it."""
+        if teacher.gradient is not None:  # a cache's per-sample elements of a non-linear classifier
+            return teacher.gradient / teacher.gradient.shape[0]
+        head = self._classifiers[1]
+        assert head is not None, "a cache without a linear classifier stores its gradient element"
+        g_t = teacher_gradient_element(head, teacher.feature, target, logits=teacher.head_logits,
+                                       label_smoothing=self.config.label_smoothing)
+        return None if g_t is None else self._reduce(g_t) if self.teacher_cache is None else g_t
 
     @torch.no_grad()
-    def fill_memory(self, loader: Iterable[Any], device: Optional[torch.device] = None) -> "CRCDDistiller":
+    def fill_memory(
+        self, loader: Optional[Iterable[Any]] = None, device: Optional[torch.device] = None, *, batch_size: int = 1024,
+    ) -> "CRCDDistiller":
         """Warm-up pass: write every sample's embeddings into the CRCD memories before training.
 
         Runs student and teacher (eval mode, no grad; the teacher through ``teacher_transform``,
-        exactly as in a step) over ``loader`` and hands each batch to :meth:`CRCDLoss.fill_memory`,
-        so the bank holds real rows from the first step. The gradient element's memory gets
-        detached gradients. Train/eval modes are restored afterwards; models, heads and the NCE
-        constant are not changed.
+        exactly as in a step, or its rows read from a :class:`TeacherCache`) over ``loader`` and
+        hands each batch to :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the
+        first step. The gradient element's memory gets detached gradients. Train/eval modes are
+        restored afterwards; models, heads and the NCE constant are not changed.
+
+        With a cache and no ``loader``, the teacher-side memories (``memory_teacher``: what the
+        student side's anchors and candidates are drawn from) are written from every cached row,
+        ``batch_size`` rows at a time, without running the student or reading any data; the
+        student-side memories (read only with ``symmetric=True``) stay as they are. The CRCD
+        losses must exist (an ``nn.Linear`` student classifier, or ``example_input=``). Under
+        ``torch.distributed`` every rank must call it; each writes a share of the rows and the
+        memories gather them.
 
         Args:
             loader: Iterable of ``(input, target, index)`` batches (``(input, target)`` for a
                 queue), like the arguments of :meth:`forward`; ``input`` may be a dict of tensors.
+                ``None`` (a cache only): the teacher-side memories from the cache.
             device: Where to move each batch; default: the student's device.
+            batch_size: Rows per write when filling from the cache alone.
 
         Returns:
             ``self``.
 
         Example:
             >>> distiller = distiller.fill_memory(train_loader)  # doctest: +SKIP
+            >>> distiller = distiller.fill_memory()              # with a TeacherCache  # doctest: +SKIP
         """
         if device is None:
             device = next(iter(unwrap_model(self.student).parameters()), torch.zeros(())).device
         was_training = self.training
         self.eval()
         try:
-            for batch in loader:
+            if loader is None:
+                self._fill_teacher_memory(batch_size)
+            for batch in loader if loader is not None else ():
                 if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
                     raise TypeError("fill_memory needs batches of (input, target, index) or (input, target)")
-                x, target, index = _to_device(tuple(batch) if len(batch) == 3 else (*batch, None), device)
+                x, target, index = to_device(tuple(batch) if len(batch) == 3 else (*batch, None), device)
                 self._check_batch(x, target, index)
                 f_s, head_s, _ = self._run("student", self.student, x)
-                f_t, head_t, _ = self._teacher_features(x)
-                self._ensure_built(f_s, f_t)
-                if self.crcd_feature is not None:
-                    self.crcd_feature.fill_memory(self._reduce(f_s), self._reduce(f_t), index)
-                if self.crcd_gradient is not None:
-                    gradients = self._gradient_elements(f_s, head_s, f_t, head_t, target, detached=True)
+                teacher = self._teacher_features(x, index, target)
+                self._ensure_built(f_s, teacher)
+                gradients = None
+                if self.crcd_gradient is not None:  # first: a failure here leaves every memory as it was
+                    gradients = self._gradient_elements(f_s, head_s, teacher, target, detached=True)
                     if gradients is None:  # a non-linear classifier: autograd cannot run
                         raise RuntimeError(
                             "fill_memory cannot compute the gradient element of a non-linear classifier "
                             "inside torch.inference_mode(); call it outside inference mode"
                         )
+                if self.crcd_feature is not None:
+                    self.crcd_feature.fill_memory(self._reduce(f_s), teacher.reduced, index)
+                if self.crcd_gradient is not None and gradients is not None:
                     self.crcd_gradient.fill_memory(*gradients, index)
         finally:
             self.train(was_training)
         return self
+
+    def _fill_teacher_memory(self, batch_size: int) -> None:
+        """The teacher-side memories from every row of the cache (see :meth:`fill_memory`)."""
+        cache = self.teacher_cache
+        if cache is None:
+            raise ValueError("fill_memory() without a loader reads a TeacherCache; this distiller runs a live "
+                             "teacher: pass loader=")
+        check_positive_int("batch_size", batch_size)
+        if not self.built:
+            raise ValueError("fill_memory() from the cache needs the CRCD losses built: give the student an "
+                             "nn.Linear classifier or pass example_input= to the distiller")
+        losses = [loss for loss in (self.crcd_feature, self.crcd_gradient) if loss is not None]
+        if not all(loss.memory_teacher.stores_rows for loss in losses):
+            raise ValueError("fill_memory() from the cache fills a memory bank or queue; in-batch negatives keep none")
+        # Equal chunk counts on every rank (each write is a collective); a rank whose share of the
+        # last chunk is empty writes that chunk's last row again (the same value: harmless).
+        world, me, total = world_size(), rank(), len(cache)
+        step = batch_size * world
+        for start in range(0, total, step):
+            end = min(start + step, total)
+            share = max(1, -(-(end - start) // world))
+            lo, hi = min(start + me * share, end - 1), min(start + (me + 1) * share, end)
+            index = torch.arange(lo, max(hi, lo + 1))
+            targets = cache.targets(index).to(self.warmup_progress.device)
+            teacher = self._teacher_features(None, index, targets)
+            if self.crcd_gradient is not None:
+                g_t = self._teacher_gradient_element(teacher, targets)
+                assert g_t is not None  # the linear closed form and stored elements need no autograd
+                g_t = normalize_gradient_element(g_t, self.config.gradient_normalization)
+                self.crcd_gradient.fill_memory(None, g_t, index.to(g_t.device))
+            if self.crcd_feature is not None:
+                self.crcd_feature.fill_memory(None, teacher.reduced, index.to(teacher.reduced.device))
 
     def train(self, mode: bool = True) -> "CRCDDistiller":
         """Set train/eval mode on everything except the teacher, which stays in eval mode."""
@@ -823,6 +917,14 @@ class CRCDDistiller(nn.Module):
         batch = x.shape[0] if isinstance(x, torch.Tensor) else None
         if batch is not None and target.shape[0] != batch:
             raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
+        if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
+            raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
+                             f"got shape {tuple(index.shape)}")
+        if self.teacher_cache is not None:
+            if index is None:
+                raise ValueError("index (the dataset indices of the batch, LongTensor [B]) is required when the "
+                                 "distiller reads a TeacherCache, whatever the source of negatives")
+            self.teacher_cache.check_index(index)  # on the host, before the student runs
         config = self.config
         negatives = config.relation.resolved_negatives(self.num_samples)
         if index is None and negatives == "bank" and (config.feature_weight or config.gradient_element):
@@ -929,15 +1031,15 @@ class CRCDDistiller(nn.Module):
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
             return _terms(zero, zero, zero, zero)
-        f_t, head_logits_t, logits_t = self._teacher_features(input)
+        teacher = self._teacher_features(input, index, target)
         if not self.built:
             _logger.warning(
                 "CRCD heads were built on the first forward; create the optimizer after this call, "
                 "or pass example_input= to CRCDDistiller"
             )
-            self._ensure_built(f_s, f_t)
+            self._ensure_built(f_s, teacher)
 
-        kd = kd_loss(logits_s, logits_t, config.kd_temperature) if config.kd_weight > 0 else zero
+        kd = kd_loss(logits_s, teacher.logits, config.kd_temperature) if config.kd_weight > 0 else zero
         relations = self._has_relations(logits_s.shape[0])
         # The gradient element runs first: bad values in the features also reach their gradients,
         # so it raises before either loss has written its memory, and a failed step moves no state.
@@ -947,12 +1049,12 @@ class CRCDDistiller(nn.Module):
                 raise ValueError(
                     f"the gradient element needs classifier logits shaped [B, C], got {tuple(head_logits_s.shape)}"
                 )
-            gradients = self._gradient_elements(f_s, head_logits_s, f_t, head_logits_t, target, detached=False)
+            gradients = self._gradient_elements(f_s, head_logits_s, teacher, target, detached=False)
             if gradients is not None:
                 gradient_loss = self.crcd_gradient(*gradients, index)
         feature_loss = zero
         if self.crcd_feature is not None and relations:
-            feature_loss = self.crcd_feature(self._reduce(f_s), self._reduce(f_t), index)
+            feature_loss = self.crcd_feature(self._reduce(f_s), teacher.reduced, index)
 
         weight = self._distill_weight()
         distill = config.kd_weight * kd + config.feature_weight * feature_loss + config.gradient_weight * gradient_loss
@@ -1015,12 +1117,21 @@ def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[st
     }
 
 
-def _to_device(value: Any, device: Optional[torch.device]) -> Any:
-    """``value`` (a tensor, or a dict/tuple/list of them; ``None`` kept) moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
+def _check_cache(
+    cache: TeacherCache, classifier: Optional[str], teacher_transform: Any, config: CRCDConfig,
+    num_samples: Optional[int],
+) -> str:
+    """The teacher classifier path of a distiller that reads ``cache`` (checked against it)."""
+    if num_samples is not None and num_samples != len(cache):
+        raise ValueError(f"num_samples={num_samples} but the TeacherCache holds {len(cache)} rows: it was built "
+                         "for a dataset of another size")
+    if classifier is not None and classifier != cache.classifier:
+        raise ValueError(f"teacher_classifier={classifier!r} but the TeacherCache was built at the teacher's "
+                         f"{cache.classifier!r}: leave teacher_classifier at None or pass {cache.classifier!r}")
+    if teacher_transform is not None:
+        raise ValueError("teacher_transform applies when a cache is built (TeacherCache.build(teacher_transform=...)),"
+                         " not to a distiller that reads one")
+    if config.gradient_element and not cache.linear and config.label_smoothing != cache.label_smoothing:
+        raise ValueError(f"config.label_smoothing={config.label_smoothing} but the cache's gradient element was "
+                         f"computed with label_smoothing={cache.label_smoothing}: rebuild it with the config's")
+    return cache.classifier

@@ -56,7 +56,11 @@ def cross_entropy_targets(
 
 
 def linear_cross_entropy_feature_grad(
-    logits: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Exact ``d mean_b CE(z_b, y_b) / d f`` for a linear head ``z = f @ W.T + b``.
 
@@ -75,9 +79,10 @@ def linear_cross_entropy_feature_grad(
         weight: Head weight ``W``.
         target: Labels.
         label_smoothing: As in ``F.cross_entropy``.
+        reduction: ``"mean"`` (the batch-mean CE) or ``"sum"`` (each row's own ``dCE_b / df_b``).
 
     Returns:
-        ``(softmax(z) - q) @ W / B``, float32.
+        ``(softmax(z) - q) @ W / B`` (``"sum"``: without ``/ B``), float32.
 
     Example:
         >>> head = nn.Linear(5, 3)
@@ -90,10 +95,17 @@ def linear_cross_entropy_feature_grad(
         raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
     if weight.dim() != 2 or weight.shape[0] != logits.shape[1]:
         raise ValueError(f"weight must be [C={logits.shape[1]}, D], got shape {tuple(weight.shape)}")
+    _check_reduction(reduction)
     batch, num_classes = logits.shape
     q = cross_entropy_targets(target, num_classes, label_smoothing)
     residual = torch.softmax(logits.float(), dim=-1) - q  # [B, C]
-    return residual @ weight.float() / batch  # [B, D]
+    gradient = residual @ weight.float()  # [B, D]
+    return gradient / batch if reduction == "mean" else gradient
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 def _is_linear_head(head: object) -> TypeGuard[nn.Linear]:
@@ -176,6 +188,7 @@ def teacher_gradient_element(
     *,
     logits: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
+    reduction: str = "mean",
 ) -> Optional[torch.Tensor]:
     """Teacher gradient element ``g_t = dCE(head(f_t), y) / df_t``, detached.
 
@@ -195,6 +208,8 @@ def teacher_gradient_element(
         target: Labels.
         logits: ``head(feature)`` if already computed; used only on the linear path.
         label_smoothing: As in ``F.cross_entropy``; the CE is the batch mean.
+        reduction: ``"mean"`` (the batch-mean CE, the step's) or ``"sum"``: each row's own
+            ``dCE_b / df_b``, independent of the batch (what a teacher cache stores).
 
     Returns:
         ``g_t`` without autograd history (float32 on the linear path). ``None`` only for a
@@ -208,18 +223,19 @@ def teacher_gradient_element(
         (torch.Size([4, 5]), False)
     """
     _check_inputs(head, feature, target)
+    _check_reduction(reduction)
     feature = feature.detach()
     if _is_linear_head(head) and feature.dim() == 2:
         with torch.no_grad():
             z = head(feature) if logits is None else logits.detach()
-            return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing)
+            return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing, reduction)
     if torch.is_inference_mode_enabled():
         return None
     if feature.is_inference():
         feature = feature.clone()
     with torch.enable_grad():
         feature.requires_grad_(True)
-        loss = F.cross_entropy(head(feature), target, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(head(feature), target, label_smoothing=label_smoothing, reduction=reduction)
         (grad,) = torch.autograd.grad(loss, feature)
     return grad.detach()
 

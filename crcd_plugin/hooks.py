@@ -41,9 +41,13 @@ __all__ = [
     "resolve_module",
     "select_tensor",
     "pool_feature",
+    "model_logits",
+    "classifier_forward",
 ]
 
 Selector = Union[int, str, Callable[[Any], torch.Tensor]]
+# (model, model input) -> position of the token the model classifies, [B] or one int for all rows.
+TokenSelector = Callable[[nn.Module, Any], Union[int, torch.Tensor]]
 PoolMode = Literal["avg", "max", "flatten", "mean_tokens", "cls"]
 POOL_MODES: Tuple[str, ...] = ("avg", "max", "flatten", "mean_tokens", "cls")
 _IO_KINDS: Tuple[str, ...] = ("input", "output")
@@ -369,3 +373,57 @@ class FeatureCapture:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={type(unwrap_model(self.model)).__name__}, names={self._names})"
+
+
+def model_logits(output: Any, select: Optional[Selector] = None) -> torch.Tensor:
+    """The logits in a model's output: ``select`` (see :func:`select_tensor`), else a tensor or ``.logits``.
+
+    Raises:
+        TypeError: If ``select`` is ``None`` and the output is neither a tensor nor carries ``.logits``.
+    """
+    if select is not None:
+        return select_tensor(output, select)
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"model output is a {type(output).__name__} without a .logits tensor; "
+            "pass output_select= (int index, str key/attribute or callable)"
+        )
+    return logits
+
+
+def classifier_forward(
+    capture: FeatureCapture,
+    model: nn.Module,
+    x: Any,
+    *,
+    role: str,
+    path: str,
+    output_select: Optional[Selector] = None,
+    feature_token: Optional[TokenSelector] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward ``model`` once; return (classifier input, classifier output, model logits).
+
+    ``capture`` observes ``model`` with two captures, ``"feature"`` (the classifier's input) and
+    ``"head_logits"`` (its output). ``x`` is a tensor or a dict of keyword inputs. When the
+    classifier saw every token (``[B, T, D] -> [B, T, C]``) and the model kept one per row,
+    ``feature_token(unwrapped model, x)`` gives the kept position.
+
+    Raises:
+        ValueError: If the classifier did not run; the message names ``role`` and ``path``.
+    """
+    with capture.recording() as captured:
+        output = model(**x) if isinstance(x, Mapping) else model(x)
+        if len(captured) != 2:
+            raise ValueError(f"the {role} classifier {path!r} did not run during the {role}'s forward")
+        feature, head_logits = captured["feature"], captured["head_logits"]
+    logits = model_logits(output, output_select)
+    if feature_token is not None and head_logits.dim() == logits.dim() + 1:
+        position = feature_token(unwrap_model(model), x)
+        if isinstance(position, torch.Tensor):
+            position = position.to(feature.device)
+        rows = torch.arange(feature.shape[0], device=feature.device)
+        feature, head_logits = feature[rows, position], head_logits[rows, position]
+    return feature, head_logits, logits

@@ -171,7 +171,7 @@ class CRCDLoss(nn.Module):
 
     @torch.no_grad()
     def fill_memory(
-        self, student_feat: torch.Tensor, teacher_feat: torch.Tensor, index: Optional[torch.Tensor] = None
+        self, student_feat: Optional[torch.Tensor], teacher_feat: torch.Tensor, index: Optional[torch.Tensor] = None
     ) -> None:
         """Write one batch's embeddings into the memories, as first writes, without a loss.
 
@@ -182,7 +182,8 @@ class CRCDLoss(nn.Module):
         of all ranks.
 
         Args:
-            student_feat: ``[B, Ds]`` student features.
+            student_feat: ``[B, Ds]`` student features; ``None`` writes the teacher's rows alone
+                (``memory_teacher``, e.g. from a teacher cache before any student ran).
             teacher_feat: ``[B, Dt]`` teacher features.
             index: ``[B]`` dataset indices; required by a memory bank.
 
@@ -197,11 +198,25 @@ class CRCDLoss(nn.Module):
         """
         if not self.memory_teacher.stores_rows:
             raise ValueError(f'negatives="{self.negatives}" keeps no memory to fill; use "bank" or "queue"')
+        if student_feat is None:
+            # The checks of a full write, on a stand-in student batch that is never embedded.
+            stand_in = teacher_feat.new_zeros(teacher_feat.shape[0], self.student_dim) \
+                if isinstance(teacher_feat, torch.Tensor) else None
+            index = self._check_inputs(stand_in, teacher_feat, index, relations=False)
+            teacher_emb = self._embed_teacher(teacher_feat)
+            finite = torch.isfinite(teacher_emb).all(-1)
+            self._check_values(finite, index)
+            self.memory_teacher.write_rows(teacher_emb, index, finite, first_write=True)
+            return
         index = self._check_inputs(student_feat, teacher_feat, index, relations=False)
         student_emb, teacher_emb = self._embed(student_feat, teacher_feat)
         finite = torch.isfinite(student_emb).all(-1) & torch.isfinite(teacher_emb).all(-1)
         self._check_values(finite, index)
         self._write(student_emb, teacher_emb, index, finite, first_write=True, student=True)
+
+    def _embed_teacher(self, teacher_feat: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.log_z.device.type, enabled=False):
+            return self.embed_teacher(teacher_feat.to(self.log_z.dtype))
 
     def _embed(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # In the module's dtype (fp32 unless converted), outside autocast: fp16/bf16 features are upcast.

@@ -159,6 +159,28 @@ def classified_token(model: nn.Module, inputs: Any) -> Union[int, torch.Tensor]:
     return (positions * non_pad).argmax(-1)
 
 
+def check_teacher(model: Any, eval_loss: str, argument: str = "teacher_model") -> Optional[int]:
+    """Check ``CRCDTrainer``'s ``teacher_model`` (or, with ``argument="model"``, its student); return ``num_labels``.
+
+    The teacher may be an ``nn.Module`` or a :class:`~crcd_plugin.TeacherCache` (its ``num_classes``).
+    A cache holds training-set rows only, so ``eval_loss="total"`` (which needs the teacher on
+    evaluation samples) is refused with it.
+    """
+    from crcd_plugin.teacher_cache import TeacherCache
+
+    if isinstance(model, TeacherCache):
+        if eval_loss == "total":
+            raise ValueError("eval_loss='total' runs the teacher on evaluation samples, which a TeacherCache of the "
+                             "training set does not hold: use eval_loss='task'")
+        return model.num_classes
+    if argument == "teacher_model" and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"teacher_model must be the trained teacher (an nn.Module, e.g. from from_pretrained) or a "
+            f"crcd_plugin.TeacherCache built from it, got {type(model).__name__}"
+        )
+    return check_classifier(model, argument)
+
+
 def check_classifier(model: nn.Module, argument: str) -> Optional[int]:
     """Reject models whose loss is not single-label cross-entropy; return ``num_labels`` if known."""
     config = getattr(unwrap_model(model), "config", None)

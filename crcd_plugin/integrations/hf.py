@@ -20,7 +20,8 @@ from crcd_plugin import config as core
 from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.distributed import average
 from crcd_plugin.integrations import require
-from crcd_plugin.integrations._hf_models import CRCDConfig, EvalLoss, check_classifier, classified_token, default_head
+from crcd_plugin.integrations._hf_models import CRCDConfig, EvalLoss, check_teacher, classified_token, default_head
+from crcd_plugin.teacher_cache import TeacherCache
 
 transformers = require("transformers", "hf")
 from transformers import Trainer, TrainerCallback  # noqa: E402  (after require, which names the extra if missing)
@@ -65,7 +66,8 @@ class CRCDTrainer(Trainer):
             forward takes the batch's keyword inputs and returns ``.logits``).
         args: ``TrainingArguments``; ``label_smoothing_factor`` becomes ``config.label_smoothing``.
         *trainer_args: Further positional ``Trainer`` arguments.
-        teacher_model: The trained teacher; same label set and inputs as the student.
+        teacher_model: The trained teacher; same label set and inputs as the student. Or a
+            :class:`crcd_plugin.TeacherCache` of it: no teacher runs, and batches need ``index_column``.
         crcd_config: A :class:`crcd_plugin.CRCDConfig` (the 0.2.0 ``hf.CRCDConfig`` still works);
             default ``CRCDConfig()``: KD + CRCD feature, in-batch negatives. Its schedule kind is
             spread over Trainer's optimizer steps. ``relation.negatives="bank"`` needs the
@@ -99,7 +101,7 @@ class CRCDTrainer(Trainer):
         model: Optional[nn.Module] = None,
         args: Optional[Any] = None,
         *trainer_args: Any,
-        teacher_model: Optional[nn.Module] = None,
+        teacher_model: Union[nn.Module, TeacherCache, None] = None,
         crcd_config: Union[core.CRCDConfig, CRCDConfig, None] = None,
         student_classifier: Optional[str] = None,
         teacher_classifier: Optional[str] = None,
@@ -109,11 +111,7 @@ class CRCDTrainer(Trainer):
         eval_loss: EvalLoss = "task",
         **trainer_kwargs: Any,
     ) -> None:
-        if not isinstance(teacher_model, nn.Module):
-            raise TypeError(
-                f"teacher_model must be the trained teacher (an nn.Module, e.g. from from_pretrained), "
-                f"got {type(teacher_model).__name__}"
-            )
+        teacher_classes = check_teacher(teacher_model, eval_loss)
         options: Dict[str, Any] = dict(student_classifier=student_classifier, teacher_classifier=teacher_classifier,
                                        feature_pool=feature_pool, num_samples=num_samples, index_column=index_column,
                                        eval_loss=eval_loss, schedule=None)
@@ -123,7 +121,8 @@ class CRCDTrainer(Trainer):
         if not isinstance(config, core.CRCDConfig):
             raise TypeError(f"crcd_config must be a crcd_plugin.CRCDConfig or None, got {type(config).__name__}")
         core.check_choice("eval_loss", options["eval_loss"], ("task", "total"))
-        self._bank = config.relation.negatives == "bank"
+        # A cache's rows are read by the dataset index, like a bank's.
+        self._bank = config.relation.negatives == "bank" or isinstance(teacher_model, TeacherCache)
         if options["eval_loss"] == "total" and self._bank:
             raise ValueError("eval_loss='total' reads the memory bank at each row's index, which belongs to the "
                              "training set: use eval_loss='task' with negatives='bank'")
@@ -136,21 +135,21 @@ class CRCDTrainer(Trainer):
             raise ValueError("CRCDTrainer computes the loss itself: compute_loss_func= is not supported")
         if len(self.label_names) != 1:
             raise ValueError(f"CRCDTrainer needs exactly one label column, got label_names={self.label_names}")
-        classes = (check_classifier(self.model, "model"), check_classifier(teacher_model, "teacher_model"))
+        classes = (check_teacher(self.model, eval_loss, "model"), teacher_classes)
         if None not in classes and classes[0] != classes[1]:
             raise ValueError(
                 f"student and teacher must have the same classes, got num_labels {classes[0]} and {classes[1]}"
             )
         if self._bank and self.args.remove_unused_columns:
             raise ValueError(
-                f"negatives='bank' needs the dataset's {options['index_column']!r} column, which Trainer drops: set "
-                "TrainingArguments(remove_unused_columns=False), or use negatives='queue'"
+                f"negatives='bank' and a TeacherCache need the dataset's {options['index_column']!r} column, which "
+                "Trainer drops: set TrainingArguments(remove_unused_columns=False), or use negatives='queue'"
             )
         self.model_accepts_loss_kwargs = False  # our loss never reads num_items_in_batch
         self.crcd_config = config = config.replace(label_smoothing=self.args.label_smoothing_factor)
         self._index_column, self._eval_loss = options["index_column"], options["eval_loss"]
         device = self.args.device if self.place_model_on_device else next(self.model.parameters()).device
-        if getattr(teacher_model, "hf_device_map", None) is None:
+        if isinstance(teacher_model, nn.Module) and getattr(teacher_model, "hf_device_map", None) is None:
             teacher_model.to(device)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # a 0.2.0 schedule object warned above
@@ -159,9 +158,11 @@ class CRCDTrainer(Trainer):
                 self.model,
                 teacher_model,
                 options["student_classifier"] or default_head(self.model, "student_head"),
-                options["teacher_classifier"] or default_head(teacher_model, "teacher_head"),
+                options["teacher_classifier"] or (None if isinstance(teacher_model, TeacherCache)
+                                                  else default_head(teacher_model, "teacher_head")),
                 config,
-                num_samples=(options["num_samples"] or self._dataset_size()) if self._bank else None,
+                num_samples=(options["num_samples"] or self._dataset_size())
+                if config.relation.negatives == "bank" else None,
                 schedule=options["schedule"],
                 feature_pool=options["feature_pool"],
                 feature_token=classified_token,
@@ -173,6 +174,8 @@ class CRCDTrainer(Trainer):
             )
         for module in self.distiller.trainable_module.crcd_children().values():
             module.to(device)
+        if self.distiller.teacher_cache is not None:
+            self.distiller.teacher.to(device)  # the rows' device
         if self.optimizer is not None and self.distiller.crcd_named_parameters():
             raise ValueError(
                 "optimizers=(...) cannot hold the CRCD heads, which CRCDTrainer creates: pass "
@@ -183,9 +186,9 @@ class CRCDTrainer(Trainer):
         self._component_count = 0
 
     @property
-    def teacher_model(self) -> nn.Module:
-        """The frozen teacher."""
-        return self.distiller.teacher
+    def teacher_model(self) -> Union[nn.Module, TeacherCache]:
+        """The frozen teacher (or the TeacherCache given in its place)."""
+        return self.distiller.teacher_cache or self.distiller.teacher
 
     def _dataset_size(self) -> int:
         try:

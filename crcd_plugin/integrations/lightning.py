@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.distributed import average_gradients
 from crcd_plugin.hooks import FeatureCapture, PoolMode
 from crcd_plugin.integrations import require
+from crcd_plugin.teacher_cache import TeacherCache
 
 require("lightning", "lightning")
 import lightning.pytorch as pl  # noqa: E402  (after require, which names the extra if missing)
@@ -74,10 +75,13 @@ class CRCDCallback(Callback):
     the CRCD state in this callback's ``state_dict`` (restored by ``fit(ckpt_path=...)``).
 
     Args:
-        teacher: The trained teacher (frozen, eval mode, moved to the module's device).
+        teacher: The trained teacher (frozen, eval mode, moved to the module's device), or a
+            :class:`crcd_plugin.TeacherCache` built from it: no teacher runs, and every batch must
+            carry its dataset index (see :func:`default_batch_fn`).
         student_head: Dotted path of the student's classifier head on the LightningModule (e.g.
             ``"model.fc"``); its output must be the student's logits.
-        teacher_head: Dotted path of the teacher's classifier head.
+        teacher_head: Dotted path of the teacher's classifier head; default ``"fc"``, or the
+            cache's own.
         config: Loss weights, schedule (over optimizer steps) and relation options; ``None``:
             ``CRCDConfig()``.
         num_samples: Dataset size, for memory-bank negatives (batches must then carry the index).
@@ -94,10 +98,10 @@ class CRCDCallback(Callback):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: Union[nn.Module, TeacherCache],
         *,
         student_head: str,
-        teacher_head: str = "fc",
+        teacher_head: Optional[str] = None,
         config: Optional[CRCDConfig] = None,
         num_samples: Optional[int] = None,
         batch_fn: Optional[BatchFn] = None,
@@ -106,15 +110,18 @@ class CRCDCallback(Callback):
         example_input: Optional[Any] = None,
         log_prefix: str = "",
     ) -> None:
-        if not isinstance(teacher, nn.Module):
-            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        if not isinstance(teacher, (nn.Module, TeacherCache)):
+            raise TypeError(f"teacher must be an nn.Module or a TeacherCache, got {type(teacher).__name__}")
         if config is not None and not isinstance(config, CRCDConfig):
             raise TypeError(f"config must be a crcd_plugin.config.CRCDConfig or None, got {type(config).__name__}")
         if batch_fn is not None and not callable(batch_fn):
             raise TypeError(f"batch_fn must be a callable batch -> (input, target, index), got {batch_fn!r}")
-        self.teacher = teacher.requires_grad_(False).eval()
+        if isinstance(teacher, nn.Module):
+            teacher.requires_grad_(False).eval()
+        self.teacher = teacher
         self.student_head = student_head
-        self.teacher_head = teacher_head
+        # Resolved here: the state key (which names it) stays the same for a default live teacher.
+        self.teacher_head = teacher_head or (teacher.classifier if isinstance(teacher, TeacherCache) else "fc")
         self.config = config if config is not None else CRCDConfig()
         self.num_samples = num_samples
         self.batch_fn: BatchFn = batch_fn or default_batch_fn
@@ -141,7 +148,8 @@ class CRCDCallback(Callback):
             )
         if self.distiller is not None and self._pending_state is None:
             self._pending_state = self.distiller.crcd_state_dict()  # a second fit continues the state
-        self.teacher.to(pl_module.device)
+        if isinstance(self.teacher, nn.Module):
+            self.teacher.to(pl_module.device)  # a cache's reader moves with the distiller below
         # The schedule's length in optimizer steps (only read when there is a schedule).
         relation = self.config.relation
         if relation.resolved_negatives(self.num_samples) == "bank" and self.num_samples is None:
