@@ -137,7 +137,8 @@ class CRCDLoss(nn.Module):
         (``teacher_loss`` is zero when ``symmetric=False``)."""
         config = self.config
         index = self._check_inputs(student_feat, teacher_feat, index)
-        student_emb, teacher_emb = self._embed(student_feat, teacher_feat.detach())  # [B, d] each
+        student_emb = self._embed(self.embed_student, student_feat)  # [B, d]
+        teacher_emb = self._embed(self.embed_teacher, teacher_feat.detach())  # [B, d]
         finite = torch.isfinite(student_emb).all(-1) & torch.isfinite(teacher_emb).all(-1)  # [B]
         self._check_values(finite, index)
         device = self.log_z.device
@@ -175,20 +176,16 @@ class CRCDLoss(nn.Module):
     ) -> None:
         """Write one batch's embeddings into the memories, as first writes, without a loss.
 
-        A warm-up pass over the training set before training (see ``CRCDDistiller.fill_memory``)
-        gives every bank row a real embedding, so negatives come from the whole set from the first
-        step. Bank rows are overwritten with the embedding itself and marked written; a queue
-        enqueues the rows. Runs in either mode, never touches ``Z``, and under DDP writes the rows
-        of all ranks.
+        A warm-up pass before training (``CRCDDistiller.fill_memory``) gives every bank row a real
+        embedding, so negatives come from the whole set from the first step: bank rows are
+        overwritten and marked written, a queue enqueues. Either mode; never touches ``Z``; under
+        DDP writes the rows of all ranks. ``ValueError`` for an in-batch source and bad inputs.
 
         Args:
             student_feat: ``[B, Ds]`` student features; ``None`` writes the teacher's rows alone
                 (``memory_teacher``, e.g. from a teacher cache before any student ran).
             teacher_feat: ``[B, Dt]`` teacher features.
             index: ``[B]`` dataset indices; required by a memory bank.
-
-        Raises:
-            ValueError: For a source that keeps no rows (in-batch), or on the input errors of ``forward``.
 
         Example:
             >>> crcd = CRCDLoss(64, 256, RelationConfig(num_negatives=50), num_samples=1000)
@@ -198,31 +195,19 @@ class CRCDLoss(nn.Module):
         """
         if not self.memory_teacher.stores_rows:
             raise ValueError(f'negatives="{self.negatives}" keeps no memory to fill; use "bank" or "queue"')
-        if student_feat is None:
-            # The checks of a full write, on a stand-in student batch that is never embedded.
-            stand_in = teacher_feat.new_zeros(teacher_feat.shape[0], self.student_dim) \
-                if isinstance(teacher_feat, torch.Tensor) else None
-            index = self._check_inputs(stand_in, teacher_feat, index, relations=False)
-            teacher_emb = self._embed_teacher(teacher_feat)
-            finite = torch.isfinite(teacher_emb).all(-1)
-            self._check_values(finite, index)
-            self.memory_teacher.write_rows(teacher_emb, index, finite, first_write=True)
-            return
         index = self._check_inputs(student_feat, teacher_feat, index, relations=False)
-        student_emb, teacher_emb = self._embed(student_feat, teacher_feat)
-        finite = torch.isfinite(student_emb).all(-1) & torch.isfinite(teacher_emb).all(-1)
+        teacher_emb, student_emb = self._embed(self.embed_teacher, teacher_feat), None
+        finite = torch.isfinite(teacher_emb).all(-1)
+        if student_feat is not None:
+            student_emb = self._embed(self.embed_student, student_feat)
+            finite &= torch.isfinite(student_emb).all(-1)
         self._check_values(finite, index)
-        self._write(student_emb, teacher_emb, index, finite, first_write=True, student=True)
+        self._write(student_emb, teacher_emb, index, finite, first_write=True, student=student_emb is not None)
 
-    def _embed_teacher(self, teacher_feat: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self.log_z.device.type, enabled=False):
-            return self.embed_teacher(teacher_feat.to(self.log_z.dtype))
-
-    def _embed(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, head: nn.Module, feat: torch.Tensor) -> torch.Tensor:
         # In the module's dtype (fp32 unless converted), outside autocast: fp16/bf16 features are upcast.
-        dtype = self.log_z.dtype
         with torch.autocast(device_type=self.log_z.device.type, enabled=False):
-            return self.embed_student(student_feat.to(dtype)), self.embed_teacher(teacher_feat.to(dtype))
+            return head(feat.to(self.log_z.dtype))
 
     def _anchor_positions(self, batch: int) -> torch.Tensor:
         num_anchors, device = self.config.num_anchors, self.log_z.device
@@ -238,17 +223,15 @@ class CRCDLoss(nn.Module):
             self.memory_student.write_rows(student_emb, index, finite, first_write)
 
     def _check_inputs(
-        self,
-        student_feat: torch.Tensor,
-        teacher_feat: torch.Tensor,
-        index: Optional[torch.Tensor],
-        relations: bool = True,
+        self, student_feat: Any, teacher_feat: Any, index: Optional[torch.Tensor], relations: bool = True
     ) -> Optional[torch.Tensor]:
-        """Shape, dtype and device checks, which need no device sync (``relations=False``: a batch
-        of one is fine, for ``fill_memory``). Returns ``index`` as int64 where the source needs it."""
+        """Shape, dtype and device checks, which need no device sync (``relations=False``, for
+        ``fill_memory``: a batch of one, or no student batch, is fine). Returns ``index`` as int64
+        where the source needs it."""
         device, source = self.log_z.device, self.memory_teacher
-        features = (("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim))
-        for name, value, dim in features:
+        features = [("student_feat", student_feat, self.student_dim), ("teacher_feat", teacher_feat, self.teacher_dim)]
+        teacher_alone = student_feat is None and not relations
+        for name, value, dim in features[1:] if teacher_alone else features:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
             if not value.is_floating_point():
@@ -257,7 +240,7 @@ class CRCDLoss(nn.Module):
                 raise ValueError(f"{name} must have shape [B, {dim}], got {list(value.shape)}")
             if value.device != device:
                 raise ValueError(f"{name} is on {value.device} but the loss is on {device}; move one with .to()")
-        batch = student_feat.shape[0]
+        batch = teacher_feat.shape[0] if teacher_alone else student_feat.shape[0]
         if teacher_feat.shape[0] != batch:
             raise ValueError(
                 f"student_feat and teacher_feat must have the same batch size, got {batch} and {teacher_feat.shape[0]}"
@@ -284,14 +267,15 @@ class CRCDLoss(nn.Module):
         device-side assert elsewhere (no host sync; a failure aborts the device context)."""
         bound = self.memory_teacher.index_bound
         nonfinite = self.config.on_nonfinite == "raise"
-        out_of_range = index is not None and bound is not None and self.config.check_index
+        in_range = None
+        if index is not None and bound is not None and self.config.check_index:
+            in_range = (index >= 0) & (index < bound)
         range_text = f"index must be in [0, num_samples={bound})"
         if finite.device.type != "cpu":
             if nonfinite:
                 torch._assert_async(finite.all(), "non-finite values in student_feat or teacher_feat")
-            if out_of_range:
-                assert index is not None and bound is not None
-                torch._assert_async(((index >= 0) & (index < bound)).all(), range_text)
+            if in_range is not None:
+                torch._assert_async(in_range.all(), range_text)
             return
         if nonfinite and not bool(finite.all()):
             rows = torch.nonzero(~finite).flatten().tolist()
@@ -299,10 +283,8 @@ class CRCDLoss(nn.Module):
                 f"non-finite values in student_feat or teacher_feat (or their embeddings) at batch rows {rows[:10]}; "
                 'pass on_nonfinite="skip" to leave such rows out of the memory instead of raising'
             )
-        if out_of_range:
-            assert index is not None and bound is not None
-            if bool(((index < 0) | (index >= bound)).any()):
-                raise ValueError(f"{range_text}, got values from {int(index.min())} to {int(index.max())}")
+        if index is not None and in_range is not None and not bool(in_range.all()):
+            raise ValueError(f"{range_text}, got values from {int(index.min())} to {int(index.max())}")
 
     def extra_repr(self) -> str:
         config = self.config
