@@ -210,3 +210,30 @@ def test_augmented_runs_distil_from_the_live_teacher_on_each_view(tiny_setup, mo
                         seed=0)
     assert 0.0 <= run.acc <= 1.0 and len(views) == 3
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, views))  # the teacher saw each view
+
+
+def test_teacher_cache_option_distils_from_a_cache_built_once(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    from crcd_plugin import TeacherCache
+    from crcd_plugin.demo import config as demo_config
+    from crcd_plugin.demo import experiment
+
+    builds = []
+    real_build = TeacherCache.build
+    monkeypatch.setattr(TeacherCache, "build", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    runs = {}
+    for name, extra in (("live", []), ("cached", ["--teacher-cache"]), ("again", ["--teacher-cache"])):
+        out = tmp_path / name
+        args = [*TINY, "--methods", "kd,crcd_grad", "--seeds", "1", *extra]
+        assert main([*args, "--out", str(out), "--cache-dir", str(cache)]) == 0
+        runs[name] = json.loads((out / "results.json").read_text())
+    assert len(builds) == 1  # the second cached run opened the cache the first one built
+    assert "TeacherCache" in runs["cached"]["config"]["teacher_outputs"]
+    for method in ("kd", "crcd_grad"):  # un-augmented data: the cache is the teacher, up to float rounding
+        assert runs["cached"]["students"][method]["accs"] == runs["again"]["students"][method]["accs"]
+        live, cached = runs["live"]["students"][method]["accs"][0], runs["cached"]["students"][method]["accs"][0]
+        assert abs(live - cached) <= 0.02
+
+    data_cfg = DataConfig(num_train=400, num_test=200)
+    data, teacher = experiment.prepare(data_cfg, demo_config.DEFAULT_TEACHER, cache, progress=False)
+    feature, _, logits = experiment.teacher_cache(data, data_cfg, teacher, cache).rows(torch.arange(400))
+    assert torch.allclose(feature, teacher.features, atol=1e-5) and torch.allclose(logits, teacher.logits, atol=1e-5)

@@ -6,7 +6,9 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
 
 from crcd_plugin.config import CRCDConfig
 from crcd_plugin.demo.data import DataConfig, Dataset, load_dataset, split_validation
@@ -19,6 +21,7 @@ from crcd_plugin.demo.train import (
     train_student,
     train_teacher,
 )
+from crcd_plugin.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,26 @@ def prepare(
     return data, teacher_outputs(teacher, data, acc)
 
 
+def teacher_cache(data: Dataset, data_cfg: DataConfig, teacher: TeacherOutputs, directory: Path) -> TeacherCache:
+    """The teacher's :class:`~crcd_plugin.TeacherCache` over the (un-augmented) training split,
+    opened from ``directory`` when one for this data set and teacher is there, else built there.
+
+    A cache that no longer opens (another library version, an unfinished build) is rebuilt: for the
+    demo it is a derived file, one teacher pass over the training set away.
+    """
+    if teacher.model is None:
+        raise ValueError("a teacher cache needs the teacher model (TeacherOutputs.model is None)")
+    model, size = teacher.model, len(data.y_train)
+    path = Path(directory) / f"teacher-cache-{data_cfg.key()}-{TeacherCache.fingerprint_of(model)[:12]}"
+    try:
+        return TeacherCache.open(path, teacher=model, num_samples=size, classifier="fc")
+    except (FileNotFoundError, ValueError) as error:
+        logger.info("building the teacher cache at %s (%s)", path, error)
+    loader = [(data.x_train[i : i + 512], data.y_train[i : i + 512], torch.arange(i, min(i + 512, size)))
+              for i in range(0, size, 512)]
+    return TeacherCache.build(path, model, loader, "fc", num_samples=size)
+
+
 def run_methods(
     data: Dataset,
     teacher: TeacherOutputs,
@@ -66,8 +89,10 @@ def run_methods(
     seeds: Sequence[int],
     progress: bool = True,
     desc: str = "students",
+    teacher_source: Optional[Any] = None,
 ) -> dict[str, list[RunResult]]:
-    """Train every method on every seed (seed-major, so machine load hits all methods alike).
+    """Train every method on every seed (seed-major, so machine load hits all methods alike);
+    ``teacher_source``: a :class:`~crcd_plugin.TeacherCache` to distil from (see ``train_student``).
 
     Returns:
         ``{method: [RunResult per seed]}``.
@@ -84,7 +109,9 @@ def run_methods(
                     bar.update(1)
                     bar.set_postfix_str(f"{label} acc {acc:.3f}")
 
-                run = train_student(method, data, teacher, train, config, seed, on_epoch=tick)
+                run = train_student(
+                    method, data, teacher, train, config, seed, on_epoch=tick, teacher_source=teacher_source
+                )
                 results[method].append(run)
                 logger.info("%s seed %d: acc %.4f, %.3f s/epoch", method, seed, run.acc, run.time_per_epoch)
     return results

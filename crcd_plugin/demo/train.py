@@ -316,6 +316,7 @@ def train_student(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=train.epochs * steps_per_epoch)
 
     result = RunResult(method=method, seed=seed, acc=float("nan"))
+    indexed = num_samples or teacher_source is not None  # a bank and a cache read rows by dataset index
     x_all, y_all = data.x_train, data.y_train
     views = torch.Generator().manual_seed(seed + 104729)  # the same random views for every method
     for epoch in range(train.epochs):
@@ -331,7 +332,7 @@ def train_student(
             if distiller is None:
                 loss = F.cross_entropy(student(x), y)
             else:
-                loss = distiller({"x": x, "index": idx}, y, idx if num_samples else None)["loss"]
+                loss = distiller({"x": x, "index": idx}, y, idx if indexed else None)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
