@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -68,7 +69,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the counts and failures here")
     args = parser.parse_args(argv)
 
-    report: Dict[str, Dict[str, object]] = {}
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report: Dict[str, object] = {
+        "machine": f"{os.cpu_count()} CPU cores, {platform.platform()}, Python {platform.python_version()}",
+        "torch": torch.__version__,
+        "code": commit.stdout.strip() + (" (uncommitted changes)" if dirty else ""),
+    }
     failed = False
     for name in args.only or list(COMMANDS):
         codes: collections.Counter = collections.Counter()

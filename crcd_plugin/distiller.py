@@ -4,9 +4,10 @@ The distiller runs student and frozen teacher, captures the input of each classi
 penultimate feature) with hooks registered once, and returns CE + KD + CRCD (feature element,
 optionally gradient element) as a dict of named loss components. Integrations (Hugging Face, timm,
 Lightning) use only its contract: :attr:`CRCDDistiller.trainable_module`,
-:meth:`~CRCDDistiller.prepare_distributed`, :meth:`~CRCDDistiller.sync_gradients`,
-:meth:`~CRCDDistiller.crcd_state_dict` / :meth:`~CRCDDistiller.load_crcd_state_dict`,
-:meth:`~CRCDDistiller.set_progress` and :meth:`~CRCDDistiller.set_total_steps` (docs/architecture.md).
+:meth:`~CRCDDistiller.prepare_distributed` / :meth:`~CRCDDistiller.release_distributed`,
+:meth:`~CRCDDistiller.sync_gradients`, :meth:`~CRCDDistiller.crcd_state_dict` /
+:meth:`~CRCDDistiller.load_crcd_state_dict`, :meth:`~CRCDDistiller.set_progress` and
+:meth:`~CRCDDistiller.set_total_steps` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -298,7 +299,8 @@ class CRCDDistiller(nn.Module):
     Integration contract (what the HF and timm integrations use, and nothing else):
     :attr:`trainable_module` (student + CRCD state: what the optimizer and EMA take),
     :meth:`prepare_distributed` (DDP wraps the student only; CRCD buffers are never broadcast by
-    DDP), :meth:`sync_gradients` (one bucketed all-reduce for what DDP does not average) or
+    DDP) and :meth:`release_distributed` (before ``destroy_process_group()``),
+    :meth:`sync_gradients` (one bucketed all-reduce for what DDP does not average) or
     :meth:`sync_gradients_in_backward`, :meth:`no_sync`, :meth:`crcd_state_dict` /
     :meth:`load_crcd_state_dict` (shape-checked), :meth:`set_progress` and :meth:`set_total_steps`.
 
@@ -835,6 +837,29 @@ class CRCDDistiller(nn.Module):
         self._refresh_trainables()
         return self
 
+    def release_distributed(self) -> "CRCDDistiller":
+        """Unwrap the student from ``DistributedDataParallel``: call it before ``destroy_process_group()``.
+
+        The DDP wrapper's reducer holds the process group. While the distiller keeps the wrapper,
+        ``destroy_process_group()`` cannot free the group, and gloo's worker threads outlive it; a
+        worker that drops a finished collective's tensors while the interpreter shuts down aborts
+        the process. Unwrapped, the group is freed inside ``destroy_process_group()``, which waits
+        for those threads. The student keeps its weights; :attr:`trainable_module` follows. A
+        wrapper someone else also holds (``accelerator.prepare``) is only dropped by the distiller.
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> distiller.release_distributed()  # doctest: +SKIP
+            >>> torch.distributed.destroy_process_group()  # doctest: +SKIP
+        """
+        if isinstance(self.student, _DDP):
+            self.student = self.student.module
+            self._student_synced_by_ddp = False
+            self._refresh_trainables()
+        return self
+
     def _check_no_crcd_state_in(self, wrapper: nn.Module) -> None:
         """Enforce the rule: no CRCD module inside a DDP wrapper (its buffer broadcast would overwrite memories)."""
         if isinstance(wrapper, _DDP):
@@ -872,13 +897,20 @@ class CRCDDistiller(nn.Module):
         if world_size() == 1 or self._auto_sync is not None:
             return self
         queued = [False]
+        # The hooks live on the distiller's own parameters: a strong reference back would make a
+        # cycle that keeps the distiller (and its DDP wrapper, and so the process group) alive
+        # until the garbage collector runs, possibly only at interpreter exit.
+        owner = weakref.ref(self)
 
         def after_backward() -> None:
             queued[0] = False
-            self.sync_gradients()
+            distiller = owner()
+            if distiller is not None:
+                distiller.sync_gradients()
 
         def on_gradient(_: torch.Tensor) -> None:
-            if not queued[0] and not self._skip_sync:
+            distiller = owner()
+            if distiller is not None and not queued[0] and not distiller._skip_sync:
                 queued[0] = True
                 torch.autograd.Variable._execution_engine.queue_callback(after_backward)
 

@@ -16,6 +16,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+if dist.is_available():
+    # torch.distributed.nn binds ``group.WORLD`` as a default argument of its functions when it is
+    # first imported. Imported after ``init_process_group`` (DistributedDataParallel's constructor
+    # imports it through torch._dynamo), those defaults hold the default process group for good:
+    # ``destroy_process_group()`` then cannot free it, gloo's worker threads outlive the program,
+    # and one that drops a finished collective's tensors while the interpreter shuts down aborts
+    # the process ("terminate called without an active exception"). Imported here, before any
+    # group exists, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
 __all__ = [
     "world_size",
     "rank",

@@ -74,6 +74,10 @@ def main() -> None:
         f"CRCD state identical on all {accelerator.num_processes} processes: {bool((gathered == gathered[0]).all())}"
     )
     accelerator.wait_for_everyone()  # no process tears the group down while another is still working
+    # Drop every reference to the DDP wrapper (ours and the accelerator's) so that end_training()
+    # frees the process group and waits for gloo's worker threads (docs/distributed.md, "Ending a run").
+    distiller.release_distributed()
+    accelerator.free_memory()
     accelerator.end_training()
 
 

@@ -86,6 +86,10 @@ def main() -> None:
         print(f"student train accuracy {student_accuracy:.3f}")
         print(f"CRCD state identical on all {world} ranks: {bool(same)}")
     dist.barrier()  # no rank tears the group down while another is still printing or reducing
+    # Drop the DDP wrapper (its reducer holds the process group) so that destroy_process_group()
+    # frees the group and waits for gloo's worker threads; a group left alive until interpreter
+    # exit can abort the process there (docs/distributed.md, "Ending a run").
+    distiller.release_distributed()
     dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ each scenario writes its results to a file and the tests below check one behavio
 """
 
 import os
+import weakref
 
 import pytest
 import torch
@@ -189,19 +190,34 @@ def scenario_mlp_head(rank, out):
     torch.save(train(distiller.prepare_distributed(), steps=2).state_dict(), out("mlp_head"))
 
 
+def scenario_teardown(rank, out):
+    torch.manual_seed(rank)
+    distiller = make_distiller().prepare_distributed().sync_gradients_in_backward()
+    train(distiller, steps=2)
+    wrapper, owner = weakref.ref(distiller.student), weakref.ref(distiller)
+    distiller.release_distributed()
+    released = wrapper() is None  # without gc.collect(): no cycle holds the wrapper
+    del distiller
+    torch.save({"wrapper_freed": released, "distiller_freed": owner() is None}, out("teardown"))
+
+
 SCENARIOS = [
-    scenario_ddp, scenario_accumulate, scenario_uneven, scenario_concatenated, scenario_sharded, scenario_mlp_head
+    scenario_ddp, scenario_accumulate, scenario_uneven, scenario_concatenated, scenario_sharded, scenario_mlp_head,
+    scenario_teardown,
 ]
 
 
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    group = weakref.ref(dist.group.WORLD)
     try:
         for scenario in SCENARIOS:
             scenario(rank, lambda name: os.path.join(out_dir, f"{name}.rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Freed inside destroy_process_group(), which then waits for gloo's worker threads.
+    torch.save({"group_freed": group() is None}, os.path.join(out_dir, f"destroyed.rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +341,13 @@ def test_sharded_bank_holds_its_share_of_the_rows_on_each_rank(results):
     rows = [results("sharded", rank)["rows"] for rank in range(WORLD)]
     assert rows == [(0, N // 2), (N // 2, N)]
     assert results("sharded", 1)["sharded"]["state"]["memory_student.shard.weight"].shape == (N // 2, 8)
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_release_distributed_frees_the_ddp_wrapper_and_the_distiller_without_the_garbage_collector(results, rank):
+    assert results("teardown", rank) == {"wrapper_freed": True, "distiller_freed": True}
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_destroy_process_group_frees_the_group_after_ddp_training(results, rank):
+    assert results("destroyed", rank) == {"group_freed": True}

@@ -65,3 +65,44 @@ def test_a_ddp_wrapped_teacher_is_a_value_error(tmp_path):
             CRCDDistiller(nn.Sequential(nn.Linear(4, 3)), teacher, "0", "0", crcd_options={"queue_size": 8})
     finally:
         dist.destroy_process_group()
+
+
+def test_importing_crcd_plugin_binds_torch_distributed_nn_defaults_before_any_process_group():
+    # Bound to a live group (first imported after init_process_group), these defaults would keep
+    # it alive past destroy_process_group() and gloo's threads into interpreter exit (issue 22).
+    import inspect
+
+    import torch.distributed.nn.functional as dist_nn
+
+    defaults = [
+        default for function in vars(dist_nn).values() if inspect.isfunction(function)
+        for default in function.__defaults__ or ()
+    ]
+    assert defaults and not any(isinstance(default, dist.ProcessGroup) for default in defaults)
+
+
+def test_release_distributed_frees_the_ddp_wrapper_and_destroy_frees_the_group(tmp_path, monkeypatch):
+    import weakref
+
+    import crcd_plugin.distiller
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        distiller = tiny_distiller()
+        student = distiller.student
+        with monkeypatch.context() as patch:  # one process, but let prepare_distributed() wrap the student
+            patch.setattr(crcd_plugin.distiller, "world_size", lambda: 2)
+            distiller.prepare_distributed()
+        distiller(torch.randn(5, 4), torch.randint(0, 3, (5,)))["loss"].backward()
+        distiller.sync_gradients()
+        wrapper_ref, distiller_ref = weakref.ref(distiller.student), weakref.ref(distiller)
+        group_ref = weakref.ref(dist.group.WORLD)
+        assert isinstance(wrapper_ref(), nn.parallel.DistributedDataParallel)
+        assert distiller.release_distributed() is distiller
+        assert distiller.student is student
+        assert wrapper_ref() is None  # freed at once, not left to the garbage collector
+        del distiller
+        assert distiller_ref() is None
+    finally:
+        dist.destroy_process_group()
+    assert group_ref() is None  # nothing keeps the group (and gloo's threads) alive
