@@ -30,6 +30,7 @@ COMMANDS: Dict[str, str] = {
         "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
         "--dynamo_backend no examples/accelerate_train.py"
     ),
+    "fabric": "python examples/fabric_train.py --devices 2",
 }
 ABORT = "terminate called without an active exception"
 
