@@ -8,6 +8,19 @@ sys.path.insert(0, os.path.dirname(__file__))
 # it is first imported, which importing torch can already do, so it is set before anything else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test: on tiny models more threads only add contention (10-30x
+    slower on a busy 2-core box). Files use it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # 0.2.0's defaults, for tests whose assertions were written against them (reference numerics,
 # bitwise comparisons without random anchor draws, both sides' memories written). Since 0.3 the

@@ -11,12 +11,7 @@ from crcd_plugin import CRCDDistiller, CRCDLoss, DistillSchedule
 B, DS, DT, EMBED, N, CLASSES = 6, 5, 7, 8, 40, 3
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class Net(nn.Module):

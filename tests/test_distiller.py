@@ -24,13 +24,7 @@ def v020_config(**relation) -> CRCDConfig:
     return CRCDConfig(**V020_WEIGHTS, relation=RelationConfig(**dict(V020_RELATION, **relation)))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: two intra-op threads only add contention (10-30x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class TinyNet(nn.Module):

@@ -47,13 +47,7 @@ SMALL = {"queue_size": 32, "embed_dim": 8}
 V020_SMALL = dict(V020_LOSS_KEYWORDS, **SMALL)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: two intra-op threads only add contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ---- tiny models and data -------------------------------------------------------------------------

@@ -19,12 +19,7 @@ from crcd_plugin import CRCDDistiller
 STEPS, CHECK_EVERY, BATCH = 60, 10, 32
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class TinyCNN(nn.Module):

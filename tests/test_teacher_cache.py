@@ -20,12 +20,7 @@ from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig, TeacherCache
 N, IN_DIM, CLASSES, BATCH = 24, 6, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 class Indexed(Dataset):

@@ -16,12 +16,7 @@ from crcd_plugin import CRCDConfig, RelationConfig, TeacherCache
 VOCAB, SEQ, LABELS, N = 20, 6, 3, 32
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def assert_close_parameters(a: nn.Module, b: nn.Module) -> None:

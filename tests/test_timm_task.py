@@ -36,13 +36,7 @@ PAIRS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: two intra-op threads only add contention on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def make_task(pair: str = "vit", seed: int = 0, **options) -> CRCDDistillationTask:
