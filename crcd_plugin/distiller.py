@@ -1154,12 +1154,7 @@ def _check_cache(
     num_samples: Optional[int],
 ) -> str:
     """The teacher classifier path of a distiller that reads ``cache`` (checked against it)."""
-    if num_samples is not None and num_samples != len(cache):
-        raise ValueError(f"num_samples={num_samples} but the TeacherCache holds {len(cache)} rows: it was built "
-                         "for a dataset of another size")
-    if classifier is not None and classifier != cache.classifier:
-        raise ValueError(f"teacher_classifier={classifier!r} but the TeacherCache was built at the teacher's "
-                         f"{cache.classifier!r}: leave teacher_classifier at None or pass {cache.classifier!r}")
+    cache.expect(num_samples=num_samples, classifier=classifier, classifier_argument="teacher_classifier")
     if teacher_transform is not None:
         raise ValueError("teacher_transform applies when a cache is built (TeacherCache.build(teacher_transform=...)),"
                          " not to a distiller that reads one")

@@ -336,16 +336,33 @@ class TeacherCache:
         if unwritten.numel():
             raise ValueError(f"teacher cache {str(path)!r} has rows that were never written (e.g. "
                              f"{unwritten[:5].tolist()}); rebuild it")
-        if num_samples is not None and num_samples != len(cache):
-            raise ValueError(f"num_samples={num_samples} but the teacher cache {str(path)!r} holds {len(cache)} "
-                             "rows: it was built for a dataset of another size")
-        if classifier is not None and classifier != cache.classifier:
-            raise ValueError(f"classifier={classifier!r} but the teacher cache {str(path)!r} was built at the "
-                             f"teacher's {cache.classifier!r}")
-        if teacher is not None and cls.fingerprint_of(teacher) != cache.fingerprint:
-            raise ValueError(f"teacher: the cache {str(path)!r} was built from another teacher (fingerprint "
-                             f"{cache.fingerprint[:12]}..., this teacher's differs); rebuild it for this teacher")
-        return cache
+        return cache.expect(num_samples=num_samples, classifier=classifier, teacher=teacher)
+
+    def expect(
+        self,
+        *,
+        num_samples: Optional[int] = None,
+        classifier: Optional[str] = None,
+        teacher: Optional[nn.Module] = None,
+        classifier_argument: str = "classifier",
+    ) -> "TeacherCache":
+        """Check that the cache was built for this dataset size, classifier path and teacher (each
+        only if given); a ``ValueError`` names the argument (``classifier_argument`` for the path).
+
+        Returns:
+            ``self``.
+        """
+        where = f"the teacher cache {str(self.path)!r}"
+        if num_samples is not None and num_samples != len(self):
+            raise ValueError(f"num_samples={num_samples} but {where} holds {len(self)} rows: it was built for a "
+                             "dataset of another size")
+        if classifier is not None and classifier != self.classifier:
+            raise ValueError(f"{classifier_argument}={classifier!r} but {where} was built at the teacher's "
+                             f"{self.classifier!r}: leave {classifier_argument} out or pass {self.classifier!r}")
+        if teacher is not None and self.fingerprint_of(teacher) != self.fingerprint:
+            raise ValueError(f"teacher: the cache {str(self.path)!r} was built from another teacher (fingerprint "
+                             f"{self.fingerprint[:12]}..., this teacher's differs); rebuild it for this teacher")
+        return self
 
     # ------------------------------------------------------------------ build
     @classmethod
