@@ -756,10 +756,12 @@ class CachedTeacher(nn.Module):
                 raise ValueError("the cache stores the gradient element of class-index targets: probability "
                                  "targets (mixup, soft labels) need a live teacher or gradient_element=False")
         else:
-            self._check_targets(self.cache.targets(rows), target)
-        feature, head_logits, logits = self.cache.rows(rows, device)
-        gradients = self.cache.gradient_rows(rows, device) if stored_gradient else None
-        return CachedRows(feature, head_logits, logits, gradients)
+            self._check_targets(self.cache._fields["targets"][rows], target)
+        # ``rows`` and the device were checked above: read without checking them again per field.
+        read = self.cache._read
+        gradients = read(_GRADIENT, rows, device) if stored_gradient else None
+        return CachedRows(read("feature", rows, device), read("head_logits", rows, device),
+                          read("logits", rows, device), gradients)
 
     @staticmethod
     def _check_targets(expected: torch.Tensor, target: torch.Tensor) -> None:
