@@ -227,6 +227,8 @@ class CRCDConfig:
         task_weight: Weight of the student's task cross-entropy (paper: gamma).
         kd_weight: Weight of Hinton KD (paper: alpha; 0 turns it off).
         kd_temperature: KD temperature ``T``; the KL is scaled by ``T^2``.
+        kd_standardize: Z-score each row of the student and teacher logits before the
+            temperature (logit-standardised KD, Sun et al., CVPR 2024).
         feature_weight: Weight of the CRCD feature element (paper: beta; 0 turns it off).
         gradient_element: Also distil the relations of the CE gradients w.r.t. the features.
         gradient_weight: Weight of the CRCD gradient element.
@@ -255,6 +257,7 @@ class CRCDConfig:
     task_weight: float = 0.5
     kd_weight: float = 0.5
     kd_temperature: float = 1.0
+    kd_standardize: bool = False
     feature_weight: float = 0.3
     gradient_element: bool = False
     gradient_weight: float = 0.3
@@ -277,6 +280,8 @@ class CRCDConfig:
             raise ValueError(f"{owner}.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"{owner}.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.kd_standardize, bool):
+            raise TypeError(f"{owner}.kd_standardize must be a bool, got {self.kd_standardize!r}")
         check_choice(f"{owner}.gradient_normalization", self.gradient_normalization, GRADIENT_NORMALIZATIONS)
         check_choice(f"{owner}.schedule", self.schedule, SCHEDULE_KINDS)
         if not 0.0 <= self.schedule_start < self.schedule_until <= 1.0:

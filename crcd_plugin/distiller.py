@@ -1071,7 +1071,9 @@ class CRCDDistiller(nn.Module):
             )
             self._ensure_built(f_s, teacher)
 
-        kd = kd_loss(logits_s, teacher.logits, config.kd_temperature) if config.kd_weight > 0 else zero
+        kd = zero
+        if config.kd_weight > 0:
+            kd = kd_loss(logits_s, teacher.logits, config.kd_temperature, config.kd_standardize)
         relations = self._has_relations(logits_s.shape[0])
         # The gradient element runs first: bad values in the features also reach their gradients,
         # so it raises before either loss has written its memory, and a failed step moves no state.

@@ -394,11 +394,26 @@ def _masked_shared(
     return scores.masked_fill(excluded, value)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 4.0,
+    standardize: bool = False,
+) -> torch.Tensor:
     """Hinton KD: ``KL(softmax(t / T) || softmax(s / T)) * T^2``, mean over the batch, in fp32.
+
+    With ``standardize``, each row of both logits is first z-scored (``(z - mean) / std``, the
+    logit standardisation of Sun et al., CVPR 2024): the student then matches the teacher's logit
+    *relations*, not its logit scale, and the loss no longer depends on the student logits' norm,
+    so its gradient shrinks as they grow instead of staying large (docs/reliability.md).
 
     Shape:
         student_logits ``[B, C]``, teacher_logits ``[B, C]`` -> scalar.
+
+    Example:
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0, 4.0, 6.0]])
+        >>> float(kd_loss(s, t, 2.0, standardize=True)) < 1e-6   # same relations, other scale
+        True
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -407,9 +422,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_student = F.log_softmax(at_least_fp32(student_logits) / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(at_least_fp32(teacher_logits.detach()) / temperature, dim=-1)
+    student, teacher = at_least_fp32(student_logits), at_least_fp32(teacher_logits.detach())
+    if standardize:
+        if student.shape[-1] < 2:
+            raise ValueError(f"standardize=True needs at least 2 classes, got logits of shape {list(student.shape)}")
+        student, teacher = _standardize(student), _standardize(teacher)
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def _standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each row z-scored: ``(z - mean) / (std + eps)`` (unbiased std, as Sun et al.'s code)."""
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + eps)
 
 
 def _check_relation_inputs(student: torch.Tensor, anchors: torch.Tensor, candidates: torch.Tensor) -> None:

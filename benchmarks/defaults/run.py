@@ -1,29 +1,31 @@
-"""Choose the library's defaults on the suite (validation only), then report them on test.
+"""Defaults suite v2: choose the library's defaults on validation, then report them on test.
 
-    python benchmarks/defaults/run.py                  # the whole search, then the test report
-    python benchmarks/defaults/run.py --stage final    # only the test report of the chosen defaults
+    python benchmarks/defaults/run.py --stage search   # lr, kd, relation, gradient, crd (validation)
+    python benchmarks/defaults/run.py --stage final    # the test report of the chosen defaults
+    python benchmarks/defaults/run.py                  # both
 
-Stages, each on the validation split with paired seeds (the same seeds for every candidate):
+Every (setting, learning rate) cell is run at two learning rates: CE's best on validation
+(``lr`` stage) and one about 3.3x lower, where KD is usually run. Every table carries the external
+anchors on the same seeds and batch order: CE, Hinton KD (0.1 CE + 0.9 KL * T^2, T = 4),
+logit-standardised KD (Sun et al., CVPR 2024: 0.1 CE + 9 KL * T^2 on z-scored logits, T = 2) and
+CRD (CE + 0.8 CRD, the CRD paper's settings). Stages, validation only, paired seeds:
 
-1. ``lr``: the SGD learning rate of each setting, chosen for CE alone (the user's loop; seed 0);
-   KD with 0.2.0's form is run beside it at every rate, to show where KD alone is unsafe.
-2. ``kd``: the KD form (weight, temperature) at those rates: must never fall below CE.
-3. ``feature``: the feature element (weight, temperature, anchors, embedding size, sides), one
-   factor at a time from the start point (the demo's earlier tuned region), keeping the best mean
-   gain over KD.
-4. ``gradient``: the gradient element (rescaling before the head, weight) on top.
-5. ``bank``: the memory bank with ``num_samples`` (objective), on top.
-6. ``final``: test split, 5 fresh seeds: CE, KD, KD + CRCD, KD + CRCD + gradient, the bank, and
-   0.2.0's defaults; accuracy, paired differences, epoch time relative to KD (one thread).
+1. ``lr``: CE at 0.05 / 0.1 / 0.2 (the textbook KD beside it); the cell pair of each setting.
+2. ``kd``: the KD form. A candidate must never fall more than 1 point below CE in any cell; among
+   those, the best mean gain over the better of CE and textbook KD in each cell.
+3. ``relation``: the feature element's weight on top of the chosen KD (0 if none helps).
+4. ``gradient``: the gradient element on top; on only if it helps on average and never hurts a
+   setting beyond its standard error.
+5. ``final``: test split, 5 fresh seeds, every anchor and the chosen defaults; accuracy +- standard
+   error, paired differences, the checks of issue 29 and epoch time relative to KD (one thread).
 
-Results are cached per run in ``benchmarks/results/defaults/runs.jsonl`` (a rerun resumes); the
-tables go to ``benchmarks/results/defaults/report.md``.
+Runs are cached in ``benchmarks/results/defaults/runs.jsonl`` (a rerun resumes); choices go to
+``chosen.json`` and the tables to ``report.md`` (search) and ``final.md`` (test).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import multiprocessing as mp
@@ -31,42 +33,46 @@ import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "defaults"
 RUNS = OUT / "runs.jsonl"
-LRS = (0.05, 0.1, 0.2)
+LR_GRID = (0.05, 0.1, 0.2)
+LOWER = {0.05: 0.015, 0.1: 0.03, 0.2: 0.06}  # about 3.3x lower
+LR_SEEDS = (0, 1)
 SEARCH_SEEDS = (0, 1)
-LR_SEEDS = (0,)
 TEST_SEEDS = (10, 11, 12, 13, 14)
 
-# The start point of the feature-element search: the demo's tuned region (in-batch InfoNCE,
-# one-sided, few anchors, a small embedding).
-START_RELATION = {"negatives": "batch", "objective": "infonce", "temperature": 0.1, "embed_dim": 64,
-                  "num_anchors": 8, "symmetric": False}
-FEATURE_FACTORS = (
-    ("feature_weight", (0.3, 1.0, 3.0)),
-    ("relation.temperature", (0.1, 0.2, 0.5)),
-    ("relation.num_anchors", (2, 8, 16)),
-    ("relation.embed_dim", (32, 64, 128)),
-    ("relation.symmetric", (False, True)),
-)
-GRADIENT_CANDIDATES = (("none", 1.0), ("sample", 0.3), ("batch", 0.3), ("batch", 1.0))
-# (task_weight, kd_weight, T). With T = 1, task_weight + kd_weight = 1 makes CE + KD exactly the
-# cross-entropy against the mixed target (1 - a) y + a p_teacher: its gradient is never larger than
-# CE's, so it is safe wherever CE is. Hinton's T^2 scaling multiplies KD's gradient by T.
-KD_CANDIDATES = (
-    (1.0, 0.9, 4.0), (1.0, 0.9, 2.0), (1.0, 0.9, 1.0), (1.0, 0.5, 2.0), (1.0, 0.2, 4.0),
-    (0.5, 0.5, 1.0), (0.1, 0.9, 1.0), (0.5, 0.5 / 16, 4.0),
-)
-# 0.2.0's defaults (feature element, no index): tau 0.05, d 128, both sides, every sample an anchor
-# (at most 500), InfoNCE over the batch, KD 0.9 at T 4.
-V020 = {"kd_weight": 0.9, "kd_temperature": 4.0, "feature_weight": 1.0,
-        "relation": {"negatives": "batch", "objective": "infonce", "temperature": 0.05, "embed_dim": 128,
-                     "num_anchors": 500, "symmetric": True}}
+Method = Tuple[Optional[str], Optional[dict]]  # (anchor, config): exactly one is set
+ANCHORS: Dict[str, Method] = {"ce": ("ce", None), "kd": ("kd", None), "lskd": ("lskd", None)}
+# CRD as its paper runs it: CE + 0.8 CRD, d 128, tau 0.07, NCE against a memory bank (K = 512 here,
+# smaller than the smallest training set and affordable on one CPU thread; 16384 in the paper),
+# momentum 0.5, both sides, the cold bank of its code; one draw of negatives per batch
+# (share_negatives: 3x cheaper here than per-sample draws, which cost 38 s a run).
+CRD: dict = {"feature_weight": 0.8, "relation": {"anchored": False, "negatives": "bank", "objective": "nce",
+                                                  "temperature": 0.07, "embed_dim": 128, "symmetric": True,
+                                                  "num_negatives": 512, "memory_init": "cold",
+                                                  "share_negatives": True}}
+# 0.3's defaults: KD at T = 1 with 0.5 / 0.5 (+ the feature element at 0.3).
+V03_KD = {"task_weight": 0.5, "kd_weight": 0.5, "kd_temperature": 1.0}
+# KD candidates (task_weight, kd_weight, T, standardize). With standardize the loss no longer grows
+# with the student's logit scale (its gradient falls as 1/std of the logits), which is what makes
+# Hinton's T^2 form unsafe at high learning rates; Sun et al.'s own weights are the lskd anchor.
+KD_CANDIDATES = ((1.0, 1.0, 2.0, True), (1.0, 3.0, 2.0, True), (0.1, 3.0, 2.0, True), (1.0, 9.0, 2.0, True),
+                 (0.1, 9.0, 2.0, True))
+FEATURE_WEIGHTS = (0.1, 0.3, 1.0)
+GRADIENT_WEIGHTS = (0.3,)
+
+
+def kd_name(task: float, weight: float, temp: float, standardize: bool) -> str:
+    return f"{'ls' if standardize else ''}kd task={task:g} w={weight:g} T={temp:g}"
+
+
+def kd_config(task: float, weight: float, temp: float, standardize: bool) -> dict:
+    return {"task_weight": task, "kd_weight": weight, "kd_temperature": temp, "kd_standardize": standardize}
 
 
 def load_cache() -> Dict[str, dict]:
@@ -78,8 +84,7 @@ def load_cache() -> Dict[str, dict]:
 def execute(specs: Sequence[suite.RunSpec], workers: int) -> List[dict]:
     """Run what the cache lacks (``workers`` processes, one thread each); rows in ``specs`` order."""
     cache = load_cache()
-    todo = [s for s in specs if s.key() not in cache]
-    todo = list({s.key(): s for s in todo}.values())
+    todo = list({s.key(): s for s in specs if s.key() not in cache}.values())
     if todo:
         print(f"  {len(todo)} runs to do ({len(specs) - len(todo)} cached)", flush=True)
         OUT.mkdir(parents=True, exist_ok=True)
@@ -91,221 +96,244 @@ def execute(specs: Sequence[suite.RunSpec], workers: int) -> List[dict]:
     return [cache[s.key()] for s in specs]
 
 
-def set_field(config: Dict[str, Any], name: str, value: Any) -> Dict[str, Any]:
-    config = copy.deepcopy(config)
-    if name.startswith("relation."):
-        config.setdefault("relation", {})[name.split(".", 1)[1]] = value
-    else:
-        config[name] = value
-    return config
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
+def mean_se(values: Sequence[float]) -> Tuple[float, float]:
     m = statistics.fmean(values)
     se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return m, se
 
 
-class Search:
-    def __init__(self, workers: int, report: List[str]) -> None:
-        self.workers, self.report = workers, report
-        self.lr: Dict[str, float] = {}
+Cell = Tuple[str, float]  # (setting, lr)
+Results = Dict[str, Dict[Cell, List[dict]]]  # {method: {cell: [rows, seed order]}}
 
-    def evaluate(self, configs: Dict[str, Optional[dict]], seeds=SEARCH_SEEDS, split="val",
-                 bank: Optional[Dict[str, bool]] = None) -> Dict[str, Dict[str, List[dict]]]:
-        """{candidate: {setting: [rows per seed]}} for every setting of the suite."""
+
+class Search:
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.report: List[str] = []
+        self.cells: List[Cell] = []
+
+    def evaluate(self, methods: Dict[str, Method], seeds: Sequence[int] = SEARCH_SEEDS, split: str = "val",
+                 cells: Optional[Sequence[Cell]] = None) -> Results:
         specs, where = [], []
-        for name, config in configs.items():
-            for setting in suite.SETTINGS:
+        for name, (anchor, config) in methods.items():
+            for cell in cells or self.cells:
                 for seed in seeds:
-                    specs.append(suite.RunSpec(setting.name, seed, self.lr[setting.name], split, config,
-                                               bool(bank and bank.get(name)), tag=name))
-                    where.append((name, setting.name))
+                    bank = bool(config and config.get("relation", {}).get("negatives") == "bank")
+                    specs.append(suite.RunSpec(cell[0], seed, cell[1], split, config, anchor, bank, tag=name))
+                    where.append((name, cell))
         rows = execute(specs, self.workers)
-        out: Dict[str, Dict[str, List[dict]]] = {name: {s.name: [] for s in suite.SETTINGS} for name in configs}
-        for (name, setting), row in zip(where, rows):
-            out[name][setting].append(row)
+        out: Results = {name: {} for name in methods}
+        for (name, cell), row in zip(where, rows):
+            out[name].setdefault(cell, []).append(row)
         return out
 
-    def table(self, title: str, results, baseline: str, names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-        """A markdown table of accuracy (points) per setting, with paired gains over ``baseline``."""
-        names = list(names or results)
-        head = "| candidate | " + " | ".join(s.name for s in suite.SETTINGS) + f" | mean gain over {baseline} | worst |"
-        lines = [f"### {title}", "", head, "|" + "---|" * (len(suite.SETTINGS) + 3)]
-        gains = {}
-        for name in names:
-            cells, per_setting = [], []
-            for s in suite.SETTINGS:
-                accs = [r["acc"] for r in results[name][s.name]]
-                base = [r["acc"] for r in results[baseline][s.name]]
-                diff = [100 * (a - b) for a, b in zip(accs, base)]
-                per_setting.append(statistics.fmean(diff))
-                flag = "!" if any(r["diverged"] for r in results[name][s.name]) else ""
-                cells.append(f"{100 * statistics.fmean(accs):.1f} ({statistics.fmean(diff):+.1f}){flag}")
-            gains[name] = statistics.fmean(per_setting)
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {gains[name]:+.2f} | {min(per_setting):+.1f} |")
+    def emit(self, lines: List[str]) -> None:
         self.report += lines + [""]
         print("\n".join(lines), flush=True)
+
+    def table(self, title: str, res: Results, names: Optional[Sequence[str]] = None) -> Dict[str, Dict[Cell, float]]:
+        """Accuracy per cell (points), and each method's paired gain over the better of CE and KD."""
+        names = list(names or res)
+        cells = list(res["ce"])
+        ref = reference(res)
+        head = ("| method | " + " | ".join(f"{s} @{lr}" for s, lr in cells)
+                + " | mean gain over best(CE, KD) | worst vs CE |")
+        lines = [f"### {title}", "", head, "|" + "---|" * (len(cells) + 3)]
+        gains: Dict[str, Dict[Cell, float]] = {}
+        for name in names:
+            out, per_gain, per_ce = [], {}, []
+            for cell in cells:
+                accs = [100 * r["acc"] for r in res[name][cell]]
+                per_gain[cell] = statistics.fmean(a - b for a, b in zip(accs, ref[cell]))
+                per_ce.append(statistics.fmean(100 * (r["acc"] - c["acc"])
+                                               for r, c in zip(res[name][cell], res["ce"][cell])))
+                flag = "!" if any(r["diverged"] for r in res[name][cell]) else ""
+                out.append(f"{statistics.fmean(accs):.1f}{flag}")
+            gains[name] = per_gain
+            lines.append(f"| {name} | " + " | ".join(out) + f" | {statistics.fmean(per_gain.values()):+.2f} | "
+                         f"{min(per_ce):+.1f} |")
+        self.emit(lines)
         return gains
 
 
+def reference(res: Results) -> Dict[Cell, List[float]]:
+    """Per cell, per seed: the accuracy of whichever of CE and textbook KD is better on the cell's mean."""
+    out = {}
+    for cell, ce_rows in res["ce"].items():
+        ce = [100 * r["acc"] for r in ce_rows]
+        kd = [100 * r["acc"] for r in res["kd"][cell]] if "kd" in res else ce
+        out[cell] = kd if statistics.fmean(kd) > statistics.fmean(ce) else ce
+    return out
+
+
+def worst_vs_ce(res: Results, name: str) -> float:
+    return min(statistics.fmean(100 * (r["acc"] - c["acc"]) for r, c in zip(res[name][cell], res["ce"][cell]))
+               for cell in res["ce"])
+
+
 def stage_lr(search: Search) -> None:
-    configs = {}
-    for lr in LRS:
-        configs[f"ce lr={lr}"] = None
-        configs[f"kd0.2 lr={lr}"] = {"kd_weight": 0.9, "kd_temperature": 4.0, "feature_weight": 0.0}
-    lines = ["### Stage lr: CE (and 0.2.0's KD) at each learning rate, validation", "",
-             "| setting | " + " | ".join(f"CE {lr} | KD0.2 {lr}" for lr in LRS) + " | chosen |",
-             "|" + "---|" * (2 * len(LRS) + 2)]
-    rows: Dict[str, Dict[str, float]] = {}
-    for lr in LRS:
-        search.lr = {s.name: lr for s in suite.SETTINGS}
-        res = search.evaluate({k: v for k, v in configs.items() if k.endswith(f"={lr}")}, seeds=LR_SEEDS)
-        for name, per in res.items():
-            for setting, rs in per.items():
-                rows.setdefault(setting, {})[name] = statistics.fmean(r["acc"] for r in rs)
-    chosen = {}
+    cells = [(s.name, lr) for s in suite.SETTINGS for lr in LR_GRID]
+    res = search.evaluate({"ce": ANCHORS["ce"], "kd": ANCHORS["kd"]}, seeds=LR_SEEDS, cells=cells)
+    lines = ["### Stage lr: CE and textbook KD at each learning rate (validation, seeds 0-1)", "",
+             "| setting | " + " | ".join(f"CE {lr} | KD {lr}" for lr in LR_GRID) + " | cells |",
+             "|" + "---|" * (2 * len(LR_GRID) + 2)]
+    search.cells = []
     for s in suite.SETTINGS:
-        best = max(LRS, key=lambda lr: rows[s.name][f"ce lr={lr}"])
-        chosen[s.name] = best
-        cells = " | ".join(f"{100 * rows[s.name][f'ce lr={lr}']:.1f} | {100 * rows[s.name][f'kd0.2 lr={lr}']:.1f}"
-                           for lr in LRS)
-        lines.append(f"| {s.name} | {cells} | {best} |")
-    search.lr = chosen
-    search.report += lines + [""]
-    print("\n".join(lines), flush=True)
+        acc = {(m, lr): statistics.fmean(r["acc"] for r in res[m][(s.name, lr)])
+               for m in ("ce", "kd") for lr in LR_GRID}
+        best = max(LR_GRID, key=lambda lr: acc[("ce", lr)])
+        search.cells += [(s.name, best), (s.name, LOWER[best])]
+        cells_text = " | ".join(f"{100 * acc[('ce', lr)]:.1f} | {100 * acc[('kd', lr)]:.1f}" for lr in LR_GRID)
+        lines.append(f"| {s.name} | {cells_text} | {best}, {LOWER[best]} |")
+    search.emit(lines)
 
 
 def stage_kd(search: Search) -> dict:
-    configs: Dict[str, Optional[dict]] = {"ce": None}
-    for task, weight, temp in KD_CANDIDATES:
-        name = f"kd w={weight} T={temp}" if task == 1.0 else f"task {task} kd w={weight:g} T={temp}"
-        configs[name] = {"kd_weight": weight, "kd_temperature": temp, "feature_weight": 0.0}
-        if task != 1.0:
-            configs[name]["task_weight"] = task
-    res = search.evaluate(configs)
-    gains = search.table("Stage kd: KD forms, validation (accuracy, gain over CE)", res, "ce")
-
-    def worst(name: str) -> float:
-        return min(statistics.fmean(100 * (a["acc"] - b["acc"]) for a, b in zip(res[name][s], res["ce"][s]))
-                   for s in res[name])
-
-    safe = [n for n in configs if n != "ce" and worst(n) > -1.0] or [n for n in configs if n != "ce"]
-    best = max(safe, key=lambda n: gains[n])
-    search.report.append(f"Chosen KD form: **{best}** (best mean gain among forms never more than 1 point below CE).\n")
-    kd = configs[best]
-    assert kd is not None
-    return {k: v for k, v in kd.items() if k != "feature_weight"}
+    methods: Dict[str, Method] = dict(ANCHORS)
+    methods["0.3 kd (task=0.5 w=0.5 T=1)"] = (None, dict(V03_KD))
+    for cand in KD_CANDIDATES:
+        methods[kd_name(*cand)] = (None, kd_config(*cand))
+    res = search.evaluate(methods)
+    gains = search.table("Stage kd: KD forms (validation accuracy; anchors ce, kd, lskd)", res)
+    pool = [n for n in methods if n not in ("ce", "kd") and methods[n][1] is not None]
+    safe = [n for n in pool if worst_vs_ce(res, n) > -1.0] or pool
+    best = max(safe, key=lambda n: statistics.fmean(gains[n].values()))
+    search.emit([f"Chosen KD form: **{best}** (best mean gain over the better of CE and KD among forms never more "
+                 f"than 1 point below CE in any cell; safe: {', '.join(safe)})."])
+    return dict(methods[best][1] or {})
 
 
-def stage_feature(search: Search, kd: dict) -> dict:
-    base_kd = dict(kd, feature_weight=0.0)
-    current = dict(kd, feature_weight=1.0, relation=dict(START_RELATION))
-    for name, values in FEATURE_FACTORS:
-        configs: Dict[str, Optional[dict]] = {"kd": base_kd}
-        for value in values:
-            configs[f"{name}={value}"] = set_field(current, name, value)
-        res = search.evaluate(configs)
-        gains = search.table(f"Stage feature, {name} (others: {json.dumps(current)})", res, "kd")
-        best = max((n for n in configs if n != "kd"), key=lambda n: gains[n])
-        current = configs[best]  # type: ignore[assignment]
-        search.report.append(f"Kept **{best}** (mean gain {gains[best]:+.2f} over KD).\n")
-    return current
+def stage_relation(search: Search, kd: dict) -> dict:
+    methods: Dict[str, Method] = dict(ANCHORS)
+    methods["kd*"] = (None, kd)
+    for weight in FEATURE_WEIGHTS:
+        methods[f"kd* + crcd w={weight:g}"] = (None, dict(kd, feature_weight=weight))
+    res = search.evaluate(methods)
+    search.table("Stage relation: the feature element on top of the chosen KD (kd*)", res)
+    base = "kd*"
+    rows = ["", "| method | mean gain over kd* | worst setting mean vs kd* |", "|---|---|---|"]
+    best, best_gain = None, 0.0
+    for weight in FEATURE_WEIGHTS:
+        name = f"kd* + crcd w={weight:g}"
+        diffs = {cell: statistics.fmean(100 * (a["acc"] - b["acc"]) for a, b in zip(res[name][cell], res[base][cell]))
+                 for cell in res[base]}
+        gain, worst = statistics.fmean(diffs.values()), min(diffs.values())
+        rows.append(f"| {name} | {gain:+.2f} | {worst:+.1f} |")
+        if gain > best_gain and worst > -1.0:
+            best, best_gain = weight, gain
+    search.emit(rows + ["", f"Chosen feature weight: **{best if best is not None else 0}** (best mean gain over kd* "
+                            "among weights never more than 1 point below it; 0 when none gains)."])
+    return dict(kd, feature_weight=best or 0.0)
 
 
 def stage_gradient(search: Search, feature: dict) -> dict:
-    configs: Dict[str, Optional[dict]] = {"crcd": feature}
-    for norm, weight in GRADIENT_CANDIDATES:
-        configs[f"grad {norm} w={weight}"] = dict(feature, gradient_element=True, gradient_normalization=norm,
-                                                 gradient_weight=weight)
-    res = search.evaluate(configs)
-    gains = search.table("Stage gradient: gradient element on top of the chosen feature element", res, "crcd")
-    # The gradient element's own loss at the end of training against its chance value.
-    lines = ["", "| candidate | final crcd_gradient_loss, mean over settings | chance value |", "|---|---|---|"]
-    informative = []
-    for name in configs:
-        if name == "crcd":
-            continue
-        rows = [r for per in res[name].values() for r in per]
-        final = statistics.fmean(r["final"].get("crcd_gradient_loss", float("nan")) for r in rows)
-        chance = chance_value(configs[name])
-        if final < chance - 0.1:
-            informative.append(name)
-        lines.append(f"| {name} | {final:.3f} | {chance:.3f} |")
-    search.report += lines + [""]
-    print("\n".join(lines), flush=True)
-    # The element must carry signal: only candidates whose relation loss ends below chance count.
-    best = max(informative or [n for n in configs if n != "crcd"], key=lambda n: gains[n])
-    search.report.append(
-        f"Best gradient candidate among those whose relation loss ends below chance: **{best}** "
-        f"(mean gain {gains[best]:+.2f} over KD + CRCD).\n"
-    )
-    return dict(configs[best], _gain=gains[best])  # type: ignore[arg-type]
+    methods: Dict[str, Method] = {"ce": ANCHORS["ce"], "kd": ANCHORS["kd"], "default*": (None, feature)}
+    for weight in GRADIENT_WEIGHTS:
+        methods[f"default* + grad w={weight:g}"] = (None, dict(feature, gradient_element=True, gradient_weight=weight))
+    res = search.evaluate(methods)
+    search.table("Stage gradient: the gradient element on top (batch-RMS rescaled)", res)
+    chosen = dict(feature)
+    for weight in GRADIENT_WEIGHTS:
+        name = f"default* + grad w={weight:g}"
+        per_setting = {}
+        for (setting, _), rows in res[name].items():
+            base = res["default*"][(setting, _)]
+            per_setting.setdefault(setting, []).extend(100 * (a["acc"] - b["acc"]) for a, b in zip(rows, base))
+        stats = {s: mean_se(d) for s, d in per_setting.items()}
+        mean_gain = statistics.fmean(m for m, _ in stats.values())
+        hurts = [s for s, (m, se) in stats.items() if m < -max(se, 0.1)]
+        search.emit([f"{name}: mean gain {mean_gain:+.2f} over default*; settings where it hurts beyond its "
+                     f"standard error: {', '.join(hurts) or 'none'}."])
+        if mean_gain > 0 and not hurts:
+            chosen = dict(feature, gradient_element=True, gradient_weight=weight)
+    search.emit([f"Gradient element by default: **{chosen.get('gradient_element', False)}**."])
+    return chosen
 
 
-def chance_value(config: Optional[dict], batch: int = 64) -> float:
-    """InfoNCE over the batch at chance: ``ln B`` per side."""
-    rel = (config or {}).get("relation", {})
-    return (2 if rel.get("symmetric") else 1) * math.log(batch)
+def stage_crd(search: Search) -> None:
+    res = search.evaluate({"ce": ANCHORS["ce"], "kd": ANCHORS["kd"], "crd": (None, CRD)})
+    search.table("Anchor CRD (validation)", res)
 
 
-def stage_bank(search: Search, feature: dict) -> dict:
-    configs: Dict[str, Optional[dict]] = {"crcd": feature}
-    bank = {}
-    for objective in ("nce", "infonce"):
-        name = f"bank {objective} K=256"
-        configs[name] = set_field(set_field(set_field(feature, "relation.negatives", "bank"),
-                                            "relation.objective", objective), "relation.num_negatives", 256)
-        bank[name] = True
-    res = search.evaluate(configs, bank=bank)
-    gains = search.table("Stage bank: memory bank (num_samples given) against in-batch", res, "crcd")
-    best = max((n for n in configs if n != "crcd"), key=lambda n: gains[n])
-    search.report.append(f"Bank objective: **{best}**.\n")
-    return configs[best]  # type: ignore[return-value]
+def final_methods(chosen: dict) -> Dict[str, Method]:
+    default = {k: v for k, v in chosen["default"].items()}
+    kd = {k: v for k, v in chosen["kd"].items()}
+    methods: Dict[str, Method] = dict(ANCHORS)
+    methods["crd"] = (None, CRD)
+    methods["0.3 default (kd T=1 + crcd)"] = (None, dict(V03_KD, feature_weight=0.3))
+    methods["default kd alone"] = (None, dict(kd, feature_weight=0.0))
+    methods["default"] = (None, default)
+    if not default.get("gradient_element"):
+        methods["default + grad"] = (None, dict(default, gradient_element=True, gradient_weight=0.3))
+    return methods
 
 
-def stage_final(search: Search, chosen: Dict[str, Optional[dict]], bank_names: Sequence[str]) -> None:
-    res = search.evaluate(chosen, seeds=TEST_SEEDS, split="test", bank={n: True for n in bank_names})
-    search.table("Final: test split, seeds 10-14 (accuracy, paired gain over KD)", res, "kd")
-    lines = ["", "| candidate | " + " | ".join(s.name for s in suite.SETTINGS) + " | mean |",
+def stage_final(search: Search, chosen: dict) -> None:
+    methods = final_methods(chosen)
+    res = search.evaluate(methods, seeds=TEST_SEEDS, split="test")
+    ref = reference(res)
+    cells = list(res["ce"])
+    lines = ["### Final: test split, seeds 10-14: accuracy (points) +- standard error", "",
+             "| method | " + " | ".join(f"{s} @{lr}" for s, lr in cells) + " | mean |", "|" + "---|" * (len(cells) + 2)]
+    for name in methods:
+        out, means = [], []
+        for cell in cells:
+            m, se = mean_se([100 * r["acc"] for r in res[name][cell]])
+            flag = "!" if any(r["diverged"] for r in res[name][cell]) else ""
+            out.append(f"{m:.1f} +- {se:.1f}{flag}")
+            means.append(m)
+        lines.append(f"| {name} | " + " | ".join(out) + f" | {statistics.fmean(means):.1f} |")
+    search.emit(lines)
+    lines = ["### Final: paired difference to the better of CE and textbook KD (points +- standard error)", "",
+             "| method | " + " | ".join(f"{s} @{lr}" for s, lr in cells) + " | mean | cells below best-SE | "
+             "cells below CE-SE |", "|" + "---|" * (len(cells) + 4)]
+    for name in methods:
+        out, means, below_best, below_ce = [], [], 0, 0
+        for cell in cells:
+            accs = [100 * r["acc"] for r in res[name][cell]]
+            ce = [100 * r["acc"] for r in res["ce"][cell]]
+            m, se = mean_se([a - b for a, b in zip(accs, ref[cell])])
+            mc, sec = mean_se([a - b for a, b in zip(accs, ce)])
+            below_best += m < -se
+            below_ce += mc < -sec
+            out.append(f"{m:+.1f} +- {se:.1f}")
+            means.append(m)
+        lines.append(f"| {name} | " + " | ".join(out)
+                     + f" | {statistics.fmean(means):+.2f} | {below_best} | {below_ce} |")
+    search.emit(lines)
+    lines = ["### Final: median epoch time relative to the library's KD alone (one thread, same process pool)", "",
+             "| method | " + " | ".join(s.name for s in suite.SETTINGS) + " | mean |",
              "|" + "---|" * (len(suite.SETTINGS) + 2)]
-    for name in chosen:
-        if name == "ce":
-            continue
-        cells, ratios = [], []
+    for name in methods:
+        ratios = []
         for s in suite.SETTINGS:
-            diffs = [100 * (a["acc"] - b["acc"]) for a, b in zip(res[name][s.name], res["kd"][s.name])]
-            m, se = mean_se(diffs)
-            ratio = statistics.median(r["epoch_time"] for r in res[name][s.name]) / statistics.median(
-                r["epoch_time"] for r in res["kd"][s.name])
-            ratios.append(ratio)
-            cells.append(f"{m:+.1f} +- {se:.1f} ({ratio:.2f}x)")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(ratios):.2f}x |")
-    search.report += ["### Final: paired difference to KD in points +- standard error (epoch time / KD's)"] + lines
-    print("\n".join(lines), flush=True)
+            mine = [r["epoch_time"] for c in cells if c[0] == s.name for r in res[name][c]]
+            base = [r["epoch_time"] for c in cells if c[0] == s.name for r in res["default kd alone"][c]]
+            ratios.append(statistics.median(mine) / statistics.median(base))
+        lines.append(f"| {name} | " + " | ".join(f"{r:.2f}x" for r in ratios) + f" | {statistics.fmean(ratios):.2f}x |")
+    search.emit(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--stage", default="all", choices=("all", "final"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stage", default="all", choices=("all", "search", "final"))
     args = parser.parse_args(argv)
-    report: List[str] = ["# Defaults suite report", ""]
-    search = Search(args.workers, report)
+    search = Search(args.workers)
+    search.report += ["# Defaults suite v2 report", ""]
     stage_lr(search)
     chosen_path = OUT / "chosen.json"
-    if args.stage == "all":
+    if args.stage in ("all", "search"):
         kd = stage_kd(search)
-        feature = stage_feature(search, kd)
-        gradient = stage_gradient(search, feature)
-        bank = stage_bank(search, feature)
-        chosen_path.write_text(json.dumps({"kd": kd, "feature": feature, "gradient": gradient, "bank": bank}, indent=1))
-    picks = json.loads(chosen_path.read_text())
-    gradient = {k: v for k, v in picks["gradient"].items() if not k.startswith("_")}
-    final = {"ce": None, "kd": dict(picks["kd"], feature_weight=0.0), "kd+crcd": picks["feature"],
-             "kd+crcd+grad": gradient, "kd+crcd bank": picks["bank"], "0.2.0 kd+crcd": V020}
-    stage_final(search, final, ["kd+crcd bank"])
-    (OUT / "report.md").write_text("\n".join(report) + "\n")
+        feature = stage_relation(search, kd)
+        default = stage_gradient(search, feature)
+        stage_crd(search)
+        chosen_path.write_text(json.dumps({"cells": search.cells, "kd": kd, "default": default}, indent=1) + "\n")
+        (OUT / "report.md").write_text("\n".join(search.report) + "\n")
+    if args.stage in ("all", "final"):
+        search.report = ["# Defaults suite v2: test report", ""]
+        stage_final(search, json.loads(chosen_path.read_text()))
+        (OUT / "final.md").write_text("\n".join(search.report) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,45 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines += ["", "| paired difference (same seeds) | mean | SE | n |", "|---|---|---|---|"]
         for name, row in paired.items():
             lines.append(f"| {name} | {row['mean']:+.4f} | {row['se']:.4f} | {row['n']} |")
+    verdicts = verdict_lines(students)
+    if verdicts:
+        lines += [""] + verdicts
     return "\n".join(lines)
+
+
+# What the demo is expected to show, as (method, baseline): each is checked on screen.
+CLAIMS = (("kd", "ce"), ("crcd", "kd"))
+
+
+def verdict_lines(students: Mapping[str, Any]) -> list:
+    """One plain sentence per claim of :data:`CLAIMS`: whether ``method`` beat ``baseline`` on the
+    seeds both ran (mean paired difference and its standard error), said plainly when it did not.
+
+    Example:
+        >>> rows = {"ce": {"accs": [0.80, 0.82], "seeds": [0, 1]}, "kd": {"accs": [0.85, 0.86], "seeds": [0, 1]}}
+        >>> verdict_lines(rows)[0]
+        'KD is above CE (no teacher): +4.50 +- 0.50 points over 2 paired seeds.'
+    """
+    out = []
+    for method, base in CLAIMS:
+        if method not in students or base not in students:
+            continue
+        by_seed = dict(zip(students[base]["seeds"], students[base]["accs"]))
+        diffs = [100 * (a - by_seed[s]) for s, a in zip(students[method]["seeds"], students[method]["accs"])
+                 if s in by_seed]
+        if not diffs:
+            continue
+        mean = sum(diffs) / len(diffs)
+        se = 0.0
+        if len(diffs) > 1:
+            se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+        label, base_label = LABELS.get(method, method), LABELS.get(base, base)
+        figure = f"{mean:+.2f} +- {se:.2f} points over {len(diffs)} paired seeds"
+        if mean > 0:
+            out.append(f"{label} is above {base_label}: {figure}.")
+        else:
+            out.append(f"{label} is NOT above {base_label} in this run: {figure}.")
+    return out
 
 
 def write_json(results: Mapping[str, Any], out: Path) -> Path:
