@@ -106,3 +106,16 @@ def test_the_glossary_is_linked_from_the_readme_before_its_terms_are_used():
     for term in ("anchor", "memory-bank negatives", "InfoNCE", "first write", "gradient element"):
         assert term.lower() in glossary, term
         assert readme.find(term) > link or readme.find(term) == -1, f"README uses {term!r} before the glossary link"
+
+
+def test_the_quick_subset_leaves_out_the_slow_tests_and_keeps_the_unit_tests():
+    # The README's quick command, collected only: the wheel, DDP and example tests are left out.
+    command = 'python -m pytest -m "not slow"'
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "--collect-only", "-q", "-p",
+                             "no:randomly", "tests/test_release.py", "tests/test_distributed.py", "tests/test_docs.py"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    collected = result.stdout
+    assert "test_python_blocks_run_or_are_excerpts" in collected and "test_the_version_has_a_dated" in collected
+    assert "fresh_environment" not in collected and "test_distributed.py" not in collected, collected
+    assert command in (ROOT / "README.md").read_text()
