@@ -111,8 +111,8 @@ def test_the_glossary_is_linked_from_the_readme_before_its_terms_are_used():
 def test_the_quick_subset_leaves_out_the_slow_tests_and_keeps_the_unit_tests():
     # The README's quick command, collected only: the wheel, DDP and example tests are left out.
     command = 'python -m pytest -m "not slow"'
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "--collect-only", "-q", "-p",
-                             "no:randomly", "tests/test_release.py", "tests/test_distributed.py", "tests/test_docs.py"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "not slow", "--collect-only",
+                             "tests/test_release.py", "tests/test_distributed.py", "tests/test_docs.py"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     collected = result.stdout

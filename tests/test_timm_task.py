@@ -303,6 +303,7 @@ def test_ema_tracks_the_student_and_crcd_heads_and_evaluates_the_student():
 # --- compile and distributed ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_task_runs_with_compiled_backbones_and_an_eager_classifier():
     torch._dynamo.reset()
     task = make_task("vit")
