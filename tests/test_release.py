@@ -143,3 +143,12 @@ def test_ruff_is_clean():
 def test_mypy_is_clean_on_the_package():
     result = _run([sys.executable, "-m", "mypy", "crcd_plugin"], cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_install_instructions_name_this_versions_wheel():
+    import re
+
+    version = _project_version()
+    for page in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        named = set(re.findall(r"crcd_plugin-([0-9][^-]*)-py3-none-any\.whl", page.read_text()))
+        assert named == {version}, f"{page.name} names the wheels of {sorted(named)}; the package is {version}"
