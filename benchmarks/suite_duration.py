@@ -45,6 +45,7 @@ def main() -> int:
             "wall_s": round(wall, 1),
             "returncode": result.returncode,
             "summary": summary[0] if summary else "",
+            "failed": [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))],
             "load_average_after": os.getloadavg(),
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
