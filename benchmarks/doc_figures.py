@@ -13,9 +13,11 @@ others take minutes and are checked by running this script before a release.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple
@@ -92,7 +94,11 @@ def check(name: str) -> bool:
     figures = EXAMPLES[name]
     quoted = figures.quoted()
     start = time.time()
-    result = subprocess.run([sys.executable, *figures.command.split()[1:]], cwd=ROOT, capture_output=True, text=True)
+    script, *flags = figures.command.split()[1:]
+    with tempfile.TemporaryDirectory() as scratch:  # what the examples save goes here, not into the checkout
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        result = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=scratch, capture_output=True,
+                                text=True, env=env)
     if result.returncode != 0:
         print(f"{name}: {figures.command} failed:\n{result.stderr[-3000:]}")
         return False

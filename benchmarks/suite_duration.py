@@ -3,8 +3,10 @@
     python benchmarks/suite_duration.py                  # both, one after the other
     python benchmarks/suite_duration.py --which quick
 
-Writes benchmarks/results/suite_duration_cpu.json with each run's wall time, exit status and
-pytest's summary line. Figures depend on the machine and on what else runs on it: say which.
+Writes benchmarks/results/suite_duration_cpu.json with each run's wall time, exit status,
+pytest's summary line and failed tests. (Its first figures, 2026-12-07, ran without the venv's bin
+folder on PATH: the two launcher examples and the ruff test failed at once; run alone they took
+0.9 min more.) Figures depend on the machine and on what else runs on it: say which.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def main() -> int:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in names:
         start = time.time()
-        result = subprocess.run(RUNS[name], cwd=ROOT, capture_output=True, text=True)
+        # As in an activated venv: the tests launch torchrun, accelerate and ruff from its bin folder.
+        env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        result = subprocess.run(RUNS[name], cwd=ROOT, capture_output=True, text=True, env=env)
         wall = time.time() - start
         summary = [line for line in result.stdout.splitlines() if line.strip()][-1:]
         results[name] = {
