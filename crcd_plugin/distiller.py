@@ -37,6 +37,7 @@ from torch import nn
 
 from ._batches import to_device
 from ._checks import check_choice, check_positive_int
+from ._head_watch import watch_heads
 from .config import (
     SCHEDULE_KINDS,
     CRCDConfig,
@@ -1094,6 +1095,7 @@ class CRCDDistiller(nn.Module):
         distill = config.kd_weight * kd + config.feature_weight * feature_loss + config.gradient_weight * gradient_loss
         if self.training and torch.is_grad_enabled():
             self._observe(f_s, kd, feature_loss, gradient_loss)
+            watch_heads(self)  # warns once if the optimizer misses the CRCD heads
         return _terms(weight * distill, kd, feature_loss, gradient_loss)
 
     def _observe(self, feature: torch.Tensor, kd, feature_loss, gradient_loss) -> None:

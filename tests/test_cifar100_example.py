@@ -91,6 +91,7 @@ def test_distill_steps_with_feature_and_gradient_elements_update_student_only() 
     assert not _changed(teacher_before, teacher)
 
 
+@pytest.mark.slow
 def test_smoke_cli_trains_a_teacher_then_distils_from_its_checkpoint(tmp_path: Path) -> None:
     common = ["--smoke", "--output-dir", str(tmp_path), "--device", "cpu", "--batch-size", "4"]
     teacher = train.main(["--mode", "teacher", "--model", "resnet8", *common])

@@ -350,6 +350,7 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_rss_does_not_grow_over_2000_training_steps():
     torch.manual_seed(0)

@@ -11,6 +11,8 @@ from conftest import V020_RELATION
 
 from crcd_plugin import CRCDLoss, RelationConfig
 
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 B, DS, DT, EMBED, N = 4, 6, 8, 8, 32
 WORLD = 2
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from crcd_plugin import CRCDConfig, CRCDDistiller, CRCDLoss, RelationConfig
 
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 WORLD, N, DIN, CLASSES, B = 2, 40, 6, 3, 4
 
 

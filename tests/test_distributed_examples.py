@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = "torchrun --standalone --nproc_per_node 2 examples/ddp_train.py"
 ACCELERATE = "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no examples/accelerate_train.py"  # noqa: E501 - verbatim as printed

@@ -1,13 +1,17 @@
-"""Every code block in README.md and docs/ runs, or is an excerpt of a file that a test runs.
+"""Every code block in README.md and docs/ runs as written, or is an excerpt of a file that a test runs.
 
-Conventions for writers (also in docs/contributing.md):
+Conventions for writers:
 
 - A ```python block runs as part of its page: the page's python blocks run top to bottom in one
-  namespace (like a notebook), which starts with the names in ``_fixtures()`` (tiny models, a
-  loader, features), so snippets may use ``student``, ``teacher``, ``loader`` ... as a reader would.
+  fresh namespace (like a notebook). It starts with the placeholders that ``tests/doc_fixtures.py``
+  lists for that page (``student``, ``teacher``, ``loader`` ...: what a reader already has) and
+  nothing else: a snippet imports ``torch``, ``nn`` and ``crcd_plugin`` itself.
 - A block directly preceded by ``<!-- excerpt: PATH -->`` is not run: each of its non-blank,
   non-comment lines must occur, in order, in the file at PATH (an example or source file that
   tests run).
+- A block preceded by ``<!-- defaults -->`` runs like any other, and every keyword of its
+  ``CRCDConfig(...)`` / ``RelationConfig(...)`` call must be that field's default
+  (tests/test_doc_defaults.py).
 - A ```bash block: every command line must be the README's setup/test line (run by CI), or occur
   verbatim in a test file under tests/ (which runs it), or be preceded by
   ``<!-- not-run: REASON -->`` (GPU-only or long benchmark commands), which this test lists.
@@ -22,12 +26,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from doc_fixtures import PAGES as FIXTURE_PAGES
+from doc_fixtures import namespace_for, placeholders
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"(?:<!--\s*(excerpt|not-run):\s*(.*?)\s*-->\s*\n)?```(\w*)[^\n]*\n(.*?)```", re.S)
+BLOCK = re.compile(r"(?:<!--\s*(excerpt|not-run|defaults):?\s*(.*?)\s*-->\s*\n)?```(\w*)[^\n]*\n(.*?)```", re.S)
 
 
 def _blocks(page: Path):
@@ -38,39 +43,10 @@ def _blocks(page: Path):
         yield line, marker, argument, language, body
 
 
-class _Net(nn.Module):
-    """A tiny classifier with an ``fc`` head, like torchvision's ResNets."""
-
-    def __init__(self, width: int, in_dim: int = 16, classes: int = 10) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU())
-        self.fc = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x))
-
-
-def _fixtures() -> dict:
-    torch.manual_seed(0)
-    x, y = torch.randn(64, 16), torch.randint(0, 10, (64,))
-    train_set = TensorDataset(x, y, torch.arange(64))
-    return {
-        "torch": torch,
-        "nn": nn,
-        "student": _Net(8),
-        "teacher": _Net(32),
-        "train_set": train_set,
-        "loader": DataLoader(train_set, batch_size=16, shuffle=True),
-        "epochs": 2,
-        "x": x[:16],
-        "y": y[:16],
-        "index": torch.arange(16),
-        "student_dim": 8,
-        "teacher_dim": 32,
-        "student_feat": torch.randn(16, 8, requires_grad=True),
-        "teacher_feat": torch.randn(16, 32),
-        "task_loss": torch.zeros((), requires_grad=True),
-    }
+def _fixtures_0_2_0() -> dict:
+    """0.2.0's docs test started every page with torch, nn and every placeholder; its pages, as
+    released, rely on that."""
+    return {"torch": torch, "nn": nn, **placeholders()}
 
 
 def _readme_commands() -> set:
@@ -90,7 +66,7 @@ def _command_lines(body: str):
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_python_blocks_run_or_are_excerpts(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that save files write here
-    namespace = _fixtures()
+    namespace = namespace_for(page.name)
     for line, marker, argument, language, body in _blocks(page):
         if language != "python":
             continue
@@ -105,11 +81,34 @@ def test_python_blocks_run_or_are_excerpts(page, tmp_path, monkeypatch):
                 assert found >= 0, f"{page.name}:{line}: {code!r} is not in {argument} (after the previous line)"
                 position = found + len(code)
             continue
-        assert marker is None, f"{page.name}:{line}: python blocks run or are excerpts; not-run is for bash"
+        assert marker != "not-run", f"{page.name}:{line}: python blocks run or are excerpts; not-run is for bash"
         try:
             exec(compile(body, f"{page.name}:{line}", "exec"), namespace)
         except Exception as error:  # noqa: BLE001 - re-raised with the page and line
             raise AssertionError(f"{page.name}:{line}: block failed: {error!r}") from error
+
+
+def test_placeholders_are_a_readers_objects_never_modules_or_library_names():
+    import types
+
+    import crcd_plugin
+
+    library = {name for name in dir(crcd_plugin) if not name.startswith("_")}
+    for name, value in placeholders().items():
+        assert not isinstance(value, types.ModuleType), name
+        assert name not in library and name not in ("torch", "nn", "F"), name
+        assert not type(value).__module__.startswith("crcd_plugin"), name
+    pages = {page.name for page in PAGES}
+    assert set(FIXTURE_PAGES) <= pages, set(FIXTURE_PAGES) - pages
+    for page, names in FIXTURE_PAGES.items():
+        assert set(names) <= set(placeholders()), (page, set(names) - set(placeholders()))
+
+
+def test_a_snippet_sees_no_name_it_did_not_define_or_import(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("```python\nx = torch.zeros(1)\n```\n")
+    with pytest.raises(AssertionError, match="NameError"):
+        test_python_blocks_run_or_are_excerpts(page, tmp_path, monkeypatch)
 
 
 def test_bash_commands_are_run_by_ci_or_a_test():
@@ -146,7 +145,7 @@ def test_python_blocks_of_0_2_0_still_run(page, tmp_path, monkeypatch):
     import warnings
 
     monkeypatch.chdir(tmp_path)
-    namespace = _fixtures()
+    namespace = _fixtures_0_2_0()
     ran = 0
     for line, marker, _argument, language, body in _blocks(page):
         if language != "python" or marker == "excerpt":

@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 pytest.importorskip("transformers")
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -77,6 +77,7 @@ def _expected_nce(student, anchors, candidates):
     return naive_nce(logits, naive_z(logits.detach(), 1000), 1000)
 
 
+@pytest.mark.slow
 def test_compiled_core_matches_naive_values_and_gradients_across_batch_sizes():
     torch._dynamo.reset()
     for batch in (B, B - 3):  # the second size must reuse the dynamic-shape graph

@@ -330,6 +330,7 @@ torch.save(state, {out!r} + f"/rank{{trainer.global_rank}}.pt")
 """
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_keeps_the_crcd_state_identical_on_both_ranks(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path))))

@@ -32,7 +32,9 @@ def test_version_is_the_installed_metadata_and_pyproject_is_its_single_source():
 
     assert crcd_plugin.__version__ == importlib.metadata.version("crcd-plugin")
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["version"] == crcd_plugin.__version__
+    assert pyproject["project"]["version"] == crcd_plugin.__version__, (
+        f"pyproject.toml says {pyproject['project']['version']}, the installed metadata {crcd_plugin.__version__}: "
+        "reinstall the checkout (pip install -e .) after changing the version")
 
 
 def test_the_public_names_of_0_2_0_stay_importable_and_the_config_is_exported():

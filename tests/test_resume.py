@@ -94,6 +94,7 @@ def _run(script, role, path, negatives):
 
 
 # Bank and queue: the modes with random draws (negatives, anchor subsets) and state that moves.
+@pytest.mark.slow
 @pytest.mark.parametrize("negatives", ["bank", "queue"])
 def test_resumed_run_continues_with_bit_identical_losses(tmp_path, negatives):
     script = tmp_path / "run.py"

@@ -196,6 +196,7 @@ def test_shared_core_never_expands_the_candidates_per_sample(form):
     assert probe.largest * 4 <= batch * 512 * dim
 
 
+@pytest.mark.slow
 def test_compiled_shared_core_matches_naive_values_and_gradients():
     from crcd_plugin.kernels import dispatch
 

@@ -124,6 +124,7 @@ def test_bf16_autocast_step_is_finite_and_within_tolerance_of_fp32(teacher, digi
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.slow
 def test_soak_script_short_run_as_printed_keeps_memory_flat(tmp_path):
     # docs/reliability.md prints this command; the full 5,000-step run is a benchmark.
     import json

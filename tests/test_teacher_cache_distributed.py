@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig, TeacherCache
 
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 WORLD, N, IN_DIM, CLASSES = 2, 24, 5, 3
 
 

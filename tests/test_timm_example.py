@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # several processes or a subprocess run: left out by -m "not slow"
+
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 

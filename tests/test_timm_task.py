@@ -303,6 +303,7 @@ def test_ema_tracks_the_student_and_crcd_heads_and_evaluates_the_student():
 # --- compile and distributed ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_task_runs_with_compiled_backbones_and_an_eager_classifier():
     torch._dynamo.reset()
     task = make_task("vit")
@@ -358,6 +359,7 @@ def _ddp_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_prepare_distributed_wraps_the_student_alone_and_averages_the_crcd_head_gradients(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -16,6 +17,23 @@ if TYPE_CHECKING:
     from crcd_plugin.demo.train import TrainConfig
 
 logger = logging.getLogger("crcd_plugin.demo")
+
+# What the ``demo`` extra installs (pyproject.toml): the data generators, progress bars and plots.
+DEMO_MODULES = ("numpy", "mnist1d", "sklearn", "tqdm", "matplotlib")
+DEMO_INSTALL = 'pip install "crcd-plugin[demo]"'
+
+
+def missing_demo_modules() -> list:
+    """The modules of the ``demo`` extra that cannot be imported here."""
+    missing = []
+    for module in DEMO_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or shadowed installation
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
 
 
 def default_cache_dir() -> Path:
@@ -176,6 +194,11 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``crcd-demo``."""
+    missing = missing_demo_modules()
+    if missing:
+        print(f"crcd-demo: error: the demo needs {', '.join(missing)}, which the library alone does not install; "
+              f"install the demo extra: {DEMO_INSTALL}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -188,6 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_demo(args)
     except ValueError as error:
         print(f"crcd-demo: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # a dependency the check above does not know of
+        print(f"crcd-demo: error: {error}; install the demo extra: {DEMO_INSTALL}", file=sys.stderr)
         return 2
     return 0
 
