@@ -46,6 +46,7 @@ from .config import (
     deprecated,
 )
 from .distributed import average_gradients, broadcast_state, rank, world_size
+from .fsdp import is_fully_sharded, is_sharded_parameter, reshard, student_gradient_sync
 from .functional import kd_loss
 from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
 from .hooks import (
@@ -826,11 +827,13 @@ class CRCDDistiller(nn.Module):
         if world_size() == 1:
             return self
         trainable = any(p.requires_grad for p in self.student.parameters())
-        if trainable and not isinstance(self.student, _DDP):
+        # An FSDP2 student (fully_shard) reduces its own gradients: it is never wrapped in DDP.
+        if trainable and not isinstance(self.student, _DDP) and not is_fully_sharded(self.student):
             self.student = _DDP(
                 self.student, device_ids=list(device_ids) if device_ids is not None else None, **ddp_kwargs
             )
         self._check_no_crcd_state_in(self.student)
+        reshard(self.student)  # an optimizer made next must see FSDP2's sharded parameters
         for loss in (self.crcd_feature, self.crcd_gradient):
             if loss is not None:
                 broadcast_state(loss)
@@ -871,7 +874,9 @@ class CRCDDistiller(nn.Module):
         """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if it ran unwrapped."""
         yield from (param for _, param in self.crcd_named_parameters())
         if not (self._student_synced_by_ddp or isinstance(self.student, _DDP)):
-            yield from (p for p in unwrap_model(self.student).parameters() if p.requires_grad)
+            # FSDP2's parameters (DTensors) are reduce-scattered by FSDP2 itself.
+            yield from (p for p in unwrap_model(self.student).parameters()
+                        if p.requires_grad and not is_sharded_parameter(p))
 
     def sync_gradients(self) -> None:
         """Average over ranks the gradients DDP does not: the CRCD heads' (and an unwrapped student's).
@@ -922,7 +927,7 @@ class CRCDDistiller(nn.Module):
     def _no_sync(self) -> Iterator[None]:
         skip, self._skip_sync = self._skip_sync, True
         try:
-            with self.student.no_sync() if isinstance(self.student, _DDP) else contextlib.nullcontext():
+            with self.student.no_sync() if isinstance(self.student, _DDP) else student_gradient_sync(self.student, False):
                 yield
         finally:
             self._skip_sync = skip

@@ -103,6 +103,11 @@ def linear_cross_entropy_feature_grad(
     return gradient / batch if reduction == "mean" else gradient
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 shard), without importing it when unavailable."""
+    return type(tensor).__name__ == "DTensor" or any(cls.__name__ == "DTensor" for cls in type(tensor).__mro__)
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -169,6 +174,14 @@ def student_gradient_element(
     if not torch.is_grad_enabled():
         return None
     if _is_linear_head(head) and feature.dim() == 2:
+        if _is_dtensor(head.weight):
+            # Gathering it here would skip FSDP2's reduce-scatter of its gradient: ranks would diverge.
+            raise ValueError(
+                "the student classifier's weight is an FSDP2 shard outside its forward (fully_shard on the "
+                "classifier, or reshard_after_forward=True on the student's root); the gradient element needs "
+                "it gathered: leave the classifier in the root's group and shard the root with the default "
+                "reshard_after_forward"
+            )
         z = head(feature) if logits is None else logits
         return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing)
     if not feature.requires_grad:
@@ -228,7 +241,8 @@ def teacher_gradient_element(
     if _is_linear_head(head) and feature.dim() == 2:
         with torch.no_grad():
             z = head(feature) if logits is None else logits.detach()
-            return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing, reduction)
+            weight = head.weight.full_tensor() if _is_dtensor(head.weight) else head.weight  # FSDP2: gather
+            return linear_cross_entropy_feature_grad(z, weight, target, label_smoothing, reduction)
     if torch.is_inference_mode_enabled():
         return None
     if feature.is_inference():
