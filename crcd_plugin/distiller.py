@@ -927,7 +927,8 @@ class CRCDDistiller(nn.Module):
     def _no_sync(self) -> Iterator[None]:
         skip, self._skip_sync = self._skip_sync, True
         try:
-            with self.student.no_sync() if isinstance(self.student, _DDP) else student_gradient_sync(self.student, False):
+            student = self.student
+            with student.no_sync() if isinstance(student, _DDP) else student_gradient_sync(student, False):
                 yield
         finally:
             self._skip_sync = skip

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Type, Union, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .distributed import world_size
+from .sharded_memory import ShardedMemoryBank
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
@@ -35,15 +36,16 @@ __all__ = [
     "reshard",
 ]
 
+# Submodules of a teacher to shard one by one: dotted paths or module types (or one type).
+Blocks = Union[Sequence[Union[str, Type[nn.Module]]], Type[nn.Module]]
+
 # Integrations and whether each runs with an FSDP2-sharded student (docs/distributed.md, "FSDP2").
 _SUPPORTED = ("loop",)
 _REFUSED = {
     "hf": "CRCDTrainer averages the CRCD heads' gradients when accelerate syncs a DDP student and saves "
           "crcd_state_dict() from rank 0; neither is done for accelerate's FSDP2 plugin yet",
-    "lightning": "CRCDLightningModule keeps the CRCD state inside the LightningModule, which "
-                 "ModelParallelStrategy / FSDPStrategy would shard or wrap together with the student",
-    "fabric": "Fabric's FSDP strategy shards the module given to setup(); give it the student only and "
-              "drive the distiller as a plain loop does (prepare_distributed, sync_gradients)",
+    "lightning": "CRCDCallback distils the LightningModule itself and adds the CRCD heads to its optimizer; "
+                 "FSDPStrategy / ModelParallelStrategy shard that module and build the optimizer over its shards",
     "timm": "CRCDDistillationTask.prepare_distributed() wraps the student in DDP",
 }
 
@@ -80,7 +82,7 @@ def _default_mesh(device: torch.device) -> "DeviceMesh":
     return init_device_mesh(device.type, (world_size(),))
 
 
-def _blocks(teacher: nn.Module, blocks: Union[Sequence[Union[str, Type[nn.Module]]], Type[nn.Module]]) -> List[nn.Module]:
+def _blocks(teacher: nn.Module, blocks: Blocks) -> List[nn.Module]:
     """The modules ``blocks`` names: dotted paths, or module types (outermost matches, in order)."""
     specs = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
     if not specs:
@@ -95,6 +97,7 @@ def _blocks(teacher: nn.Module, blocks: Union[Sequence[Union[str, Type[nn.Module
         for _, module in teacher.named_modules():
             if module is teacher or id(module) in inside or not isinstance(module, types):
                 continue
+            assert isinstance(module, nn.Module)
             chosen.append(module)
             inside.update(id(sub) for sub in module.modules())
     if not chosen:
@@ -106,7 +109,7 @@ def _blocks(teacher: nn.Module, blocks: Union[Sequence[Union[str, Type[nn.Module
 
 def shard_teacher(
     teacher: nn.Module,
-    blocks: Union[Sequence[Union[str, Type[nn.Module]]], Type[nn.Module]],
+    blocks: Blocks,
     *,
     mesh: Optional["DeviceMesh"] = None,
     offload: bool = False,
@@ -176,25 +179,34 @@ def shard_teacher(
     return teacher
 
 
-def check_fsdp_integration(model: nn.Module, integration: str) -> None:
-    """Raise a clear error if ``model`` is FSDP2-sharded and ``integration`` does not support it.
+def check_fsdp_integration(
+    integration: str, model: Optional[nn.Module] = None, *, sharding: Optional[str] = None
+) -> None:
+    """Raise a clear error where ``integration`` would run a sharded student, which it does not support.
 
     The integrations call it once, where they take the student. Supported with FSDP2: a plain loop
-    (``torchrun``) with :meth:`CRCDDistiller.prepare_distributed` and :meth:`sync_gradients`.
+    (``torchrun``) with :meth:`CRCDDistiller.prepare_distributed` and :meth:`sync_gradients`
+    (``integration="loop"`` never raises).
 
     Args:
-        model: The student (or the module an integration was given).
-        integration: ``"hf"``, ``"lightning"``, ``"fabric"``, ``"timm"`` or ``"loop"``.
+        integration: ``"hf"``, ``"lightning"``, ``"timm"`` or ``"loop"``.
+        model: The student as the integration got it; refused if ``fully_shard`` was applied in it.
+        sharding: What the framework was configured to shard with, if anything (e.g.
+            ``"FSDPStrategy"``, ``"accelerate FSDP plugin"``); refused when given.
 
     Raises:
-        NotImplementedError: For a sharded ``model`` under an integration listed as refused.
+        NotImplementedError: For a sharded student (or a sharding framework) under a refused
+            integration; the message names it and says what to use instead.
         ValueError: For an unknown ``integration``.
     """
     if integration not in _REFUSED and integration not in _SUPPORTED:
         raise ValueError(f"integration must be one of {sorted([*_REFUSED, *_SUPPORTED])}, got {integration!r}")
-    if integration in _REFUSED and is_fully_sharded(model):
+    if integration not in _REFUSED:
+        return
+    how = sharding or ("fully_shard" if model is not None and is_fully_sharded(model) else None)
+    if how is not None:
         raise NotImplementedError(
-            f"crcd-plugin does not support an FSDP2-sharded student under the {integration!r} integration: "
+            f"crcd-plugin does not support a student sharded with {how} under the {integration!r} integration: "
             f"{_REFUSED[integration]}. Use a torchrun loop with CRCDDistiller (docs/distributed.md, 'FSDP2')."
         )
 
@@ -213,8 +225,8 @@ def _rank_local_prefixes(distiller: "CRCDDistiller") -> List[str]:
     return prefixes
 
 
-def _bank_of(distiller: "CRCDDistiller", prefix: str) -> nn.Module:
-    return distiller.get_submodule(prefix.rstrip("."))
+def _bank_of(distiller: "CRCDDistiller", prefix: str) -> ShardedMemoryBank:
+    return cast(ShardedMemoryBank, distiller.get_submodule(prefix.rstrip(".")))
 
 
 def _crcd_to_global(distiller: "CRCDDistiller", mesh: Optional["DeviceMesh"]) -> Dict[str, Any]:
@@ -236,7 +248,7 @@ def _crcd_to_global(distiller: "CRCDDistiller", mesh: Optional["DeviceMesh"]) ->
             mesh = _default_mesh(next(iter(bank.buffers())).device)
         for key in [k for k in state if k.startswith(prefix)]:
             local = state[key]
-            shape = (bank.total_rows, *local.shape[1:])  # type: ignore[attr-defined]
+            shape = torch.Size((bank.total_rows, *local.shape[1:]))
             stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
             state[key] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
     return state

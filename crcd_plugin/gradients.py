@@ -241,7 +241,8 @@ def teacher_gradient_element(
     if _is_linear_head(head) and feature.dim() == 2:
         with torch.no_grad():
             z = head(feature) if logits is None else logits.detach()
-            weight = head.weight.full_tensor() if _is_dtensor(head.weight) else head.weight  # FSDP2: gather
+            # A teacher sharded with FSDP2 (shard_teacher) keeps its classifier sharded: gather it.
+            weight = head.weight.full_tensor() if _is_dtensor(head.weight) else head.weight  # type: ignore[attr-defined]
             return linear_cross_entropy_feature_grad(z, weight, target, label_smoothing, reduction)
     if torch.is_inference_mode_enabled():
         return None

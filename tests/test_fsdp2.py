@@ -113,7 +113,8 @@ def aligned_steps(distiller, steps, rank, first=0):
 
 def scenario_concatenated(rank, out):
     distiller = shard_student(make_distiller(**CONCATENATED))
-    assert is_fully_sharded(distiller.student) and not isinstance(distiller.student, nn.parallel.DistributedDataParallel)
+    assert is_fully_sharded(distiller.student)
+    assert not isinstance(distiller.student, nn.parallel.DistributedDataParallel)  # FSDP2 reduces its own
     losses = aligned_steps(distiller, 3, rank)
     torch.save({"losses": losses, "state": full_state(distiller)}, out("concatenated"))
 
@@ -204,10 +205,10 @@ def scenario_refused(rank, out):
     errors = {}
     for integration in ("hf", "lightning", "timm"):
         try:
-            check_fsdp_integration(distiller.student, integration)
+            check_fsdp_integration(integration, distiller.student)
         except NotImplementedError as error:
             errors[integration] = str(error)
-    check_fsdp_integration(distiller.student, "loop")
+    check_fsdp_integration("loop", distiller.student)
     torch.save(errors, out("refused"))
 
 
@@ -336,9 +337,32 @@ def test_integrations_refuse_an_fsdp2_student_with_a_message_that_says_what_to_u
 
 def test_check_fsdp_integration_names_the_unknown_integration():
     with pytest.raises(ValueError, match="integration must be one of"):
-        check_fsdp_integration(nn.Linear(2, 2), "deepspeed")
+        check_fsdp_integration("deepspeed", nn.Linear(2, 2))
 
 
 def test_shard_teacher_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         shard_teacher(Teacher(), [Block])
+
+
+def test_check_fsdp_integration_refuses_a_framework_configured_to_shard():
+    with pytest.raises(NotImplementedError, match="FSDPStrategy under the 'lightning' integration"):
+        check_fsdp_integration("lightning", nn.Linear(2, 2), sharding="FSDPStrategy")
+    check_fsdp_integration("lightning", nn.Linear(2, 2))  # not sharded: nothing to refuse
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_lightning_callback_refuses_an_fsdp_strategy_before_building_the_distiller(strategy):
+    import types
+
+    pytest.importorskip("lightning")
+    from lightning.pytorch import strategies
+
+    from crcd_plugin.integrations.lightning import CRCDCallback
+
+    callback = CRCDCallback(Teacher(), student_head="fc", teacher_head="fc")
+    trainer = types.SimpleNamespace(strategy=getattr(strategies, strategy)())
+    module = types.SimpleNamespace(automatic_optimization=True)
+    with pytest.raises(NotImplementedError, match=strategy):
+        callback.on_fit_start(trainer, module)
+    assert callback.distiller is None
