@@ -77,9 +77,11 @@ def _fsdp_mesh(module: nn.Module) -> Optional["DeviceMesh"]:
 
 
 def _default_mesh(device: torch.device) -> "DeviceMesh":
+    """Every rank of the default group; a module still on the meta device gets the CUDA or CPU mesh."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (world_size(),))
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device.type == "meta" else device.type
+    return init_device_mesh(kind, (world_size(),))
 
 
 def _blocks(teacher: nn.Module, blocks: Blocks) -> List[nn.Module]:
@@ -134,7 +136,11 @@ def shard_teacher(
     when it is sharded.
 
     Args:
-        teacher: The trained teacher, on its device (``cuda:<local_rank>`` or CPU), not sharded yet.
+        teacher: The trained teacher, on its device (``cuda:<local_rank>`` or CPU), not sharded yet;
+            or built on the meta device, so that no rank ever holds it whole: then materialise the
+            shards after this call (``teacher.to_empty(device=...)``) and load its weights, e.g.
+            with ``torch.distributed.checkpoint`` or ``set_model_state_dict(...,
+            StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))``.
         blocks: Which submodules to shard one by one: dotted paths (``"blocks.0"``, ...) or module
             types (``Block``, ``LlamaDecoderLayer``: every outermost match, in forward order).
         mesh: A 1-D ``DeviceMesh``; default: every rank of the default group, on the teacher's device type.
