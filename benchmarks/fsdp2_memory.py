@@ -14,8 +14,13 @@ loads them, e.g. with ``torch.distributed.checkpoint``).
 
     PYTHONPATH=$PWD python benchmarks/fsdp2_memory.py
     PYTHONPATH=$PWD python benchmarks/fsdp2_memory.py --ranks 1 2 4 --out benchmarks/results/fsdp2_memory_cpu.json
+    PYTHONPATH=$PWD python benchmarks/fsdp2_memory.py --device cuda --ranks 1 2 4 --teacher-width 4096   # NCCL
 
-Linux only (``/proc``). On a machine with fewer cores than ranks the step times measure
+With ``--device cuda`` each rank runs on its own GPU over NCCL, and the peaks are
+``torch.cuda.max_memory_allocated()`` above the memory allocated before the models (exact, no
+allocator slack).
+
+Linux only (``/proc``) on CPU. On a machine with fewer cores than ranks the step times measure
 oversubscription as much as communication: compare modes at the same world size only.
 """
 
@@ -80,13 +85,32 @@ def _reset_peak() -> None:
         refs.write("5")  # VmHWM := VmRSS
 
 
-def _teacher(mode: str, args: argparse.Namespace) -> nn.Module:
+class _Memory:
+    """Peak memory in KiB: resident memory on CPU (``/proc``), allocated memory on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        return torch.cuda.memory_allocated() / 1024 if self.cuda else _rss_kb("VmRSS")
+
+    def peak(self) -> float:
+        return torch.cuda.max_memory_allocated() / 1024 if self.cuda else _rss_kb("VmHWM")
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak()
+
+
+def _teacher(mode: str, args: argparse.Namespace, device: torch.device) -> nn.Module:
     if mode == "ddp":
-        return Net(args.teacher_width, args.teacher_depth)
+        return Net(args.teacher_width, args.teacher_depth).to(device)
     with torch.device("meta"):
         teacher = Net(args.teacher_width, args.teacher_depth)
     shard_teacher(teacher, [Block])
-    teacher.to_empty(device="cpu")
+    teacher.to_empty(device=device)
     with torch.no_grad():
         for param in teacher.parameters():
             param.to_local().normal_(0.0, 0.02)  # type: ignore[attr-defined]
@@ -95,44 +119,51 @@ def _teacher(mode: str, args: argparse.Namespace) -> nn.Module:
 
 def _worker(rank: int, world: int, mode: str, args: argparse.Namespace, init: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    baseline_kb = _rss_kb("VmRSS")
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
+    memory = _Memory(device)
+    baseline_kb = memory.now()
     torch.manual_seed(0)
     with torch.device("meta"):
         full_bytes = sum(p.numel() * p.element_size() for p in Net(args.teacher_width, args.teacher_depth).parameters())
-    teacher = _teacher(mode, args)
+    teacher = _teacher(mode, args, device)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in teacher.parameters()]
     teacher_bytes = sum(t.numel() * t.element_size() for t in local)
-    student = Net(args.student_width, args.student_depth)
+    student = Net(args.student_width, args.student_depth).to(device)
     config = CRCDConfig(gradient_element=True, relation=RelationConfig(embed_dim=64, num_negatives=256))
-    distiller = CRCDDistiller(student, teacher, "fc", "fc", config, num_samples=NUM_SAMPLES)
+    distiller = CRCDDistiller(student, teacher, "fc", "fc", config, num_samples=NUM_SAMPLES).to(device)
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
         for block in student.blocks:
             fully_shard(block)
         fully_shard(student)
-    distiller.prepare_distributed()
+    distiller.prepare_distributed(device_ids=[rank] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     times = []
     for step in range(args.warmup + args.steps):
-        x = torch.randn(args.batch, DIN, generator=g)
-        y = torch.randint(0, CLASSES, (args.batch,), generator=g)
-        index = torch.randint(0, NUM_SAMPLES, (args.batch,), generator=g)
+        x = torch.randn(args.batch, DIN, generator=g).to(device)
+        y = torch.randint(0, CLASSES, (args.batch,), generator=g).to(device)
+        index = torch.randint(0, NUM_SAMPLES, (args.batch,), generator=g).to(device)
         if step == args.warmup:
-            resting_kb = _rss_kb("VmRSS")
-            _reset_peak()  # the peak of the measured steps, allocator warmed up
+            resting_kb = memory.now()
+            memory.reset_peak()  # the peak of the measured steps, allocator warmed up
         dist.barrier()
         start = time.perf_counter()
         distiller(x, y, index)["loss"].backward()
         distiller.sync_gradients()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         dist.barrier()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    peak_kb = _rss_kb("VmHWM")
+    peak_kb = memory.peak()
     # Exact bytes this rank keeps between steps: parameters, gradients, optimizer state, CRCD buffers.
     tensors = [*distiller.parameters(), *distiller.buffers()]
     tensors += [p.grad for p in distiller.parameters() if p.grad is not None]
@@ -168,6 +199,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="per rank")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per rank, NCCL")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     rows = []
@@ -192,7 +224,9 @@ def main() -> None:
     report = {
         "benchmark": "fsdp2_memory", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, {platform.platform()}",
-        "torch": torch.__version__, "commit": _commit(), "backend": "gloo (CPU)",
+        "torch": torch.__version__, "commit": _commit(),
+        "backend": "nccl (CUDA)" if args.device == "cuda" else "gloo (CPU)",
+        "memory": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "resident (VmHWM)",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "teacher_full_mib": full / 2**20,
         "rows": rows,

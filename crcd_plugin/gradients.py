@@ -173,15 +173,17 @@ def student_gradient_element(
     _check_inputs(head, feature, target)
     if not torch.is_grad_enabled():
         return None
+    # FSDP2 reduces a unit's gradients when the gradient of its input is ready: the gradient element
+    # reaches the classifier's weight by another path, so a classifier that is its own unit (or whose
+    # weight is still sharded here) would lose part of its gradient.
+    if type(head).__name__.startswith("FSDP") or (isinstance(head, nn.Module) and _is_dtensor(
+            getattr(head, "weight", torch.empty(0)))):
+        raise ValueError(
+            "the gradient element needs the student classifier gathered after the forward and inside its parent's "
+            "FSDP2 unit: do not fully_shard the classifier itself, and shard the student's root with the default "
+            "reshard_after_forward (docs/distributed.md, 'FSDP2')"
+        )
     if _is_linear_head(head) and feature.dim() == 2:
-        if _is_dtensor(head.weight):
-            # Gathering it here would skip FSDP2's reduce-scatter of its gradient: ranks would diverge.
-            raise ValueError(
-                "the student classifier's weight is an FSDP2 shard outside its forward (fully_shard on the "
-                "classifier, or reshard_after_forward=True on the student's root); the gradient element needs "
-                "it gathered: leave the classifier in the root's group and shard the root with the default "
-                "reshard_after_forward"
-            )
         z = head(feature) if logits is None else logits
         return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing)
     if not feature.requires_grad:

@@ -209,6 +209,16 @@ def scenario_refused(rank, out):
         except NotImplementedError as error:
             errors[integration] = str(error)
     check_fsdp_integration("loop", distiller.student)
+    own_unit = make_distiller()
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(own_unit.student.fc)
+    fully_shard(own_unit.student)
+    x, y, index = batch(0, rank)
+    try:
+        own_unit.prepare_distributed()(x, y, index)
+    except ValueError as error:
+        errors["classifier_unit"] = str(error)
     torch.save(errors, out("refused"))
 
 
@@ -331,8 +341,12 @@ def test_a_two_rank_sharded_checkpoint_loads_into_one_process(results):
 
 def test_integrations_refuse_an_fsdp2_student_with_a_message_that_says_what_to_use(results):
     errors = results("refused", 0)
-    assert sorted(errors) == ["hf", "lightning", "timm"]
-    assert all("torchrun loop" in message for message in errors.values())
+    assert sorted(errors) == ["classifier_unit", "hf", "lightning", "timm"]
+    assert all("torchrun loop" in errors[name] for name in ("hf", "lightning", "timm"))
+
+
+def test_gradient_element_refuses_a_student_classifier_that_is_its_own_fsdp2_unit(results):
+    assert "do not fully_shard the classifier itself" in results("refused", 1)["classifier_unit"]
 
 
 def test_check_fsdp_integration_names_the_unknown_integration():
