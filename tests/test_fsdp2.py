@@ -380,3 +380,22 @@ def test_lightning_callback_refuses_an_fsdp_strategy_before_building_the_distill
     with pytest.raises(NotImplementedError, match=strategy):
         callback.on_fit_start(trainer, module)
     assert callback.distiller is None
+
+
+EXAMPLE = "torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py"
+
+
+def test_fsdp2_example_trains_checkpoints_and_ends_with_identical_crcd_state():
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert EXAMPLE in (root / "docs" / "distributed.md").read_text()
+    env = dict(os.environ, PYTHONPATH=str(root), CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(shlex.split(EXAMPLE), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch ") == 3, result.stdout
+    assert "teacher parameters held per rank: 0.50 of the teacher" in result.stdout
+    assert result.stdout.rstrip().endswith("identical on all 2 ranks: True"), result.stdout
+    assert float(result.stdout.split("student train accuracy ")[1].split()[0]) > 0.3, result.stdout
