@@ -103,9 +103,14 @@ def linear_cross_entropy_feature_grad(
     return gradient / batch if reduction == "mean" else gradient
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (an FSDP2 shard), without importing it when unavailable."""
-    return type(tensor).__name__ == "DTensor" or any(cls.__name__ == "DTensor" for cls in type(tensor).__mro__)
+def _is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``DTensor`` (an FSDP2 shard), without importing it when unavailable."""
+    return any(cls.__name__ == "DTensor" for cls in type(value).__mro__)
+
+
+def _is_fsdp_unit(module: object) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` itself."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -176,8 +181,7 @@ def student_gradient_element(
     # FSDP2 reduces a unit's gradients when the gradient of its input is ready: the gradient element
     # reaches the classifier's weight by another path, so a classifier that is its own unit (or whose
     # weight is still sharded here) would lose part of its gradient.
-    if type(head).__name__.startswith("FSDP") or (isinstance(head, nn.Module) and _is_dtensor(
-            getattr(head, "weight", torch.empty(0)))):
+    if _is_fsdp_unit(head) or _is_dtensor(getattr(head, "weight", None)):
         raise ValueError(
             "the gradient element needs the student classifier gathered after the forward and inside its parent's "
             "FSDP2 unit: do not fully_shard the classifier itself, and shard the student's root with the default "
