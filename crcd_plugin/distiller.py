@@ -46,7 +46,7 @@ from .config import (
     deprecated,
 )
 from .distributed import average_gradients, broadcast_state, rank, world_size
-from .fsdp import is_fully_sharded, is_sharded_parameter, reshard, student_gradient_sync
+from .fsdp import clear_dtensor_caches, is_fully_sharded, is_sharded_parameter, reshard, student_gradient_sync
 from .functional import kd_loss
 from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
 from .hooks import (
@@ -861,6 +861,7 @@ class CRCDDistiller(nn.Module):
             self.student = self.student.module
             self._student_synced_by_ddp = False
             self._refresh_trainables()
+        clear_dtensor_caches()  # FSDP2: DTensor's caches hold the device mesh, and so the group
         return self
 
     def _check_no_crcd_state_in(self, wrapper: nn.Module) -> None:

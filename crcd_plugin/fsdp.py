@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Type, Union, cast
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "check_fsdp_integration",
     "student_gradient_sync",
     "reshard",
+    "clear_dtensor_caches",
 ]
 
 # Submodules of a teacher to shard one by one: dotted paths or module types (or one type).
@@ -373,3 +375,26 @@ def reshard(module: nn.Module) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.reshard()
+
+
+def clear_dtensor_caches() -> None:
+    """Empty DTensor's global caches, which hold device meshes and so the process groups they use.
+
+    FSDP2's parameters are ``DTensor``\\ s; DTensor caches sharding and redistribution plans keyed by
+    specs that hold the ``DeviceMesh``, which holds its process groups (one cache in C++). While they
+    do, ``destroy_process_group()`` cannot free the default group and gloo's worker threads outlive
+    it, which can abort the process at interpreter exit (docs/distributed.md, "Ending a run").
+    :meth:`CRCDDistiller.release_distributed` calls this. The caches refill on the next use. A no-op
+    when DTensor was never imported.
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()  # the Python and the C++ fast-path caches
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    ShardingPropagator._propagate_tensor_meta_cached.cache_clear()

@@ -9,6 +9,7 @@ stay replicated beside them. The run saves a sharded checkpoint with ``torch.dis
 loads it back, and checks that every rank's CRCD state equals rank 0's.
 """
 
+import gc
 import os
 import tempfile
 
@@ -34,6 +35,15 @@ def main() -> None:
     else:
         torch.set_num_threads(1)
 
+    distil(rank, world, device)
+    # The sharded models hold the process group (through the device mesh), in reference cycles: with
+    # distil()'s locals gone, collect them, so that destroy_process_group() frees the group and waits
+    # for gloo's worker threads (docs/distributed.md, "Ending a run").
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def distil(rank: int, world: int, device: torch.device) -> None:
     data = make_data()
     teacher = shard_teacher(train_teacher(data, device), blocks=["0", "2"])  # frozen, 1/world per rank
     torch.manual_seed(1)
@@ -83,8 +93,8 @@ def main() -> None:
         print(f"teacher parameters held per rank: {shard:.2f} of the teacher")
         print(f"student train accuracy {student_accuracy:.3f}")
         print(f"CRCD state identical on all {world} ranks: {bool(same)}")
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # no rank tears the group down while another is still printing or reducing
+    distiller.release_distributed()  # empties DTensor's caches, which hold the device mesh
 
 
 if __name__ == "__main__":

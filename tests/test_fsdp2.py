@@ -7,7 +7,9 @@ Two processes are started once for the whole file; each scenario writes its resu
 """
 
 import copy
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -222,18 +224,29 @@ def scenario_refused(rank, out):
     torch.save(errors, out("refused"))
 
 
+def scenario_teardown(rank, out):
+    """Last: release_distributed() empties DTensor's caches, which hold the mesh and so the group."""
+    distiller = make_distiller()
+    shard_teacher(distiller.teacher, [Block])
+    train(shard_student(distiller), 1).release_distributed()
+
+
 SCENARIOS = [scenario_concatenated, scenario_sharded_teacher, scenario_gradient_element, scenario_checkpoint,
-             scenario_refused]
+             scenario_refused, scenario_teardown]
 
 
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    group = weakref.ref(dist.group.WORLD)
     try:
         for scenario in SCENARIOS:
             scenario(rank, lambda name: os.path.join(out_dir, f"{name}.rank{rank}.pt"))
     finally:
+        gc.collect()  # FSDP2's modules hold the group too, in reference cycles (module <-> hooks)
         dist.destroy_process_group()
+    # Freed inside destroy_process_group(), which then waits for gloo's worker threads.
+    torch.save({"group_freed": group() is None}, os.path.join(out_dir, f"destroyed.rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +360,11 @@ def test_integrations_refuse_an_fsdp2_student_with_a_message_that_says_what_to_u
 
 def test_gradient_element_refuses_a_student_classifier_that_is_its_own_fsdp2_unit(results):
     assert "do not fully_shard the classifier itself" in results("refused", 1)["classifier_unit"]
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_destroy_process_group_frees_the_group_after_fsdp2_training_and_release_distributed(results, rank):
+    assert results("destroyed", rank) == {"group_freed": True}
 
 
 def test_check_fsdp_integration_names_the_unknown_integration():
