@@ -849,6 +849,8 @@ class CRCDDistiller(nn.Module):
         the process. Unwrapped, the group is freed inside ``destroy_process_group()``, which waits
         for those threads. The student keeps its weights; :attr:`trainable_module` follows. A
         wrapper someone else also holds (``accelerator.prepare``) is only dropped by the distiller.
+        Under FSDP2 it also empties DTensor's caches, which hold the device mesh and so the group;
+        the sharded models hold it too, until they are collected (docs/distributed.md, "FSDP2").
 
         Returns:
             ``self``.
