@@ -31,6 +31,7 @@ COMMANDS: Dict[str, str] = {
         "--dynamo_backend no examples/accelerate_train.py"
     ),
     "fabric": "python examples/fabric_train.py --devices 2",
+    "fsdp2": "torchrun --standalone --nproc_per_node 2 examples/fsdp2_train.py",
 }
 ABORT = "terminate called without an active exception"
 

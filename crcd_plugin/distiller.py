@@ -47,6 +47,7 @@ from .config import (
     deprecated,
 )
 from .distributed import average_gradients, broadcast_state, rank, world_size
+from .fsdp import clear_dtensor_caches, is_fully_sharded, is_sharded_parameter, reshard, student_gradient_sync
 from .functional import kd_loss
 from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
 from .hooks import (
@@ -827,11 +828,13 @@ class CRCDDistiller(nn.Module):
         if world_size() == 1:
             return self
         trainable = any(p.requires_grad for p in self.student.parameters())
-        if trainable and not isinstance(self.student, _DDP):
+        # An FSDP2 student (fully_shard) reduces its own gradients: it is never wrapped in DDP.
+        if trainable and not isinstance(self.student, _DDP) and not is_fully_sharded(self.student):
             self.student = _DDP(
                 self.student, device_ids=list(device_ids) if device_ids is not None else None, **ddp_kwargs
             )
         self._check_no_crcd_state_in(self.student)
+        reshard(self.student)  # an optimizer made next must see FSDP2's sharded parameters
         for loss in (self.crcd_feature, self.crcd_gradient):
             if loss is not None:
                 broadcast_state(loss)
@@ -847,6 +850,8 @@ class CRCDDistiller(nn.Module):
         the process. Unwrapped, the group is freed inside ``destroy_process_group()``, which waits
         for those threads. The student keeps its weights; :attr:`trainable_module` follows. A
         wrapper someone else also holds (``accelerator.prepare``) is only dropped by the distiller.
+        Under FSDP2 it also empties DTensor's caches, which hold the device mesh and so the group;
+        the sharded models hold it too, until they are collected (docs/distributed.md, "FSDP2").
 
         Returns:
             ``self``.
@@ -859,6 +864,7 @@ class CRCDDistiller(nn.Module):
             self.student = self.student.module
             self._student_synced_by_ddp = False
             self._refresh_trainables()
+        clear_dtensor_caches()  # FSDP2: DTensor's caches hold the device mesh, and so the group
         return self
 
     def _check_no_crcd_state_in(self, wrapper: nn.Module) -> None:
@@ -872,7 +878,9 @@ class CRCDDistiller(nn.Module):
         """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if it ran unwrapped."""
         yield from (param for _, param in self.crcd_named_parameters())
         if not (self._student_synced_by_ddp or isinstance(self.student, _DDP)):
-            yield from (p for p in unwrap_model(self.student).parameters() if p.requires_grad)
+            # FSDP2's parameters (DTensors) are reduce-scattered by FSDP2 itself.
+            yield from (p for p in unwrap_model(self.student).parameters()
+                        if p.requires_grad and not is_sharded_parameter(p))
 
     def sync_gradients(self) -> None:
         """Average over ranks the gradients DDP does not: the CRCD heads' (and an unwrapped student's).
@@ -923,7 +931,8 @@ class CRCDDistiller(nn.Module):
     def _no_sync(self) -> Iterator[None]:
         skip, self._skip_sync = self._skip_sync, True
         try:
-            with self.student.no_sync() if isinstance(self.student, _DDP) else contextlib.nullcontext():
+            student = self.student
+            with student.no_sync() if isinstance(student, _DDP) else student_gradient_sync(student, False):
                 yield
         finally:
             self._skip_sync = skip

@@ -103,6 +103,16 @@ def linear_cross_entropy_feature_grad(
     return gradient / batch if reduction == "mean" else gradient
 
 
+def _is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a ``DTensor`` (an FSDP2 shard), without importing it when unavailable."""
+    return any(cls.__name__ == "DTensor" for cls in type(value).__mro__)
+
+
+def _is_fsdp_unit(module: object) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` itself."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -168,6 +178,15 @@ def student_gradient_element(
     _check_inputs(head, feature, target)
     if not torch.is_grad_enabled():
         return None
+    # FSDP2 reduces a unit's gradients when the gradient of its input is ready: the gradient element
+    # reaches the classifier's weight by another path, so a classifier that is its own unit (or whose
+    # weight is still sharded here) would lose part of its gradient.
+    if _is_fsdp_unit(head) or _is_dtensor(getattr(head, "weight", None)):
+        raise ValueError(
+            "the gradient element needs the student classifier gathered after the forward and inside its parent's "
+            "FSDP2 unit: do not fully_shard the classifier itself, and shard the student's root with the default "
+            "reshard_after_forward (docs/distributed.md, 'FSDP2')"
+        )
     if _is_linear_head(head) and feature.dim() == 2:
         z = head(feature) if logits is None else logits
         return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing)
@@ -228,7 +247,9 @@ def teacher_gradient_element(
     if _is_linear_head(head) and feature.dim() == 2:
         with torch.no_grad():
             z = head(feature) if logits is None else logits.detach()
-            return linear_cross_entropy_feature_grad(z, head.weight, target, label_smoothing, reduction)
+            # A teacher sharded with FSDP2 (shard_teacher) keeps its classifier sharded: gather it.
+            weight = head.weight.full_tensor() if _is_dtensor(head.weight) else head.weight  # type: ignore[attr-defined]
+            return linear_cross_entropy_feature_grad(z, weight, target, label_smoothing, reduction)
     if torch.is_inference_mode_enabled():
         return None
     if feature.is_inference():

@@ -19,6 +19,7 @@ from torch import nn
 from crcd_plugin import config as core
 from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.distributed import average
+from crcd_plugin.fsdp import check_fsdp_integration
 from crcd_plugin.integrations import require
 from crcd_plugin.integrations._hf_models import CRCDConfig, EvalLoss, check_teacher, classified_token, default_head
 from crcd_plugin.teacher_cache import TeacherCache
@@ -151,6 +152,8 @@ class CRCDTrainer(Trainer):
         device = self.args.device if self.place_model_on_device else next(self.model.parameters()).device
         if isinstance(teacher_model, nn.Module) and getattr(teacher_model, "hf_device_map", None) is None:
             teacher_model.to(device)
+        fsdp = "accelerate's FSDP plugin" if getattr(self, "is_fsdp_enabled", False) else None
+        check_fsdp_integration("hf", self.model, sharding=fsdp)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # a 0.2.0 schedule object warned above
             torch.manual_seed(self.args.seed)  # the CRCD heads start identical on every rank

@@ -17,6 +17,7 @@ from torch import nn
 from crcd_plugin.config import CRCDConfig
 from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.distributed import average_gradients
+from crcd_plugin.fsdp import check_fsdp_integration
 from crcd_plugin.hooks import FeatureCapture, PoolMode
 from crcd_plugin.integrations import require
 from crcd_plugin.teacher_cache import TeacherCache
@@ -146,6 +147,9 @@ class CRCDCallback(Callback):
                 "CRCDCallback adds to the loss training_step returns (automatic optimization); with "
                 "manual optimization call CRCDDistiller yourself (docs/lightning.md, Fabric)"
             )
+        sharding = type(trainer.strategy).__name__
+        check_fsdp_integration("lightning", pl_module,
+                               sharding=sharding if sharding in ("FSDPStrategy", "ModelParallelStrategy") else None)
         if self.distiller is not None and self._pending_state is None:
             self._pending_state = self.distiller.crcd_state_dict()  # a second fit continues the state
         if isinstance(self.teacher, nn.Module):

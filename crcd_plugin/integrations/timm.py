@@ -18,6 +18,7 @@ from torch import nn
 
 from crcd_plugin.config import CRCDConfig, config_from_legacy, deprecated
 from crcd_plugin.distiller import CRCDDistiller, CRCDTrainableModule
+from crcd_plugin.fsdp import check_fsdp_integration
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
 from crcd_plugin.integrations._timm_models import (
@@ -221,6 +222,7 @@ class CRCDDistillationTask(TrainingTask):
         :meth:`CRCDDistiller.sync_gradients_in_backward` (timm's loop never calls a sync itself).
         No-op when not distributed; returns ``self``.
         """
+        check_fsdp_integration("timm", self.distiller.student)
         self.teacher.requires_grad_(False)
         self.distiller.prepare_distributed(device_ids, **ddp_kwargs).sync_gradients_in_backward()
         return self
