@@ -245,6 +245,10 @@ def _load_crcd_state(module: nn.Module, current: Mapping[str, torch.Tensor], sta
     """Check ``state`` whole against ``current`` (keys and shapes), then load it into ``module``."""
     if not isinstance(state, Mapping):
         raise TypeError(f"a CRCD state must be a dict of tensors, got {type(state).__name__}")
+    # Keys older checkpoints hold that this state has no place for (a one-sided loss's student-side memory).
+    unread = tuple(prefix for name in _CRCD_CHILDREN if isinstance(getattr(module, name, None), CRCDLoss)
+                   for prefix in getattr(module, name).unread_state_prefixes(f"{name}."))
+    state = {k: v for k, v in state.items() if not k.startswith(unread)} if unread else state
     model_keys = [k for k in state if k.startswith(_MODEL_PREFIXES)]
     if model_keys:
         raise ValueError(f"a CRCD state dict holds no model weights, got keys {model_keys[:3]} ...")

@@ -26,6 +26,17 @@ def _random_unit_rows(rows: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim), dim=-1)
 
 
+def skip_random_unit_rows(rows: int, dim: int, chunk: int = 1 << 20) -> None:
+    """Advance the global random stream as :func:`_random_unit_rows` would, keeping nothing.
+
+    Drawn in chunks (of a multiple of 16 values, so that the stream is the one a single draw of
+    ``rows * dim`` values takes), so at most ``chunk`` values are held at a time.
+    """
+    total = rows * dim
+    for start in range(0, total, chunk):
+        torch.randn(min(chunk, total - start))
+
+
 MEMORY_INITS = ("first_write", "cold")
 # Uniform integers are drawn from [0, 2**62) and reduced modulo the number of rows: the bias is
 # below rows / 2**62, and the draw is the same whether the range is known on the host (every row
