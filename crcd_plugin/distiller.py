@@ -578,8 +578,8 @@ class CRCDDistiller(nn.Module):
         and runs nothing. Everything downstream (KD, gradient elements, memories) is shared.
         """
         if isinstance(self.teacher, CachedTeacher):
-            assert target is not None, "a cached teacher's rows are checked against the step's targets"
-            rows = self.teacher(index, target, gradient=self.config.gradient_element)
+            assert index is not None, "a cached teacher's batch is checked before its rows are read"
+            rows = self.teacher(index, gradient=self.config.gradient_element)
             return _TeacherRows(rows.feature, rows.head_logits, rows.logits, rows.feature, rows.gradient)
         if self.teacher.training:
             self.teacher.eval()
@@ -719,6 +719,12 @@ class CRCDDistiller(nn.Module):
                 self.crcd_gradient.fill_memory(None, g_t, index.to(g_t.device))
             if self.crcd_feature is not None:
                 self.crcd_feature.fill_memory(None, teacher.reduced, index.to(teacher.reduced.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Before any child loads: a checkpoint of another cache's teacher is refused whole.
+        if isinstance(self.teacher, CachedTeacher):
+            self.teacher.claim_state(state_dict, prefix + "teacher.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "CRCDDistiller":
         """Set train/eval mode on everything except the teacher, which stays in eval mode."""
@@ -956,11 +962,8 @@ class CRCDDistiller(nn.Module):
         if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
             raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
                              f"got shape {tuple(index.shape)}")
-        if self.teacher_cache is not None:
-            if index is None:
-                raise ValueError("index (the dataset indices of the batch, LongTensor [B]) is required when the "
-                                 "distiller reads a TeacherCache, whatever the source of negatives")
-            self.teacher_cache.check_index(index)  # on the host, before the student runs
+        if isinstance(self.teacher, CachedTeacher):  # on the host, before the student runs
+            self.teacher.check_batch(index, target, gradient=self.config.gradient_element)
         config = self.config
         negatives = config.relation.resolved_negatives(self.num_samples)
         if index is None and negatives == "bank" and (config.feature_weight or config.gradient_element):

@@ -527,8 +527,11 @@ class _Builder:
                 raise RuntimeError("TeacherCache.build cannot compute a non-linear classifier's gradient element "
                                    "inside torch.inference_mode(); build it outside inference mode")
             fields[_GRADIENT] = _reduce(gradient, pool)
-        for name, value in fields.items():
-            self._write(name, index, value.detach().to(self.dtype))
+        stored = {name: value.detach().to(self.dtype) for name, value in fields.items()}
+        for name, rows in stored.items():  # every field checked before any is written
+            _check_finite(name, fields[name], rows)
+        for name, rows in stored.items():
+            self._write(name, index, rows)
         self._write("targets", index, target.detach().to(torch.int64))
         self._write("written", index, torch.ones(batch, dtype=torch.uint8))
         self.count += batch
@@ -563,6 +566,21 @@ class _Builder:
     def summary(self, failure: Optional[BaseException]) -> Dict[str, Any]:
         return {"shapes": self.shapes, "linear": self.linear, "count": self.count,
                 "failure": None if failure is None else f"{type(failure).__name__}: {failure}"}
+
+
+def _check_finite(name: str, value: torch.Tensor, stored: torch.Tensor) -> None:
+    """Rows that are not finite as stored would read back as ``inf``/NaN and train on NaN silently."""
+    if bool(torch.isfinite(stored).all()):
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"the teacher gave non-finite {name} values (inf or NaN) for this batch: a cache of them "
+                         "would train on NaN; check the teacher and its input")
+    dtype = _dtype_name(stored.dtype)
+    raise ValueError(
+        f"the teacher's {name} rows reach {float(value.abs().max()):.4g}, beyond the largest {dtype} "
+        f"({torch.finfo(stored.dtype).max:.4g}): stored as {dtype} they would read back as inf; build the cache "
+        "with dtype=torch.bfloat16 (the float32 range) or dtype=torch.float32"
+    )
 
 
 def _check_range(index: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -709,9 +727,10 @@ def _broadcast_object(value: Any, world: int) -> Any:
 class CachedTeacher(nn.Module):
     """A :class:`TeacherCache` as the distiller's teacher module: rows by index on the module's device.
 
-    It has no trainable parameters; a linear classifier rebuilt from the cache is a frozen
-    submodule (so it moves with ``.to()``), and a non-persistent buffer marks the device the rows
-    are read onto. The distiller's ``crcd_state_dict`` holds none of it.
+    It has no trainable parameters; a linear classifier rebuilt from the cache moves with
+    ``.to()`` but is not part of the ``state_dict``: it is the cache's, so a checkpoint never
+    carries one cache's classifier into a distiller that reads another (:meth:`claim_state`).
+    A non-persistent buffer marks the device the rows are read onto.
 
     Args:
         cache: The cache.
@@ -722,15 +741,44 @@ class CachedTeacher(nn.Module):
     def __init__(self, cache: TeacherCache) -> None:
         super().__init__()
         self.cache = cache
-        self.classifier = cache.linear_classifier()
+        # Outside the module registry: the cache, not a checkpoint, is where it comes from.
+        self.__dict__["classifier"] = cache.linear_classifier()
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        if self.classifier is not None:
+            self.classifier._apply(fn, recurse)
+        return self
 
     @property
     def device(self) -> torch.device:
         return self._device_marker.device
 
-    def forward(self, index: Optional[torch.Tensor], target: torch.Tensor, gradient: bool) -> CachedRows:
-        """The rows of ``index`` (checked against the step's ``target``), float32 on the module's device.
+    def claim_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Take this teacher's keys out of a ``state_dict`` about to be loaded, refusing another cache's.
+
+        Checkpoints of 0.3 hold the cached classifier (``<prefix>classifier.*``); one that equals
+        this cache's is dropped, one that differs is another teacher's and a ``ValueError``.
+        """
+        keys = [key for key in state_dict if key.startswith(prefix)]
+        classifier = self.classifier
+        own = {} if classifier is None else classifier.state_dict()
+        for key in keys:
+            name = key[len(prefix):].split(".", 1)
+            value = own.get(name[1]) if name[0] == "classifier" and len(name) == 2 else None
+            saved = state_dict[key]
+            if value is None or not isinstance(saved, torch.Tensor) or saved.shape != value.shape \
+                    or not torch.equal(saved.to(value.device, value.dtype), value):
+                raise ValueError(
+                    f"the state dict's {key!r} is not the classifier of the teacher cache {str(self.cache.path)!r} "
+                    "this distiller reads: a checkpoint made on another teacher (or cache); load it into a "
+                    "distiller reading that teacher's cache, or leave the teacher's keys out"
+                )
+            del state_dict[key]
+
+    def check_batch(self, index: Optional[torch.Tensor], target: torch.Tensor, gradient: bool) -> None:
+        """Check a step's ``index`` and ``target`` against the cache, on the host, before anything runs.
 
         Args:
             index: Dataset indices ``[B]`` of the batch (required).
@@ -748,18 +796,24 @@ class CachedTeacher(nn.Module):
         rows = self.cache.check_index(index)
         if rows.shape[0] != target.shape[0]:
             raise ValueError(f"index has {rows.shape[0]} entries but the batch has {target.shape[0]} samples")
-        device = self.device
-        _check_device_dtype(self.cache.dtype, device)
-        stored_gradient = gradient and not self.cache.linear
+        _check_device_dtype(self.cache.dtype, self.device)
         if target.is_floating_point():
-            if stored_gradient:
+            if gradient and not self.cache.linear:
                 raise ValueError("the cache stores the gradient element of class-index targets: probability "
                                  "targets (mixup, soft labels) need a live teacher or gradient_element=False")
         else:
             self._check_targets(self.cache._fields["targets"][rows], target)
-        # ``rows`` and the device were checked above: read without checking them again per field.
+
+    def forward(self, index: torch.Tensor, gradient: bool) -> CachedRows:
+        """The rows of ``index``, float32 on the module's device; the batch was checked by :meth:`check_batch`.
+
+        Args:
+            index: Dataset indices ``[B]`` of the batch, checked.
+            gradient: Whether the gradient element is needed (a stored one is then read).
+        """
+        rows, device = index.detach().to("cpu", torch.int64), self.device
         read = self.cache._read
-        gradients = read(_GRADIENT, rows, device) if stored_gradient else None
+        gradients = read(_GRADIENT, rows, device) if gradient and not self.cache.linear else None
         return CachedRows(read("feature", rows, device), read("head_logits", rows, device),
                           read("logits", rows, device), gradients)
 

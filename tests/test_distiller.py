@@ -569,7 +569,7 @@ def test_load_crcd_state_dict_checks_shapes_and_keys_before_loading_anything():
     state = distiller.crcd_state_dict()
     other = new_distiller(CRCDConfig(relation=SMALL_RELATION.replace(queue_size=16)))
     before = copy.deepcopy(other.crcd_state_dict())
-    with pytest.raises(ValueError, match=r"'crcd_feature.memory_student.weight' has shape \(32, 16\), .*\(16, 16\)"):
+    with pytest.raises(ValueError, match=r"'crcd_feature.memory_teacher.weight' has shape \(32, 16\), .*\(16, 16\)"):
         other.load_crcd_state_dict(state)
     assert all(torch.equal(v, before[k]) for k, v in other.crcd_state_dict().items())
     with pytest.raises(ValueError, match="missing"):
