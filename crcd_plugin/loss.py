@@ -35,8 +35,9 @@ class CRCDLoss(nn.Module):
     ``"batch"`` (the other samples), or a :class:`~crcd_plugin.negatives.NegativeSource` of your
     own. ``memory_teacher`` is the student side's source (the teacher's rows), ``memory_student``
     the teacher side's; a one-sided loss (``symmetric=False``, the default) reads no student rows
-    and has no ``memory_student`` (``None``), in memory or in its ``state_dict``. Sources are written, and NCE's constant ``Z`` is fixed, in training mode
-    only; under ``torch.distributed`` every rank applies every rank's rows and the mean ``Z``.
+    and has no ``memory_student`` (``None``), in memory or in its ``state_dict``. Sources are
+    written, and NCE's constant ``Z`` is fixed, in training mode only; under ``torch.distributed``
+    every rank applies every rank's rows and the mean ``Z``.
 
     The teacher feature is a constant; gradients reach the student feature and both embedding
     heads (the teacher head through the teacher-side loss, or with ``train_teacher_embedding``

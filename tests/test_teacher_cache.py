@@ -463,7 +463,8 @@ class Loud(MLP):
 
 def test_a_half_precision_cache_refuses_rows_beyond_its_range_and_names_the_fix(tmp_path):
     teacher = trained(Loud())
-    with pytest.raises(ValueError, match=r"beyond the largest float16 .* dtype=torch\.bfloat16 .* dtype=torch\.float32"):
+    fixes = r"beyond the largest float16 .* dtype=torch\.bfloat16 .* dtype=torch\.float32"
+    with pytest.raises(ValueError, match=fixes):
         build(tmp_path, teacher, dtype=torch.float16)
     assert not (tmp_path / "cache" / "metadata.json").exists()  # nothing to open: the build failed
     for dtype in (torch.bfloat16, torch.float32):  # the two fixes the message names
