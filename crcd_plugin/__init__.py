@@ -15,6 +15,7 @@ from crcd_plugin.hooks import FeatureCapture
 from crcd_plugin.loss import CRCDLoss
 from crcd_plugin.memory import FeatureQueue, MemoryBank
 from crcd_plugin.sharded_memory import ShardedMemoryBank
+from crcd_plugin.teacher import LiveTeacher, Teacher, TensorTeacher
 from crcd_plugin.teacher_cache import TeacherCache
 
 try:
@@ -31,7 +32,11 @@ __all__ = [
     "CRCDDistiller",
     "CRCDTrainableModule",
     "DistillSchedule",
+    # the teacher side: a model run live, a cache on disk, rows in tensors, or a kind of your own
+    "Teacher",
+    "LiveTeacher",
     "TeacherCache",
+    "TensorTeacher",
     # the loss and its state
     "CRCDLoss",
     "EmbedHead",

@@ -15,7 +15,7 @@ re-exported here.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from ._batches import to_device
 from ._checks import check_choice, check_positive_int
 from .config import CRCDConfig, RelationConfig, config_from_legacy, deprecated
 from .contract import _DDP, CRCDTrainableModule, DistillerContract
-from .distributed import broadcast_state, rank, world_size
+from .distributed import broadcast_state
 from .functional import kd_loss
 from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
 from .hooks import (
@@ -41,6 +41,7 @@ from .hooks import (
 from .loss import CRCDLoss
 from .monitor import ExplosionMonitor
 from .schedule import DistillSchedule, warmup_ramp
+from .teacher import LiveTeacher, Teacher, TeacherRows
 from .teacher_cache import CachedTeacher, TeacherCache
 
 _logger = logging.getLogger(__name__)
@@ -48,16 +49,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["DistillSchedule", "CRCDDistiller", "CRCDTrainableModule"]
 
 _DEFAULT_CLASSIFIER = "fc"
-
-
-class _TeacherRows(NamedTuple):
-    """One batch of the teacher side, from a live forward or from a :class:`TeacherCache`."""
-
-    feature: torch.Tensor  # the classifier's input as captured, [B, *] ([B, D] from a cache)
-    head_logits: torch.Tensor  # the classifier's output
-    logits: torch.Tensor  # the model's logits [B, C], for KD
-    reduced: torch.Tensor  # the feature as the CRCD loss takes it, [B, D]
-    gradient: Optional[torch.Tensor]  # a cache's per-sample gradient element dCE_b/df_b [B, D] (non-linear head)
 
 
 def _relation_loss(
@@ -190,14 +181,6 @@ class CRCDDistiller(DistillerContract):
         num_samples = options_num_samples if num_samples is None else num_samples
         self._check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
                               teacher_transform, feature_token)
-        cache: Optional[TeacherCache] = None
-        if isinstance(teacher, TeacherCache):
-            cache = teacher
-            teacher_classifier = _check_cache(cache, teacher_classifier, teacher_transform, config, num_samples)
-            teacher_module: nn.Module = CachedTeacher(cache)
-        else:
-            teacher_module = teacher
-            teacher_classifier = _DEFAULT_CLASSIFIER if teacher_classifier is None else teacher_classifier
         if schedule is not None:
             deprecated("CRCDDistiller(schedule=DistillSchedule(...))",
                        "config=CRCDConfig(schedule=kind, schedule_until=..., schedule_start=...) with total_steps=",
@@ -207,32 +190,24 @@ class CRCDDistiller(DistillerContract):
         relation = config.relation
         if relation.resolved_negatives(num_samples) == "bank" and num_samples is None:
             raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
+        side = as_teacher(teacher, teacher_classifier, config, num_samples, feature_pool=feature_pool,
+                          output_select=output_select, feature_token=feature_token, transform=teacher_transform)
 
         self.config = config
         self.num_samples = num_samples
         self.student = student
-        # With a cache, ``teacher`` is its CachedTeacher: no parameters to train, rows by index.
-        self.teacher = teacher_module
-        self.teacher_cache = cache
+        # The side the distiller asks; its module (the model of a live teacher) is ``teacher``.
+        self.__dict__["teacher_side"] = side
+        self.teacher = side.module
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.student_classifier = student_classifier
-        self.teacher_classifier = teacher_classifier
-        # Resolved once: a wrong path fails here, and no step looks a module up again. A cache's
-        # classifier is its rebuilt nn.Linear (None for a non-linear one: its gradient is stored).
-        teacher_head = teacher_module.classifier if isinstance(teacher_module, CachedTeacher) \
-            else resolve_module(teacher_module, teacher_classifier)
-        self._classifiers = (resolve_module(student, student_classifier), teacher_head)
+        self.teacher_classifier = side.classifier_path
+        # Resolved once: a wrong path fails here, and no step looks a module up again.
+        self.__dict__["_student_head"] = resolve_module(student, student_classifier)  # a part of the student
         # Hooks registered once, for the distiller's life; armed only inside its own forwards.
-        models = [("student", student, student_classifier)]
-        if cache is None:
-            models.append(("teacher", teacher_module, teacher_classifier))
-        self._captures = {
-            role: FeatureCapture(model, armed=False)
-            .add(path, io="input", name="feature")
-            .add(path, io="output", name="head_logits")
-            for role, model, path in models
-        }
+        self._capture = (FeatureCapture(student, armed=False).add(student_classifier, io="input", name="feature")
+                         .add(student_classifier, io="output", name="head_logits"))
         self.feature_pool = feature_pool
         self.output_select = output_select
         self.feature_token = feature_token
@@ -248,18 +223,12 @@ class CRCDDistiller(DistillerContract):
         self.crcd_feature = None
         self.crcd_gradient = None
 
-        student_linear, teacher_linear = self._classifiers
-        student_dim = student_linear.in_features if type(student_linear) is nn.Linear \
-            and feature_pool != "flatten" else None
-        if cache is not None:
-            teacher_dim: Optional[int] = cache.feature_dim  # stored reduced: known without a teacher
-        else:
-            teacher_dim = teacher_linear.in_features if type(teacher_linear) is nn.Linear \
-                and feature_pool != "flatten" else None
+        head = self._student_head
+        student_dim = head.in_features if type(head) is nn.Linear and feature_pool != "flatten" else None
         if example_input is not None:
             self.build(example_input)
-        elif student_dim is not None and teacher_dim is not None:
-            self._build_losses(student_dim, teacher_dim)
+        elif student_dim is not None and side.feature_dim is not None:
+            self._build_losses(student_dim, side.feature_dim)
 
     @staticmethod
     def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
@@ -267,7 +236,7 @@ class CRCDDistiller(DistillerContract):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         if not isinstance(teacher, (nn.Module, TeacherCache)):
-            raise TypeError(f"teacher must be an nn.Module or a TeacherCache, got {type(teacher).__name__}")
+            raise TypeError(f"teacher must be an nn.Module, a TeacherCache or a Teacher, got {type(teacher).__name__}")
         if isinstance(teacher, nn.Module) and unwrap_model(student) is unwrap_model(teacher):
             raise ValueError("student and teacher must be different modules")
         if isinstance(teacher, _DDP):
@@ -341,48 +310,34 @@ class CRCDDistiller(DistillerContract):
         self.student.eval()
         try:
             with torch.no_grad():
-                f_s, _, _ = self._run("student", self.student, example_input)
-                if self.teacher_cache is None:
-                    teacher_dim = self._reduce(self._teacher_features(example_input).feature).shape[1]
-                else:  # the cache's rows are [N, D] already: no teacher to run
-                    teacher_dim = self.teacher_cache.feature_dim
+                f_s, _, _ = self._run_student(self.student, example_input)
+                side = self.teacher_side
+                # Rows read by index are [N, D] already (no index here); a live teacher runs.
+                teacher_dim = side.feature_dim if side.needs_index else side.rows(example_input, None).reduced.shape[1]
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], teacher_dim, f_s.device)
         return self
 
-    def _ensure_built(self, f_s: torch.Tensor, teacher: "_TeacherRows") -> None:
+    def _ensure_built(self, f_s: torch.Tensor, teacher: TeacherRows) -> None:
         if not self.built:
             self._build_losses(self._reduce(f_s).shape[1], teacher.reduced.shape[1], f_s.device)
 
     # ------------------------------------------------------------------ features
-    def _run(self, role: str, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward ``model`` once; return (classifier input, classifier output, model logits)."""
-        path = self.student_classifier if role == "student" else self.teacher_classifier
-        return classifier_forward(self._captures[role], model, x, role=role, path=path,
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "teacher_transform" and "teacher_side" in self.__dict__:
+            self.teacher_side.set_transform(value)  # the teacher applies it
+
+    @property
+    def teacher_cache(self) -> Optional[TeacherCache]:
+        """The :class:`~crcd_plugin.TeacherCache` read in the teacher's place, else ``None``."""
+        return getattr(self.teacher_side, "cache", None)
+
+    def _run_student(self, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward the student once; return (classifier input, classifier output, model logits)."""
+        return classifier_forward(self._capture, model, x, role="student", path=self.student_classifier,
                                   output_select=self.output_select, feature_token=self.feature_token)
-
-    @torch.no_grad()
-    def _teacher_features(
-        self, x: Any, index: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
-    ) -> _TeacherRows:
-        """The teacher side of the batch: feature, classifier output, logits (and a cache's gradient).
-
-        The one teacher path: steps, the dry run and :meth:`fill_memory` all come here. A live
-        teacher sees the input through ``teacher_transform``, under no grad, in eval mode; a
-        :class:`TeacherCache` gives the rows of ``index`` (checked against ``target``; required)
-        and runs nothing. Everything downstream (KD, gradient elements, memories) is shared.
-        """
-        if isinstance(self.teacher, CachedTeacher):
-            assert index is not None, "a cached teacher's batch is checked before its rows are read"
-            rows = self.teacher(index, gradient=self.config.gradient_element)
-            return _TeacherRows(rows.feature, rows.head_logits, rows.logits, rows.feature, rows.gradient)
-        if self.teacher.training:
-            self.teacher.eval()
-        if self.teacher_transform is not None:
-            x = self.teacher_transform(x)
-        feature, head_logits, logits = self._run("teacher", self.teacher, x)
-        return _TeacherRows(feature, head_logits, logits, self._reduce(feature), None)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *] -> [B, D]`` for the CRCD loss."""
@@ -391,7 +346,7 @@ class CRCDDistiller(DistillerContract):
         return x.flatten(1) if x.dim() > 2 else x
 
     def _gradient_elements(
-        self, f_s: torch.Tensor, head_s: torch.Tensor, teacher: _TeacherRows, target: torch.Tensor, detached: bool,
+        self, f_s: torch.Tensor, head_s: torch.Tensor, teacher: TeacherRows, target: torch.Tensor, detached: bool,
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Both sides' CE gradients w.r.t. the features, ``[B, D]`` each (``None`` in inference mode).
 
@@ -399,25 +354,15 @@ class CRCDDistiller(DistillerContract):
         """
         smoothing = self.config.label_smoothing
         student_element = teacher_gradient_element if detached else student_gradient_element
-        g_s = student_element(self._classifiers[0], f_s, target, logits=head_s, label_smoothing=smoothing)
+        g_s = student_element(self._student_head, f_s, target, logits=head_s, label_smoothing=smoothing)
         if g_s is None:
             return None
-        g_t = self._teacher_gradient_element(teacher, target)
+        g_t = self.teacher_side.gradient_element(teacher, target, smoothing)
         if g_t is None:
             return None
         # Rescaled before the embedding heads: a confident teacher's rows are otherwise all ~0.
         mode = self.config.gradient_normalization
         return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(g_t, mode)
-
-    def _teacher_gradient_element(self, teacher: _TeacherRows, target: torch.Tensor) -> Optional[torch.Tensor]:
-        """``dCE(teacher)/df_t`` of the batch-mean CE, ``[B, D]`` as the CRCD loss takes it."""
-        if teacher.gradient is not None:  # a cache's per-sample elements of a non-linear classifier
-            return teacher.gradient / teacher.gradient.shape[0]
-        head = self._classifiers[1]
-        assert head is not None, "a cache without a linear classifier stores its gradient element"
-        g_t = teacher_gradient_element(head, teacher.feature, target, logits=teacher.head_logits,
-                                       label_smoothing=self.config.label_smoothing)
-        return None if g_t is None else self._reduce(g_t) if self.teacher_cache is None else g_t
 
     @torch.no_grad()
     def fill_memory(
@@ -465,8 +410,8 @@ class CRCDDistiller(DistillerContract):
                     raise TypeError("fill_memory needs batches of (input, target, index) or (input, target)")
                 x, target, index = to_device(tuple(batch) if len(batch) == 3 else (*batch, None), device)
                 self._check_batch(x, target, index)
-                f_s, head_s, _ = self._run("student", self.student, x)
-                teacher = self._teacher_features(x, index, target)
+                f_s, head_s, _ = self._run_student(self.student, x)
+                teacher = self.teacher_side.rows(x, index, gradient=self.config.gradient_element)
                 self._ensure_built(f_s, teacher)
                 gradients = None
                 if self.crcd_gradient is not None:  # first: a failure here leaves every memory as it was
@@ -485,31 +430,19 @@ class CRCDDistiller(DistillerContract):
         return self
 
     def _fill_teacher_memory(self, batch_size: int) -> None:
-        """The teacher-side memories from every row of the cache (see :meth:`fill_memory`)."""
-        cache = self.teacher_cache
-        if cache is None:
-            raise ValueError("fill_memory() without a loader reads a TeacherCache; this distiller runs a live "
-                             "teacher: pass loader=")
-        check_positive_int("batch_size", batch_size)
+        """The teacher-side memories from every stored row (see :meth:`fill_memory`)."""
         if not self.built:
-            raise ValueError("fill_memory() from the cache needs the CRCD losses built: give the student an "
+            raise ValueError("fill_memory() from stored teacher rows needs the CRCD losses built: give the student an "
                              "nn.Linear classifier or pass example_input= to the distiller")
         losses = [loss for loss in (self.crcd_feature, self.crcd_gradient) if loss is not None]
         if not all(loss.memory_teacher.stores_rows for loss in losses):
-            raise ValueError("fill_memory() from the cache fills a memory bank or queue; in-batch negatives keep none")
-        # Equal chunk counts on every rank (each write is a collective); a rank whose share of the
-        # last chunk is empty writes that chunk's last row again (the same value: harmless).
-        world, me, total = world_size(), rank(), len(cache)
-        step = batch_size * world
-        for start in range(0, total, step):
-            end = min(start + step, total)
-            share = max(1, -(-(end - start) // world))
-            lo, hi = min(start + me * share, end - 1), min(start + (me + 1) * share, end)
-            index = torch.arange(lo, max(hi, lo + 1))
-            targets = cache.targets(index).to(self.warmup_progress.device)
-            teacher = self._teacher_features(None, index, targets)
+            raise ValueError("fill_memory() from stored rows fills a memory bank or queue; in-batch negatives "
+                             "keep none")
+        side, gradient = self.teacher_side, self.crcd_gradient is not None
+        for index, targets, teacher in side.all_rows(batch_size, gradient=gradient):
+            targets = targets.to(self.warmup_progress.device)
             if self.crcd_gradient is not None:
-                g_t = self._teacher_gradient_element(teacher, targets)
+                g_t = side.gradient_element(teacher, targets, self.config.label_smoothing)
                 assert g_t is not None  # the linear closed form and stored elements need no autograd
                 g_t = normalize_gradient_element(g_t, self.config.gradient_normalization)
                 self.crcd_gradient.fill_memory(None, g_t, index.to(g_t.device))
@@ -518,8 +451,7 @@ class CRCDDistiller(DistillerContract):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Before any child loads: a checkpoint of another cache's teacher is refused whole.
-        if isinstance(self.teacher, CachedTeacher):
-            self.teacher.claim_state(state_dict, prefix + "teacher.")
+        self.teacher_side.claim_state(state_dict, prefix + "teacher.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "CRCDDistiller":
@@ -530,8 +462,8 @@ class CRCDDistiller(DistillerContract):
 
     def remove_hooks(self) -> None:
         """Remove the feature hooks from both models (the distiller cannot run afterwards)."""
-        for capture in self._captures.values():
-            capture.remove()
+        self._capture.remove()
+        self.teacher_side.remove_hooks()
 
     # ------------------------------------------------------------------ the step
     def _check_batch(self, x: Any, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
@@ -549,8 +481,8 @@ class CRCDDistiller(DistillerContract):
         if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
             raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
                              f"got shape {tuple(index.shape)}")
-        if isinstance(self.teacher, CachedTeacher):  # on the host, before the student runs
-            self.teacher.check_batch(index, target, gradient=self.config.gradient_element)
+        # The teacher's own checks (index range, stored targets), on the host, before the student runs.
+        self.teacher_side.check_batch(index, target, gradient=self.config.gradient_element)
         config = self.config
         negatives = config.relation.resolved_negatives(self.num_samples)
         if index is None and negatives == "bank" and (config.feature_weight or config.gradient_element):
@@ -599,7 +531,7 @@ class CRCDDistiller(DistillerContract):
                 "or call set_total_steps() before training"
             )
         self._student_synced_by_ddp = isinstance(student, _DDP)
-        f_s, head_logits_s, logits_s = self._run("student", student, input)
+        f_s, head_logits_s, logits_s = self._run_student(student, input)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=config.label_smoothing)
         terms = self._distill_terms(f_s, head_logits_s, logits_s, input, target, index)
         loss = config.task_weight * task_loss + terms["distill_loss"]
@@ -657,7 +589,7 @@ class CRCDDistiller(DistillerContract):
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
             return _terms(zero, zero, zero, zero)
-        teacher = self._teacher_features(input, index, target)
+        teacher = self.teacher_side.rows(input, index, gradient=self.config.gradient_element)
         if not self.built:
             _logger.warning(
                 "CRCD heads were built on the first forward; create the optimizer after this call, "
@@ -737,16 +669,16 @@ def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[st
     }
 
 
-def _check_cache(
-    cache: TeacherCache, classifier: Optional[str], teacher_transform: Any, config: CRCDConfig,
-    num_samples: Optional[int],
-) -> str:
-    """The teacher classifier path of a distiller that reads ``cache`` (checked against it)."""
-    cache.expect(num_samples=num_samples, classifier=classifier, classifier_argument="teacher_classifier")
-    if teacher_transform is not None:
-        raise ValueError("teacher_transform applies when a cache is built (TeacherCache.build(teacher_transform=...)),"
-                         " not to a distiller that reads one")
-    if config.gradient_element and not cache.linear and config.label_smoothing != cache.label_smoothing:
-        raise ValueError(f"config.label_smoothing={config.label_smoothing} but the cache's gradient element was "
-                         f"computed with label_smoothing={cache.label_smoothing}: rebuild it with the config's")
-    return cache.classifier
+def as_teacher(
+    teacher: Union[nn.Module, TeacherCache, Teacher], classifier: Optional[str], config: CRCDConfig,
+    num_samples: Optional[int], **live: Any,
+) -> Teacher:
+    """The :class:`~crcd_plugin.teacher.Teacher` a distiller asks: a cache's or a ready one (checked against
+    the distiller's arguments), or a model run live (``live``: ``LiveTeacher``'s keyword arguments)."""
+    if isinstance(teacher, TeacherCache):
+        teacher = CachedTeacher(teacher)
+    if isinstance(teacher, Teacher):
+        teacher.expect(classifier=classifier, transform=live["transform"], label_smoothing=config.label_smoothing,
+                       num_samples=num_samples, gradient=config.gradient_element)
+        return teacher
+    return LiveTeacher(teacher, _DEFAULT_CLASSIFIER if classifier is None else classifier, **live)

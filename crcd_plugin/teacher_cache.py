@@ -28,7 +28,8 @@ from torch import nn
 from ._batches import split_batch, to_device
 from .distributed import rank, world_size
 from .gradients import teacher_gradient_element
-from .hooks import FeatureCapture, PoolMode, Selector, TokenSelector, classifier_forward, pool_feature, resolve_module
+from .hooks import POOL_MODES, PoolMode, Selector, TokenSelector, resolve_module
+from .teacher import LiveTeacher, TeacherRows, _RowsByIndex
 
 __all__ = ["TeacherCache", "CachedTeacher", "CachedRows", "FORMAT_VERSION", "STORAGE_DTYPES"]
 
@@ -429,7 +430,7 @@ class TeacherCache:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the dataset size), got {num_samples!r}")
         dtype = _storage_dtype(dtype)
-        if feature_pool is not None and feature_pool not in ("avg", "max", "flatten", "mean_tokens", "cls"):
+        if feature_pool is not None and feature_pool not in POOL_MODES:
             raise ValueError(f"feature_pool must be None or a pool mode of pool_feature, got {feature_pool!r}")
         if teacher_transform is not None and not callable(teacher_transform):
             raise TypeError(f"teacher_transform must be a callable input -> input, got {teacher_transform!r}")
@@ -445,28 +446,22 @@ class TeacherCache:
         _barrier(world)
         builder = _Builder(path, head, num_samples, dtype, label_smoothing)
         was_training = teacher.training
-        teacher.eval()
-        capture = FeatureCapture(teacher, armed=False)
-        capture.add(classifier, io="input", name="feature").add(classifier, io="output", name="head_logits")
+        # The distiller's own live teacher path: the rows are what a step would see.
+        live = LiveTeacher(teacher, classifier, feature_pool=feature_pool, output_select=output_select,
+                           feature_token=feature_token, transform=teacher_transform)
         failure: Optional[BaseException] = None
         try:
             for step, batch in enumerate(loader):
                 x, target, index = split_batch(batch, target_key=target_key, index_key=index_key,
                                                owner="TeacherCache.build's loader")
                 x, target = to_device(x, torch.device(device)), to_device(target, torch.device(device))
-                if teacher_transform is not None:
-                    x = teacher_transform(x)
-                with torch.no_grad():
-                    feature, head_logits, logits = classifier_forward(
-                        capture, teacher, x, role="teacher", path=classifier, output_select=output_select,
-                        feature_token=feature_token)
-                builder.add(index, target, feature, head_logits, logits, feature_pool)
+                builder.add(index, target, live.rows(x), live.reduce)
                 if progress and step % 100 == 0:
                     _logger.info("teacher cache: batch %d, %d rows written on rank %d", step, builder.count, me)
         except Exception as error:  # every rank must still reach the collectives below
             failure = error
         finally:
-            capture.remove()
+            live.remove_hooks()
             teacher.train(was_training)
             builder.close()
         summary = builder.summary(failure)
@@ -498,8 +493,8 @@ class _Builder:
         self.count = 0
         self._files: Dict[str, int] = {}
 
-    def add(self, index: Any, target: Any, feature: torch.Tensor, head_logits: torch.Tensor, logits: torch.Tensor,
-            pool: Optional[PoolMode]) -> None:
+    def add(self, index: Any, target: Any, rows: TeacherRows, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        feature = rows.feature
         if index is None:
             raise ValueError("TeacherCache.build needs the dataset index of every sample: batches of "
                              "(input, target, index), or dicts with an index entry")
@@ -515,18 +510,14 @@ class _Builder:
         index = _check_range(index, self.num_samples)
         if self.linear is None:
             self.linear = type(self.head) is nn.Linear and feature.dim() == 2
-        fields = {
-            "feature": _reduce(feature, pool),
-            "head_logits": head_logits,
-            "logits": logits,
-        }
+        fields = {"feature": rows.reduced, "head_logits": rows.head_logits, "logits": rows.logits}
         if not self.linear:
             gradient = teacher_gradient_element(self.head, feature, target, label_smoothing=self.smoothing,
                                                 reduction="sum")
             if gradient is None:
                 raise RuntimeError("TeacherCache.build cannot compute a non-linear classifier's gradient element "
                                    "inside torch.inference_mode(); build it outside inference mode")
-            fields[_GRADIENT] = _reduce(gradient, pool)
+            fields[_GRADIENT] = reduce(gradient)
         stored = {name: value.detach().to(self.dtype) for name, value in fields.items()}
         for name, rows in stored.items():  # every field checked before any is written
             _check_finite(name, fields[name], rows)
@@ -591,13 +582,6 @@ def _check_range(index: torch.Tensor, num_samples: int) -> torch.Tensor:
         raise ValueError(f"index must hold dataset indices in [0, num_samples={num_samples}), got values from "
                          f"{int(index.min())} to {int(index.max())}")
     return index
-
-
-def _reduce(x: torch.Tensor, pool: Optional[PoolMode]) -> torch.Tensor:
-    """``[B, *] -> [B, D]``, as the distiller reduces a feature for the CRCD loss."""
-    if pool is not None:
-        x = pool_feature(x, pool)
-    return x.flatten(1) if x.dim() > 2 else x
 
 
 def _clear(path: Path) -> None:
@@ -724,8 +708,8 @@ def _broadcast_object(value: Any, world: int) -> Any:
     return box[0]
 
 
-class CachedTeacher(nn.Module):
-    """A :class:`TeacherCache` as the distiller's teacher module: rows by index on the module's device.
+class CachedTeacher(_RowsByIndex):
+    """A :class:`TeacherCache` as a :class:`~crcd_plugin.teacher.Teacher`: rows by index on the module's device.
 
     It has no trainable parameters; a linear classifier rebuilt from the cache moves with
     ``.to()`` but is not part of the ``state_dict``: it is the cache's, so a checkpoint never
@@ -741,19 +725,25 @@ class CachedTeacher(nn.Module):
     def __init__(self, cache: TeacherCache) -> None:
         super().__init__()
         self.cache = cache
-        # Outside the module registry: the cache, not a checkpoint, is where it comes from.
-        self.__dict__["classifier"] = cache.linear_classifier()
+        self._set_classifier(cache.linear_classifier())
+        self.classifier_path, self.num_rows, self.feature_dim = cache.classifier, len(cache), cache.feature_dim
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        super()._apply(fn, recurse)
-        if self.classifier is not None:
-            self.classifier._apply(fn, recurse)
-        return self
 
     @property
     def device(self) -> torch.device:
         return self._device_marker.device
+
+    def expect(self, *, classifier: Optional[str], transform: Any, label_smoothing: float,
+               num_samples: Optional[int], gradient: bool = False) -> None:
+        """Check a distiller's arguments against the cache (dataset size, classifier path, build options)."""
+        cache = self.cache
+        cache.expect(num_samples=num_samples, classifier=classifier, classifier_argument="teacher_classifier")
+        if transform is not None:
+            raise ValueError("teacher_transform applies when a cache is built (TeacherCache.build(teacher_transform="
+                             "...)), not to a distiller that reads one")
+        if gradient and not cache.linear and label_smoothing != cache.label_smoothing:
+            raise ValueError(f"config.label_smoothing={label_smoothing} but the cache's gradient element was "
+                             f"computed with label_smoothing={cache.label_smoothing}: rebuild it with the config's")
 
     def claim_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Take this teacher's keys out of a ``state_dict`` about to be loaded, refusing another cache's.
@@ -816,6 +806,14 @@ class CachedTeacher(nn.Module):
         gradients = read(_GRADIENT, rows, device) if gradient and not self.cache.linear else None
         return CachedRows(read("feature", rows, device), read("head_logits", rows, device),
                           read("logits", rows, device), gradients)
+
+    def rows(self, input: Any, index: Optional[torch.Tensor], *, gradient: bool = False) -> TeacherRows:
+        assert index is not None, "a cached teacher's batch is checked before its rows are read"
+        read = self(index, gradient)
+        return TeacherRows(read.feature, read.head_logits, read.logits, read.feature, read.gradient)
+
+    def targets(self, index: torch.Tensor) -> torch.Tensor:
+        return self.cache.targets(index)
 
     @staticmethod
     def _check_targets(expected: torch.Tensor, target: torch.Tensor) -> None:

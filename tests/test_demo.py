@@ -15,6 +15,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
+from crcd_plugin.teacher import TensorTeacher  # noqa: E402
 from crcd_plugin.demo.__main__ import main  # noqa: E402
 from crcd_plugin.demo.data import DataConfig, load_dataset  # noqa: E402
 from crcd_plugin.demo.models import TEACHER_ARCHS, build_teacher  # noqa: E402
@@ -199,9 +200,9 @@ def test_augmented_runs_distil_from_the_live_teacher_on_each_view(tiny_setup, mo
     seen = []
     teacher.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     module, path = demo_train._teacher_for(teacher, TrainConfig(augment=True), None)
-    assert isinstance(module, demo_train._LiveTeacher) and path == "model.fc"
+    assert module is teacher.model and path == "fc"
     module, path = demo_train._teacher_for(teacher, TrainConfig(augment=False), None)
-    assert isinstance(module, demo_train._PrecomputedTeacher) and path == "fc"
+    assert isinstance(module, TensorTeacher) and path is None
 
     views = []
     real_augment = demo_train.augment

@@ -297,9 +297,9 @@ def test_hooks_are_registered_once_and_keep_nothing_after_a_step_or_a_failing_fo
     with pytest.raises(RuntimeError):
         distiller(torch.randn(BATCH, IN_DIM + 1), torch.zeros(BATCH, dtype=torch.long))
     assert (_num_hooks(distiller.student), _num_hooks(distiller.teacher)) == registered
-    assert all(not capture.pop() for capture in distiller._captures.values())
+    assert all(not capture.pop() for capture in (distiller._capture, distiller.teacher_side._capture))
     distiller.student(batch()[0])  # outside the distiller the hooks are disarmed: nothing is kept
-    assert all(not capture.pop() for capture in distiller._captures.values())
+    assert all(not capture.pop() for capture in (distiller._capture, distiller.teacher_side._capture))
     distiller.remove_hooks()
     assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
 

@@ -283,7 +283,7 @@ def test_task_state_that_does_not_fit_raises_and_loads_nothing():
     state = task.get_task_state()
     other = make_task(crcd_options={"queue_size": 16, "embed_dim": 16})
     before = {k: v.clone() for k, v in other.trainable_module.crcd_state_dict().items()}
-    message = r"crcd_feature.memory_student.weight. has shape \(32, 16\), this task expects \(16, 16\)"
+    message = r"crcd_feature.memory_teacher.weight. has shape \(32, 16\), this task expects \(16, 16\)"
     with pytest.raises(ValueError, match=message):
         other.load_task_state(state)
     assert all(torch.equal(v, before[k]) for k, v in other.trainable_module.crcd_state_dict().items())
