@@ -15,15 +15,16 @@ re-exported here.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import to_device
+from ._batches import check_batch, to_device
 from ._checks import check_choice, check_positive_int
-from .config import CRCDConfig, RelationConfig, config_from_legacy, deprecated
+from ._compat import LegacyClassifierNames, distiller_arguments
+from .config import CRCDConfig, RelationConfig
 from .contract import _DDP, CRCDTrainableModule, DistillerContract
 from .distributed import broadcast_state
 from .functional import kd_loss
@@ -41,8 +42,8 @@ from .hooks import (
 from .loss import CRCDLoss
 from .monitor import ExplosionMonitor
 from .schedule import DistillSchedule, warmup_ramp
-from .teacher import LiveTeacher, Teacher, TeacherRows
-from .teacher_cache import CachedTeacher, TeacherCache
+from .teacher import TeacherRows
+from .teacher_cache import TeacherCache, as_teacher
 
 _logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _relation_loss(
     return CRCDLoss(student_dim, teacher_dim, relation, num_samples=num_samples)
 
 
-class CRCDDistiller(DistillerContract):
+class CRCDDistiller(DistillerContract, LegacyClassifierNames):
     """Student + frozen teacher + CRCD losses, for a plain training loop and for every integration.
 
     The distilled feature is the *input* of each classifier (``student_classifier`` /
@@ -83,21 +84,12 @@ class CRCDDistiller(DistillerContract):
     :meth:`set_progress`: epochs or optimizer steps), times the warm-up ramp. A batch of one has no
     relations: its CRCD terms are 0 (logged once) and no state moves.
 
-    The teacher is frozen (``requires_grad=False``), run under ``torch.no_grad()`` (after
-    ``teacher_transform``), and kept in eval mode whatever ``train()`` is called with. Export the
+    The teacher side is a :class:`~crcd_plugin.teacher.Teacher` (:attr:`teacher_side`), asked for
+    each step's rows: a frozen model run under no grad in eval mode after ``teacher_transform``
+    (:class:`~crcd_plugin.LiveTeacher`), or rows read by ``index`` (then required) from a
+    :class:`~crcd_plugin.TeacherCache` or :class:`~crcd_plugin.TensorTeacher` (docs/teacher-cache.md).
+    Integrations use the contract (:class:`~crcd_plugin.contract.DistillerContract`). Export the
     student with :meth:`student_state_dict`; :meth:`crcd_state_dict` is the CRCD state to resume.
-
-    A :class:`~crcd_plugin.TeacherCache` may take the teacher's place: each step then reads the
-    teacher's rows by ``index`` (required, whatever the negatives) and no teacher runs or needs to
-    be loaded; :meth:`fill_memory` warms the memories from it (docs/teacher-cache.md).
-
-    Integration contract (what the HF and timm integrations use, and nothing else):
-    :attr:`trainable_module` (student + CRCD state: what the optimizer and EMA take),
-    :meth:`prepare_distributed` (DDP wraps the student only; CRCD buffers are never broadcast by
-    DDP) and :meth:`release_distributed` (before ``destroy_process_group()``),
-    :meth:`sync_gradients` (one bucketed all-reduce for what DDP does not average) or
-    :meth:`sync_gradients_in_backward`, :meth:`no_sync`, :meth:`crcd_state_dict` /
-    :meth:`load_crcd_state_dict` (shape-checked), :meth:`set_progress` and :meth:`set_total_steps`.
 
     Dimensions come from ``nn.Linear`` classifiers (``in_features``), else from a dry run on
     ``example_input``, else from the first ``forward``; in the last case create the optimizer
@@ -105,7 +97,8 @@ class CRCDDistiller(DistillerContract):
 
     Args:
         student: Student model, ``student(x)`` returns logits (or see ``output_select``).
-        teacher: Trained teacher model, or a :class:`~crcd_plugin.TeacherCache` built from it.
+        teacher: Trained teacher model, a :class:`~crcd_plugin.TeacherCache` built from it, or a
+            :class:`~crcd_plugin.teacher.Teacher` (e.g. a :class:`~crcd_plugin.TensorTeacher`).
         student_classifier: Dotted path of the student's classifier module.
         teacher_classifier: Dotted path of the teacher's classifier module; default ``"fc"``, or
             with a cache the cache's classifier (a different path is an error).
@@ -127,10 +120,8 @@ class CRCDDistiller(DistillerContract):
             (under no grad) before every teacher forward (steps, dry run and :meth:`fill_memory`).
             An ``nn.Module`` is registered, so it moves with ``.to()``. Not with a cache (pass it
             to :meth:`TeacherCache.build`).
-        **legacy: 0.2.0 keywords (``student_head``, ``teacher_head``, ``gamma``, ``alpha``,
-            ``beta``, ``kd_temperature``, ``gradient_element``, ``gradient_weight``,
-            ``label_smoothing``, ``queue_size``, ``crcd_options``, ``warmup_steps``, ``preset``),
-            mapped onto ``config`` with a ``DeprecationWarning`` naming the new spelling.
+        **legacy: 0.2.0 keywords (``student_head``, ``gamma``, ``crcd_options``, ...), mapped onto
+            ``config`` with a ``DeprecationWarning`` naming the new spelling (``crcd_plugin._compat``).
 
     Example:
         >>> from crcd_plugin import CRCDConfig
@@ -169,24 +160,11 @@ class CRCDDistiller(DistillerContract):
         **legacy: Any,
     ) -> None:
         super().__init__()
-        for old, new in (("student_head", "student_classifier"), ("teacher_head", "teacher_classifier")):
-            if old in legacy:
-                deprecated(f"CRCDDistiller({old}=...)", f"{new}= (the classifier's path; the embedding head is "
-                           "RelationConfig.embed_head)", stacklevel=3)
-                path = legacy.pop(old)
-                student_classifier, teacher_classifier = (
-                    (path, teacher_classifier) if old == "student_head" else (student_classifier, path)
-                )
-        config, options_num_samples = config_from_legacy(config, legacy)
+        student_classifier, teacher_classifier, config, options_num_samples = distiller_arguments(
+            student_classifier, teacher_classifier, config, schedule, legacy)  # the 0.2.0 spellings
         num_samples = options_num_samples if num_samples is None else num_samples
-        self._check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
+        _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
                               teacher_transform, feature_token)
-        if schedule is not None:
-            deprecated("CRCDDistiller(schedule=DistillSchedule(...))",
-                       "config=CRCDConfig(schedule=kind, schedule_until=..., schedule_start=...) with total_steps=",
-                       stacklevel=3)
-            config = config.replace(schedule=schedule.kind, schedule_until=schedule.until,
-                                    schedule_start=schedule.start)
         relation = config.relation
         if relation.resolved_negatives(num_samples) == "bank" and num_samples is None:
             raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
@@ -230,35 +208,6 @@ class CRCDDistiller(DistillerContract):
         elif student_dim is not None and side.feature_dim is not None:
             self._build_losses(student_dim, side.feature_dim)
 
-    @staticmethod
-    def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
-                         feature_token) -> None:
-        if not isinstance(student, nn.Module):
-            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
-        if not isinstance(teacher, (nn.Module, TeacherCache)):
-            raise TypeError(f"teacher must be an nn.Module, a TeacherCache or a Teacher, got {type(teacher).__name__}")
-        if isinstance(teacher, nn.Module) and unwrap_model(student) is unwrap_model(teacher):
-            raise ValueError("student and teacher must be different modules")
-        if isinstance(teacher, _DDP):
-            raise ValueError(
-                "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
-                "(it never trains, so it needs no gradient sync; wrap only the student)"
-            )
-        if num_samples is not None:
-            check_positive_int("num_samples", num_samples)
-        if total_steps is not None:
-            check_positive_int("total_steps", total_steps)
-        if schedule is not None and not isinstance(schedule, DistillSchedule):
-            raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
-        if feature_pool is not None:
-            check_choice("feature_pool", feature_pool, ("avg", "max", "flatten", "mean_tokens", "cls"))
-        if teacher_transform is not None and not callable(teacher_transform):
-            raise TypeError(
-                f"teacher_transform must be None or a callable input -> input, got {type(teacher_transform).__name__}"
-            )
-        if feature_token is not None and not callable(feature_token):
-            raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
-
     # ------------------------------------------------------------------ building
     @property
     def built(self) -> bool:
@@ -266,16 +215,6 @@ class CRCDDistiller(DistillerContract):
         if not (self.config.feature_weight or self.config.gradient_element):
             return True  # nothing to build: CE and KD only
         return self.crcd_feature is not None or self.crcd_gradient is not None
-
-    @property
-    def student_head(self) -> str:
-        """0.2.0 name of :attr:`student_classifier`."""
-        return self.student_classifier
-
-    @property
-    def teacher_head(self) -> str:
-        """0.2.0 name of :attr:`teacher_classifier`."""
-        return self.teacher_classifier
 
     def _build_losses(self, student_dim: int, teacher_dim: int, device: Optional[torch.device] = None) -> None:
         config = self.config
@@ -370,19 +309,13 @@ class CRCDDistiller(DistillerContract):
     ) -> "CRCDDistiller":
         """Warm-up pass: write every sample's embeddings into the CRCD memories before training.
 
-        Runs student and teacher (eval mode, no grad; the teacher through ``teacher_transform``,
-        exactly as in a step, or its rows read from a :class:`TeacherCache`) over ``loader`` and
-        hands each batch to :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the
-        first step. The gradient element's memory gets detached gradients. Train/eval modes are
-        restored afterwards; models, heads and the NCE constant are not changed.
-
-        With a cache and no ``loader``, the teacher-side memories (``memory_teacher``: what the
-        student side's anchors and candidates are drawn from) are written from every cached row,
-        ``batch_size`` rows at a time, without running the student or reading any data; the
-        student-side memories (read only with ``symmetric=True``) stay as they are. The CRCD
-        losses must exist (an ``nn.Linear`` student classifier, or ``example_input=``). Under
-        ``torch.distributed`` every rank must call it; each writes a share of the rows and the
-        memories gather them.
+        Runs student and teacher side as a step does (eval mode, no grad) over ``loader`` and hands
+        each batch to :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the first
+        step (the gradient element's memory gets detached gradients). Modes are restored; models,
+        heads and the NCE constant are not changed. Without a ``loader``, a teacher with stored
+        rows (a cache) writes every row, ``batch_size`` at a time, into the teacher-side memories
+        (``memory_teacher``) without running the student; the CRCD losses must exist then. Under
+        ``torch.distributed`` every rank calls it; each writes a share and the memories gather.
 
         Args:
             loader: Iterable of ``(input, target, index)`` batches (``(input, target)`` for a
@@ -467,29 +400,11 @@ class CRCDDistiller(DistillerContract):
 
     # ------------------------------------------------------------------ the step
     def _check_batch(self, x: Any, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(
-                f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}"
-            )
-        if index is not None and not isinstance(index, torch.Tensor):
-            raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
-        if isinstance(x, Mapping):
-            x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
-        batch = x.shape[0] if isinstance(x, torch.Tensor) else None
-        if batch is not None and target.shape[0] != batch:
-            raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
-        if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
-            raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
-                             f"got shape {tuple(index.shape)}")
-        # The teacher's own checks (index range, stored targets), on the host, before the student runs.
-        self.teacher_side.check_batch(index, target, gradient=self.config.gradient_element)
         config = self.config
-        negatives = config.relation.resolved_negatives(self.num_samples)
-        if index is None and negatives == "bank" and (config.feature_weight or config.gradient_element):
-            raise ValueError(
-                "index (dataset indices of the batch, LongTensor [B]) is required with memory-bank negatives "
-                "(num_samples was given); drop num_samples to use a queue instead"
-            )
+        bank = config.relation.resolved_negatives(self.num_samples) == "bank"
+        check_batch(x, target, index, bank=bank and bool(config.feature_weight or config.gradient_element))
+        # The teacher's own checks (index range, stored targets), on the host, before the student runs.
+        self.teacher_side.check_batch(index, target, gradient=config.gradient_element)
 
     def forward(
         self,
@@ -649,6 +564,36 @@ class CRCDDistiller(DistillerContract):
         return f"student_classifier={self.student_classifier!r}, teacher_classifier={self.teacher_classifier!r}"
 
 
+def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
+                     feature_token) -> None:
+    """``CRCDDistiller``'s arguments, checked before anything is built."""
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+    if not isinstance(teacher, (nn.Module, TeacherCache)):
+        raise TypeError(f"teacher must be an nn.Module, a TeacherCache or a Teacher, got {type(teacher).__name__}")
+    if isinstance(teacher, nn.Module) and unwrap_model(student) is unwrap_model(teacher):
+        raise ValueError("student and teacher must be different modules")
+    if isinstance(teacher, _DDP):
+        raise ValueError(
+            "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
+            "(it never trains, so it needs no gradient sync; wrap only the student)"
+        )
+    if num_samples is not None:
+        check_positive_int("num_samples", num_samples)
+    if total_steps is not None:
+        check_positive_int("total_steps", total_steps)
+    if schedule is not None and not isinstance(schedule, DistillSchedule):
+        raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
+    if feature_pool is not None:
+        check_choice("feature_pool", feature_pool, ("avg", "max", "flatten", "mean_tokens", "cls"))
+    if teacher_transform is not None and not callable(teacher_transform):
+        raise TypeError(
+            f"teacher_transform must be None or a callable input -> input, got {type(teacher_transform).__name__}"
+        )
+    if feature_token is not None and not callable(feature_token):
+        raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
+
+
 def _terms(distill_loss, kd, feature_loss, gradient_loss) -> Dict[str, torch.Tensor]:
     return {
         "distill_loss": distill_loss,
@@ -667,18 +612,3 @@ def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[st
         "crcd_gradient_loss": gradient_loss,
         "logits": logits,
     }
-
-
-def as_teacher(
-    teacher: Union[nn.Module, TeacherCache, Teacher], classifier: Optional[str], config: CRCDConfig,
-    num_samples: Optional[int], **live: Any,
-) -> Teacher:
-    """The :class:`~crcd_plugin.teacher.Teacher` a distiller asks: a cache's or a ready one (checked against
-    the distiller's arguments), or a model run live (``live``: ``LiveTeacher``'s keyword arguments)."""
-    if isinstance(teacher, TeacherCache):
-        teacher = CachedTeacher(teacher)
-    if isinstance(teacher, Teacher):
-        teacher.expect(classifier=classifier, transform=live["transform"], label_smoothing=config.label_smoothing,
-                       num_samples=num_samples, gradient=config.gradient_element)
-        return teacher
-    return LiveTeacher(teacher, _DEFAULT_CLASSIFIER if classifier is None else classifier, **live)

@@ -11,12 +11,12 @@ from torch import nn
 from typing_extensions import Unpack
 
 from crcd_plugin._checks import check_positive_int
+from crcd_plugin._compat import LegacyLossKeywords, legacy_attribute, legacy_relation_config
 from crcd_plugin.config import RelationConfig
 from crcd_plugin.distributed import average
 from crcd_plugin.heads import EmbedHead
-from crcd_plugin.kernels.dispatch import relation_loss, resolve_backend
 from crcd_plugin.negatives import NegativeSource, SourceSpec, Step, build_sources
-from crcd_plugin.presets import LegacyLossKeywords, legacy_attribute, legacy_relation_config
+from crcd_plugin.relation_loss import relation_loss, resolve_backend
 
 
 class CRCDLoss(nn.Module):

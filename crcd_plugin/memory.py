@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin._checks import check_choice, check_positive_int
-from crcd_plugin.kernels.dispatch import in_batch_candidate_index
+from crcd_plugin.kernels.relation import in_batch_candidate_index
 
 __all__ = ["FeatureQueue", "MemoryBank", "in_batch_candidate_index", "last_occurrence"]
 

@@ -26,12 +26,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ._batches import split_batch, to_device
+from ._version import __version__
 from .distributed import rank, world_size
 from .gradients import teacher_gradient_element
 from .hooks import POOL_MODES, PoolMode, Selector, TokenSelector, resolve_module
-from .teacher import LiveTeacher, TeacherRows, _RowsByIndex
+from .teacher import LiveTeacher, Teacher, TeacherRows, _RowsByIndex
 
-__all__ = ["TeacherCache", "CachedTeacher", "CachedRows", "FORMAT_VERSION", "STORAGE_DTYPES"]
+__all__ = ["TeacherCache", "CachedTeacher", "CachedRows", "FORMAT_VERSION", "STORAGE_DTYPES", "as_teacher"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _library_version() -> str:
-    from crcd_plugin import __version__  # the package's __init__ imports this module: read it late
-
     return __version__
 
 
@@ -113,6 +112,9 @@ class TeacherCache:
         >>> feature, head_logits, logits = cache.rows(torch.tensor([0, 7]))                # doctest: +SKIP
     """
 
+    needs_index = True
+    """A cache is read by dataset index: every batch must carry it (as for a :class:`~crcd_plugin.teacher.Teacher`)."""
+
     def __init__(self, path: PathLike, metadata: Dict[str, Any]) -> None:
         """Use :meth:`open` or :meth:`build`; this takes metadata already checked by :meth:`open`."""
         self.path = Path(path)
@@ -154,6 +156,11 @@ class TeacherCache:
     def classifier(self) -> str:
         """Dotted path of the teacher's classifier the cache was built at."""
         return str(self._metadata["classifier"])
+
+    @property
+    def classifier_path(self) -> str:
+        """:attr:`classifier`, under the name a :class:`~crcd_plugin.teacher.Teacher` gives it."""
+        return self.classifier
 
     @property
     def fingerprint(self) -> str:
@@ -831,3 +838,18 @@ class CachedTeacher(_RowsByIndex):
 
     def extra_repr(self) -> str:
         return repr(self.cache)
+
+
+def as_teacher(
+    teacher: Union[nn.Module, TeacherCache, Teacher], classifier: Optional[str], config: Any,
+    num_samples: Optional[int], **live: Any,
+) -> Teacher:
+    """The :class:`~crcd_plugin.teacher.Teacher` a distiller asks: a cache's or a ready one (checked against
+    the distiller's arguments), or a model run live (``live``: ``LiveTeacher``'s keyword arguments)."""
+    if isinstance(teacher, TeacherCache):
+        teacher = CachedTeacher(teacher)
+    if isinstance(teacher, Teacher):
+        teacher.expect(classifier=classifier, transform=live["transform"], label_smoothing=config.label_smoothing,
+                       num_samples=num_samples, gradient=config.gradient_element)
+        return teacher
+    return LiveTeacher(teacher, "fc" if classifier is None else classifier, **live)

@@ -15,7 +15,6 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
-from crcd_plugin.teacher import TensorTeacher  # noqa: E402
 from crcd_plugin.demo.__main__ import main  # noqa: E402
 from crcd_plugin.demo.data import DataConfig, load_dataset  # noqa: E402
 from crcd_plugin.demo.models import TEACHER_ARCHS, build_teacher  # noqa: E402
@@ -26,6 +25,7 @@ from crcd_plugin.demo.train import (  # noqa: E402
     method_config,
     train_student,
 )
+from crcd_plugin.teacher import TensorTeacher  # noqa: E402
 
 TINY = ["--num-train", "400", "--num-test", "200", "--epochs", "2", "--seeds", "2", "--no-progress"]
 

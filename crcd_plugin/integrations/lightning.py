@@ -121,7 +121,8 @@ class CRCDCallback(Callback):
         self.teacher = teacher
         self.student_head = student_head
         # Resolved here: the state key (which names it) stays the same for a default live teacher.
-        self.teacher_head = teacher_head or (teacher.classifier if isinstance(teacher, TeacherCache) else "fc")
+        # A cache or a Teacher names its own classifier; a model's default is "fc".
+        self.teacher_head = teacher_head or getattr(teacher, "classifier_path", "fc")
         self.config = config if config is not None else CRCDConfig()
         self.num_samples = num_samples
         self.batch_fn: BatchFn = batch_fn or default_batch_fn
