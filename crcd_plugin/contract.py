@@ -134,6 +134,27 @@ class DistillerContract(nn.Module):
     schedule: Optional[DistillSchedule]
     warmup_progress: torch.Tensor
 
+    @property
+    def teacher_cache(self) -> Optional[Any]:
+        """The :class:`~crcd_plugin.TeacherCache` read in the teacher's place, else ``None``."""
+        return getattr(self.__dict__.get("teacher_side"), "cache", None)
+
+    @contextlib.contextmanager
+    def capture_student(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Arm the distiller's own student hooks (registered once) for a forward a trainer runs itself.
+
+        Inside the block the yielded store gets ``"feature"`` (the classifier's input) and
+        ``"head_logits"`` (its output) of the student's forward; hand them to
+        :meth:`~crcd_plugin.CRCDDistiller.distill`. The store is emptied on leaving the block.
+
+        Example:
+            >>> with distiller.capture_student() as captured:  # doctest: +SKIP
+            ...     loss = module.training_step(batch)
+            ...     feature, logits = captured["feature"], captured["head_logits"]
+        """
+        with self.__dict__["_capture"].recording() as captured:
+            yield captured
+
     def __init__(self) -> None:
         super().__init__()
         self._student_synced_by_ddp = False

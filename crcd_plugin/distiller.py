@@ -268,11 +268,6 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
         if name == "teacher_transform" and "teacher_side" in self.__dict__:
             self.teacher_side.set_transform(value)  # the teacher applies it
 
-    @property
-    def teacher_cache(self) -> Optional[TeacherCache]:
-        """The :class:`~crcd_plugin.TeacherCache` read in the teacher's place, else ``None``."""
-        return getattr(self.teacher_side, "cache", None)
-
     def _run_student(self, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward the student once; return (classifier input, classifier output, model logits)."""
         return classifier_forward(self._capture, model, x, role="student", path=self.student_classifier,
@@ -461,6 +456,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
         input: Any,
         target: torch.Tensor,
         index: Optional[torch.Tensor] = None,
+        *,
+        student_synced: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """The distillation terms of a student forward that has already run (for trainers that run it).
 
@@ -476,6 +473,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
             input: The batch the student saw (the teacher sees ``teacher_transform(input)``).
             target: Class indices ``[B]`` (or probabilities ``[B, C]``).
             index: Dataset indices ``[B]``; required for memory-bank negatives.
+            student_synced: The trainer's own DDP averages the student's gradients, so
+                :meth:`sync_gradients` leaves them alone (e.g. Lightning's strategy).
 
         Returns:
             ``distill_loss`` (``w(t) * (kd_weight * KD + feature_weight * CRCD_feature +
@@ -485,6 +484,7 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
             all four are zero.
         """
         self._check_batch(input, target, index)
+        self._student_synced_by_ddp = student_synced
         return self._distill_terms(student_feature, student_head_logits, student_logits, input, target, index)
 
     def _distill_terms(

@@ -595,3 +595,25 @@ def test_sync_gradients_and_no_sync_are_no_ops_without_a_process_group():
     with distiller.no_sync():
         pass
     assert all(torch.equal(a, p.grad) for a, (_, p) in zip(before, distiller.crcd_named_parameters()))
+
+
+def test_capture_student_arms_the_distillers_own_hooks_for_a_forward_run_elsewhere():
+    distiller = new_distiller()
+    x, y = batch()
+    hooks = _num_hooks(distiller.student)
+    with distiller.capture_student() as captured:
+        logits = distiller.student(x)
+        feature, head_logits = captured["feature"], captured["head_logits"]
+    assert _num_hooks(distiller.student) == hooks  # no hook added for it
+    assert torch.equal(head_logits, logits) and feature.shape == (BATCH, 6)
+    distiller.student(x)
+    with distiller.capture_student() as captured:
+        assert not captured  # disarmed outside the block: nothing kept
+    terms = distiller.distill(feature, head_logits, logits, x, y, student_synced=True)
+    terms["distill_loss"].backward()
+    student = {id(p) for p in distiller.student.parameters()}
+    heads = {id(p) for _, p in distiller.crcd_named_parameters()}
+    # What sync_gradients averages: the heads only, the student's being its trainer's DDP to sync.
+    assert {id(p) for p in distiller._unsynced_parameters()} == heads and not heads & student
+    distiller.distill(feature.detach(), head_logits.detach(), logits.detach(), x, y)
+    assert student <= {id(p) for p in distiller._unsynced_parameters()}
