@@ -39,9 +39,8 @@ def split_batch(
     )
 
 
-def check_batch(x: Any, target: Any, index: Any, bank: bool = False) -> None:
-    """A step's ``target`` and ``index`` are tensors of the input's batch size (``index`` ``[B]``, or None
-    unless a memory ``bank`` needs it)."""
+def check_batch(x: Any, target: Any, index: Any) -> None:
+    """A step's ``target`` and ``index`` are tensors of the input's batch size (``index`` ``[B]`` or None)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(
             f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}"
@@ -56,6 +55,10 @@ def check_batch(x: Any, target: Any, index: Any, bank: bool = False) -> None:
     if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
         raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
                          f"got shape {tuple(index.shape)}")
+
+
+def require_bank_index(index: Any, bank: bool) -> None:
+    """A memory ``bank`` reads and writes rows by dataset index: a step must give it."""
     if index is None and bank:
         raise ValueError(
             "index (dataset indices of the batch, LongTensor [B]) is required with memory-bank negatives "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive_int
+from .config import CRCDConfig
 from .distributed import average_gradients, broadcast_state, world_size
 from .hooks import unwrap_model
 from .loss import CRCDLoss
@@ -129,6 +130,7 @@ class DistillerContract(nn.Module):
     """
 
     student: nn.Module
+    config: CRCDConfig
     crcd_feature: Optional[CRCDLoss]
     crcd_gradient: Optional[CRCDLoss]
     schedule: Optional[DistillSchedule]

@@ -15,13 +15,13 @@ re-exported here.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import check_batch, to_device
+from ._batches import check_batch, require_bank_index, to_device
 from ._checks import check_choice, check_positive_int
 from ._compat import LegacyClassifierNames, distiller_arguments
 from .config import CRCDConfig, RelationConfig
@@ -42,7 +42,7 @@ from .hooks import (
 from .loss import CRCDLoss
 from .monitor import ExplosionMonitor
 from .schedule import DistillSchedule, warmup_ramp
-from .teacher import TeacherRows
+from .teacher import Teacher, TeacherRows
 from .teacher_cache import TeacherCache, as_teacher
 
 _logger = logging.getLogger(__name__)
@@ -135,11 +135,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
     """
 
     teacher: nn.Module
-    teacher_cache: Optional[TeacherCache]
-    crcd_feature: Optional[CRCDLoss]
-    crcd_gradient: Optional[CRCDLoss]
-    schedule: Optional[DistillSchedule]
-    warmup_progress: torch.Tensor
+    teacher_side: Teacher
+    _student_head: nn.Module
 
     def __init__(
         self,
@@ -252,7 +249,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
                 f_s, _, _ = self._run_student(self.student, example_input)
                 side = self.teacher_side
                 # Rows read by index are [N, D] already (no index here); a live teacher runs.
-                teacher_dim = side.feature_dim if side.needs_index else side.rows(example_input, None).reduced.shape[1]
+                teacher_dim = cast(int, side.feature_dim) if side.needs_index \
+                    else side.rows(example_input, None, gradient=False).reduced.shape[1]
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], teacher_dim, f_s.device)
@@ -396,10 +394,11 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
     # ------------------------------------------------------------------ the step
     def _check_batch(self, x: Any, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
         config = self.config
-        bank = config.relation.resolved_negatives(self.num_samples) == "bank"
-        check_batch(x, target, index, bank=bank and bool(config.feature_weight or config.gradient_element))
+        check_batch(x, target, index)  # types and batch sizes
         # The teacher's own checks (index range, stored targets), on the host, before the student runs.
         self.teacher_side.check_batch(index, target, gradient=config.gradient_element)
+        bank = config.relation.resolved_negatives(self.num_samples) == "bank"
+        require_bank_index(index, bank and bool(config.feature_weight or config.gradient_element))
 
     def forward(
         self,

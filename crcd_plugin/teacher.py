@@ -64,6 +64,7 @@ class Teacher(nn.Module):
     feature_dim: Optional[int] = None
     classifier_path: Optional[str] = None
     num_rows: Optional[int] = None
+    classifier: Optional[nn.Module]
 
     @property
     def module(self) -> nn.Module:
@@ -177,7 +178,7 @@ class LiveTeacher(Teacher):
         if feature_pool is not None and feature_pool not in POOL_MODES:
             raise ValueError(f"feature_pool must be None or one of {POOL_MODES}, got {feature_pool!r}")
         self.model = model
-        self.classifier_path = classifier
+        self.classifier_path = self._path = classifier
         self.classifier = resolve_module(model, classifier)  # a wrong path fails here, not in a step
         self.feature_pool, self.output_select, self.feature_token = feature_pool, output_select, feature_token
         self.set_transform(transform)
@@ -203,7 +204,7 @@ class LiveTeacher(Teacher):
         if self.transform is not None:
             input = self.transform(input)
         feature, head_logits, logits = classifier_forward(
-            self._capture, self.model, input, role="teacher", path=self.classifier_path,
+            self._capture, self.model, input, role="teacher", path=self._path,
             output_select=self.output_select, feature_token=self.feature_token)
         return TeacherRows(feature, head_logits, logits, self.reduce(feature), None)
 
@@ -226,7 +227,7 @@ class _RowsByIndex(Teacher):
             classifier.requires_grad_(False).eval()
         self.__dict__["classifier"] = classifier  # outside the registry: never saved or loaded
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.classifier is not None:
             self.classifier._apply(fn, recurse)
@@ -256,6 +257,9 @@ class TensorTeacher(_RowsByIndex):
     """
 
     features: torch.Tensor
+    logits: Optional[torch.Tensor]
+    _targets: Optional[torch.Tensor]
+    num_rows: int
 
     def __init__(
         self,

@@ -526,10 +526,10 @@ class _Builder:
                                    "inside torch.inference_mode(); build it outside inference mode")
             fields[_GRADIENT] = reduce(gradient)
         stored = {name: value.detach().to(self.dtype) for name, value in fields.items()}
-        for name, rows in stored.items():  # every field checked before any is written
-            _check_finite(name, fields[name], rows)
-        for name, rows in stored.items():
-            self._write(name, index, rows)
+        for name, values in stored.items():  # every field checked before any is written
+            _check_finite(name, fields[name], values)
+        for name, values in stored.items():
+            self._write(name, index, values)
         self._write("targets", index, target.detach().to(torch.int64))
         self._write("written", index, torch.ones(batch, dtype=torch.uint8))
         self.count += batch

@@ -175,7 +175,7 @@ class CRCDTrainer(Trainer):
             module.to(device)
         if getattr(teacher_model, "hf_device_map", None) is None:  # a model spread by accelerate stays put
             self.distiller.teacher_side.to(device)  # the model, or the device stored rows are read onto
-        self._teacher_model = teacher_model
+        self._teacher_model: Union[nn.Module, TeacherCache] = teacher_model
         if self.optimizer is not None and self.distiller.crcd_named_parameters():
             raise ValueError(
                 "optimizers=(...) cannot hold the CRCD heads, which CRCDTrainer creates: pass "
