@@ -249,8 +249,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
                 f_s, _, _ = self._run_student(self.student, example_input)
                 side = self.teacher_side
                 # Rows read by index are [N, D] already (no index here); a live teacher runs.
-                teacher_dim = cast(int, side.feature_dim) if side.needs_index \
-                    else side.rows(example_input, None, gradient=False).reduced.shape[1]
+                teacher_dim = (cast(int, side.feature_dim) if side.needs_index
+                               else side.rows(example_input, None, gradient=False).reduced.shape[1])
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], teacher_dim, f_s.device)

@@ -198,8 +198,8 @@ class TeacherCache:
             TypeError: If ``index`` is not an integer tensor.
             ValueError: If it is not 1-D or an entry is out of range.
         """
-        if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex() \
-                or index.dtype == torch.bool:
+        if (not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex()
+                or index.dtype == torch.bool):
             got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
             raise TypeError(f"{argument} must be an integer tensor of dataset indices [B], got {got}")
         if index.dim() != 1:
@@ -231,8 +231,8 @@ class TeacherCache:
         """
         index = self.check_index(index)
         target = self._device(device)
-        return self._read("feature", index, target), self._read("head_logits", index, target), \
-            self._read("logits", index, target)
+        return (self._read("feature", index, target), self._read("head_logits", index, target),
+                self._read("logits", index, target))
 
     def gradient_rows(self, index: torch.Tensor, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
         """Per-sample gradient elements ``dCE_b / df_b`` ``[B, D]`` (float32), for a non-linear classifier.
@@ -333,8 +333,8 @@ class TeacherCache:
         try:
             metadata = json.loads(metadata_path.read_text())
         except (OSError, ValueError) as error:
-            raise ValueError(f"{metadata_path} is not a teacher cache's metadata ({error}); rebuild the cache") \
-                from None
+            message = f"{metadata_path} is not a teacher cache's metadata ({error}); rebuild the cache"
+            raise ValueError(message) from None
         if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT_NAME:
             raise ValueError(f"{metadata_path} is not a crcd-plugin teacher cache's metadata; rebuild the cache")
         _check_versions(metadata, path)
@@ -509,8 +509,8 @@ class _Builder:
             got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
             raise ValueError(f"TeacherCache.build needs class-index targets [B] (int), got {got}")
         batch = feature.shape[0]
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.shape[0] != batch \
-                or target.shape[0] != batch:
+        if (not isinstance(index, torch.Tensor) or index.dim() != 1 or index.shape[0] != batch
+                or target.shape[0] != batch):
             got = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
             raise ValueError(f"index must be a LongTensor [B={batch}] and target [B={batch}] for a batch of {batch}, "
                              f"got index {got} and target {tuple(target.shape)}")
@@ -765,8 +765,8 @@ class CachedTeacher(_RowsByIndex):
             name = key[len(prefix):].split(".", 1)
             value = own.get(name[1]) if name[0] == "classifier" and len(name) == 2 else None
             saved = state_dict[key]
-            if value is None or not isinstance(saved, torch.Tensor) or saved.shape != value.shape \
-                    or not torch.equal(saved.to(value.device, value.dtype), value):
+            if (value is None or not isinstance(saved, torch.Tensor) or saved.shape != value.shape
+                    or not torch.equal(saved.to(value.device, value.dtype), value)):
                 raise ValueError(
                     f"the state dict's {key!r} is not the classifier of the teacher cache {str(self.cache.path)!r} "
                     "this distiller reads: a checkpoint made on another teacher (or cache); load it into a "
