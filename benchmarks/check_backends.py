@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from crcd_plugin.functional import infonce_loss, nce_log_normalizer, nce_loss
-from crcd_plugin.kernels import naive_relation_logits, relation_loss
+from crcd_plugin.kernels import naive_relation_logits
 from crcd_plugin.memory import in_batch_candidate_index
+from crcd_plugin.relation_loss import relation_loss
 
 TAU, EPS, N = 0.05, 1e-6, 50_000
 TOLERANCE = 1e-4  # relative to the largest value / gradient entry; fp32 kernels, float64 reference

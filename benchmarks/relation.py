@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin.kernels import relation_loss
 from crcd_plugin.memory import in_batch_candidate_index
+from crcd_plugin.relation_loss import relation_loss
 
 IMPLEMENTATIONS = ("naive", "per-sample", "eager", "compile", "chunked", "triton")
 LAYOUTS = ("per-sample", "batch", "queue")

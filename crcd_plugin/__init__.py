@@ -1,8 +1,7 @@
 """crcd-plugin: Complementary Relation Contrastive Distillation as a drop-in PyTorch loss."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from crcd_plugin import functional
+from crcd_plugin._version import __version__
 from crcd_plugin.config import CRCDConfig, RelationConfig
 from crcd_plugin.distiller import CRCDDistiller, CRCDTrainableModule, DistillSchedule
 from crcd_plugin.gradients import (
@@ -15,13 +14,8 @@ from crcd_plugin.hooks import FeatureCapture
 from crcd_plugin.loss import CRCDLoss
 from crcd_plugin.memory import FeatureQueue, MemoryBank
 from crcd_plugin.sharded_memory import ShardedMemoryBank
+from crcd_plugin.teacher import LiveTeacher, Teacher, TensorTeacher
 from crcd_plugin.teacher_cache import TeacherCache
-
-try:
-    # One source: pyproject.toml's version, as installed.
-    __version__ = version("crcd-plugin")
-except PackageNotFoundError:  # a source tree on sys.path that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     # configuration
@@ -31,7 +25,11 @@ __all__ = [
     "CRCDDistiller",
     "CRCDTrainableModule",
     "DistillSchedule",
+    # the teacher side: a model run live, a cache on disk, rows in tensors, or a kind of your own
+    "Teacher",
+    "LiveTeacher",
     "TeacherCache",
+    "TensorTeacher",
     # the loss and its state
     "CRCDLoss",
     "EmbedHead",

@@ -37,3 +37,30 @@ def split_batch(
         f"{owner} must yield (input, target, index) tuples or dicts with {target_key!r} and {index_key!r}, "
         f"got a {type(batch).__name__}"
     )
+
+
+def check_batch(x: Any, target: Any, index: Any) -> None:
+    """A step's ``target`` and ``index`` are tensors of the input's batch size (``index`` ``[B]`` or None)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}"
+        )
+    if index is not None and not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
+    if isinstance(x, Mapping):
+        x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
+    batch = x.shape[0] if isinstance(x, torch.Tensor) else None
+    if batch is not None and target.shape[0] != batch:
+        raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
+    if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
+        raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
+                         f"got shape {tuple(index.shape)}")
+
+
+def require_bank_index(index: Any, bank: bool) -> None:
+    """A memory ``bank`` reads and writes rows by dataset index: a step must give it."""
+    if index is None and bank:
+        raise ValueError(
+            "index (dataset indices of the batch, LongTensor [B]) is required with memory-bank negatives "
+            "(num_samples was given); drop num_samples to use a queue instead"
+        )

@@ -1,4 +1,4 @@
-"""CRCDDistiller: the one object a plain training loop needs, its integration contract, and the schedule.
+"""CRCDDistiller: the one object a plain training loop needs.
 
 The distiller runs student and frozen teacher, captures the input of each classifier (the
 penultimate feature) with hooks registered once, and returns CE + KD + CRCD (feature element,
@@ -7,47 +7,27 @@ Lightning) use only its contract: :attr:`CRCDDistiller.trainable_module`,
 :meth:`~CRCDDistiller.prepare_distributed` / :meth:`~CRCDDistiller.release_distributed`,
 :meth:`~CRCDDistiller.sync_gradients`, :meth:`~CRCDDistiller.crcd_state_dict` /
 :meth:`~CRCDDistiller.load_crcd_state_dict`, :meth:`~CRCDDistiller.set_progress` and
-:meth:`~CRCDDistiller.set_total_steps` (docs/architecture.md).
+:meth:`~CRCDDistiller.set_total_steps` (``crcd_plugin.contract``, docs/architecture.md). The
+schedule is ``crcd_plugin.schedule``; ``DistillSchedule`` and ``CRCDTrainableModule`` are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import weakref
-from typing import (
-    Any,
-    Callable,
-    ContextManager,
-    Dict,
-    Iterable,
-    Iterator,
-    List,
-    Mapping,
-    NamedTuple,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._batches import to_device
+from ._batches import check_batch, require_bank_index, to_device
 from ._checks import check_choice, check_positive_int
+from ._compat import LegacyClassifierNames, distiller_arguments
 from ._head_watch import watch_heads
-from .config import (
-    SCHEDULE_KINDS,
-    CRCDConfig,
-    RelationConfig,
-    ScheduleKind,
-    config_from_legacy,
-    deprecated,
-)
-from .distributed import average_gradients, broadcast_state, rank, world_size
-from .fsdp import clear_dtensor_caches, is_fully_sharded, is_sharded_parameter, reshard, student_gradient_sync
+from .config import CRCDConfig, RelationConfig
+from .contract import _DDP, CRCDTrainableModule, DistillerContract
+from .distributed import broadcast_state
 from .functional import kd_loss
 from .gradients import normalize_gradient_element, student_gradient_element, teacher_gradient_element
 from .hooks import (
@@ -62,27 +42,15 @@ from .hooks import (
 )
 from .loss import CRCDLoss
 from .monitor import ExplosionMonitor
-from .teacher_cache import CachedTeacher, TeacherCache
+from .schedule import DistillSchedule, warmup_ramp
+from .teacher import Teacher, TeacherRows
+from .teacher_cache import TeacherCache, as_teacher
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["DistillSchedule", "CRCDDistiller", "CRCDTrainableModule"]
 
-_MODEL_PREFIXES = ("student.", "teacher.")
-# The CRCD children of the distiller (and of its trainable module): what crcd_state_dict() holds.
-_CRCD_CHILDREN = ("crcd_feature", "crcd_gradient", "schedule")
-_DDP = nn.parallel.DistributedDataParallel
 _DEFAULT_CLASSIFIER = "fc"
-
-
-class _TeacherRows(NamedTuple):
-    """One batch of the teacher side, from a live forward or from a :class:`TeacherCache`."""
-
-    feature: torch.Tensor  # the classifier's input as captured, [B, *] ([B, D] from a cache)
-    head_logits: torch.Tensor  # the classifier's output
-    logits: torch.Tensor  # the model's logits [B, C], for KD
-    reduced: torch.Tensor  # the feature as the CRCD loss takes it, [B, D]
-    gradient: Optional[torch.Tensor]  # a cache's per-sample gradient element dCE_b/df_b [B, D] (non-linear head)
 
 
 def _relation_loss(
@@ -95,180 +63,7 @@ def _relation_loss(
     return CRCDLoss(student_dim, teacher_dim, relation, num_samples=num_samples)
 
 
-class DistillSchedule(nn.Module):
-    """Distillation weight ``w(t)`` that multiplies the KD and CRCD terms (never the task CE).
-
-    - ``"step"`` (reference): ``w = 1`` while ``t < until * total_steps``, then ``0``; the last
-      4% of training fine-tunes on CE alone.
-    - ``"linear"``: ``w = 1`` until ``start * total_steps``, then linear down to ``0`` at
-      ``until * total_steps``.
-    - ``"constant"``: ``w = 1``.
-
-    ``t`` counts whatever unit ``total_steps`` counts (epochs or optimizer steps). The current
-    ``t`` lives in the ``progress`` buffer, so it is saved in and resumed from a ``state_dict``.
-
-    Args:
-        total_steps: Length of training, in the unit of ``t``.
-        kind: ``"step"``, ``"linear"`` or ``"constant"``.
-        until: Fraction of training at which ``w`` reaches 0.
-        start: For ``"linear"``, fraction of training at which the decay starts.
-
-    Example:
-        >>> schedule = DistillSchedule(total_steps=250, kind="step", until=0.96)
-        >>> float(schedule(239)), float(schedule(240))
-        (1.0, 0.0)
-        >>> schedule.set_progress(100); float(schedule())
-        1.0
-    """
-
-    progress: torch.Tensor
-
-    def __init__(
-        self, total_steps: int, kind: ScheduleKind = "step", until: float = 0.96, start: float = 0.0
-    ) -> None:
-        super().__init__()
-        check_positive_int("total_steps", total_steps)
-        check_choice("kind", kind, SCHEDULE_KINDS)
-        if not 0.0 <= start < until <= 1.0:
-            raise ValueError(f"expected 0 <= start < until <= 1, got start={start!r}, until={until!r}")
-        self.total_steps = total_steps
-        self.kind = kind
-        self.until = float(until)
-        self.start = float(start)
-        self.register_buffer("progress", torch.zeros((), dtype=torch.long))
-        # A host copy of ``progress``, so that ``distills()`` never reads the device buffer.
-        self._progress_host = 0
-
-    def set_progress(self, step: int) -> None:
-        """Set the current ``t`` (e.g. the epoch or global step about to run)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self.progress.fill_(step)
-        self._progress_host = step
-
-    def distills(self) -> bool:
-        """Whether ``w > 0`` at the stored progress, without a host sync.
-
-        ``False`` from ``until * total_steps`` on (never for ``"constant"``); then
-        :class:`CRCDDistiller` skips the teacher and every distillation term. Reads the host copy
-        that :meth:`set_progress` and ``load_state_dict`` keep, so set the progress through them.
-        """
-        return self.kind == "constant" or self._progress_host / self.total_steps < self.until
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._progress_host = int(self.progress)  # one sync when a checkpoint is loaded, not per step
-
-    def forward(self, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-        """Weight at ``step`` (default: the stored progress), as a 0-dim float tensor (no host sync).
-
-        Args:
-            step: Optional ``t`` to evaluate instead of the stored progress.
-
-        Returns:
-            ``w(t)`` in ``[0, 1]``, on the buffer's device.
-        """
-        t = self.progress if step is None else torch.as_tensor(step, device=self.progress.device)
-        fraction = t.float() / self.total_steps
-        if self.kind == "constant":
-            return torch.ones_like(fraction)
-        if self.kind == "step":
-            return (fraction < self.until).float()
-        return ((self.until - fraction) / (self.until - self.start)).clamp(0.0, 1.0)
-
-    def extra_repr(self) -> str:
-        return f"total_steps={self.total_steps}, kind={self.kind!r}, until={self.until}, start={self.start}"
-
-
-class CRCDTrainableModule(nn.Module):
-    """What trains: the student plus the CRCD state (embedding heads, memories, NCE constants, schedule).
-
-    Give it to the optimizer or an EMA (``CRCDDistiller.trainable_module``); it shares its
-    submodules with the distiller, which runs the step, and follows it when the CRCD losses are
-    built later or the student is wrapped. Calling it returns the student's output. Its CRCD
-    parameters and buffers are listed in ``_ddp_params_and_buffers_to_ignore``: should DDP wrap
-    this module, it still never broadcasts the memories (they are kept identical by the loss's own
-    gathers) nor averages the heads, whose gradients :meth:`CRCDDistiller.sync_gradients` averages.
-
-    Args:
-        distiller: The distiller whose student and CRCD state it holds.
-    """
-
-    _ddp_params_and_buffers_to_ignore: List[str]
-
-    def __init__(self, distiller: "CRCDDistiller") -> None:
-        super().__init__()
-        self.refresh(distiller)
-        distiller._trainables.append(weakref.ref(self))
-
-    def refresh(self, distiller: "CRCDDistiller") -> None:
-        """Point at the distiller's current student and CRCD modules."""
-        self.student = distiller.student
-        for name in _CRCD_CHILDREN:
-            setattr(self, name, getattr(distiller, name))
-        self._ddp_params_and_buffers_to_ignore = [
-            f"{name}.{key}"
-            for name in _CRCD_CHILDREN
-            if getattr(self, name) is not None
-            for key, _ in (*getattr(self, name).named_parameters(), *getattr(self, name).named_buffers())
-        ]
-
-    def forward(self, input: Any) -> Any:
-        return self.student(**input) if isinstance(input, Mapping) else self.student(input)
-
-    def crcd_children(self) -> Dict[str, nn.Module]:
-        """The CRCD submodules by name (everything but the student)."""
-        return {name: module for name, module in self.named_children() if name != "student"}
-
-    def crcd_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the CRCD embedding heads."""
-        for module in self.crcd_children().values():
-            yield from module.parameters()
-
-    def crcd_state_dict(self) -> Dict[str, torch.Tensor]:
-        """CRCD heads, memories, NCE constants and schedule progress (the student excluded)."""
-        return _crcd_state(self)
-
-    def load_crcd_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Load what :meth:`crcd_state_dict` returned; see :meth:`CRCDDistiller.load_crcd_state_dict`."""
-        _load_crcd_state(self, self.crcd_state_dict(), state, strict)
-
-
-def _crcd_state(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return {
-        f"{name}.{key}": value
-        for name in _CRCD_CHILDREN
-        if getattr(module, name, None) is not None
-        for key, value in getattr(module, name).state_dict().items()
-    }
-
-
-def _load_crcd_state(module: nn.Module, current: Mapping[str, torch.Tensor], state: Any, strict: bool) -> None:
-    """Check ``state`` whole against ``current`` (keys and shapes), then load it into ``module``."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"a CRCD state must be a dict of tensors, got {type(state).__name__}")
-    model_keys = [k for k in state if k.startswith(_MODEL_PREFIXES)]
-    if model_keys:
-        raise ValueError(f"a CRCD state dict holds no model weights, got keys {model_keys[:3]} ...")
-    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-    if strict and (missing or unexpected):
-        raise ValueError(
-            "CRCD state does not match these options (same gradient_element, feature_weight > 0, schedule, "
-            f"negatives?): missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for key in sorted(set(current) & set(state)):
-        value = state[key]
-        if not isinstance(value, torch.Tensor) or value.shape != current[key].shape:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(
-                f"CRCD state {key!r} has shape {got}, this task expects {tuple(current[key].shape)} "
-                "(a checkpoint made with another embed_dim, num_samples or queue_size?)"
-            )
-    # Checked above: strict=False only skips the model keys and what the caller let pass.
-    module.load_state_dict({k: v for k, v in state.items() if k in current}, strict=False)
-
-
-class CRCDDistiller(nn.Module):
+class CRCDDistiller(DistillerContract, LegacyClassifierNames):
     """Student + frozen teacher + CRCD losses, for a plain training loop and for every integration.
 
     The distilled feature is the *input* of each classifier (``student_classifier`` /
@@ -290,21 +85,12 @@ class CRCDDistiller(nn.Module):
     :meth:`set_progress`: epochs or optimizer steps), times the warm-up ramp. A batch of one has no
     relations: its CRCD terms are 0 (logged once) and no state moves.
 
-    The teacher is frozen (``requires_grad=False``), run under ``torch.no_grad()`` (after
-    ``teacher_transform``), and kept in eval mode whatever ``train()`` is called with. Export the
+    The teacher side is a :class:`~crcd_plugin.teacher.Teacher` (:attr:`teacher_side`), asked for
+    each step's rows: a frozen model run under no grad in eval mode after ``teacher_transform``
+    (:class:`~crcd_plugin.LiveTeacher`), or rows read by ``index`` (then required) from a
+    :class:`~crcd_plugin.TeacherCache` or :class:`~crcd_plugin.TensorTeacher` (docs/teacher-cache.md).
+    Integrations use the contract (:class:`~crcd_plugin.contract.DistillerContract`). Export the
     student with :meth:`student_state_dict`; :meth:`crcd_state_dict` is the CRCD state to resume.
-
-    A :class:`~crcd_plugin.TeacherCache` may take the teacher's place: each step then reads the
-    teacher's rows by ``index`` (required, whatever the negatives) and no teacher runs or needs to
-    be loaded; :meth:`fill_memory` warms the memories from it (docs/teacher-cache.md).
-
-    Integration contract (what the HF and timm integrations use, and nothing else):
-    :attr:`trainable_module` (student + CRCD state: what the optimizer and EMA take),
-    :meth:`prepare_distributed` (DDP wraps the student only; CRCD buffers are never broadcast by
-    DDP) and :meth:`release_distributed` (before ``destroy_process_group()``),
-    :meth:`sync_gradients` (one bucketed all-reduce for what DDP does not average) or
-    :meth:`sync_gradients_in_backward`, :meth:`no_sync`, :meth:`crcd_state_dict` /
-    :meth:`load_crcd_state_dict` (shape-checked), :meth:`set_progress` and :meth:`set_total_steps`.
 
     Dimensions come from ``nn.Linear`` classifiers (``in_features``), else from a dry run on
     ``example_input``, else from the first ``forward``; in the last case create the optimizer
@@ -312,7 +98,8 @@ class CRCDDistiller(nn.Module):
 
     Args:
         student: Student model, ``student(x)`` returns logits (or see ``output_select``).
-        teacher: Trained teacher model, or a :class:`~crcd_plugin.TeacherCache` built from it.
+        teacher: Trained teacher model, a :class:`~crcd_plugin.TeacherCache` built from it, or a
+            :class:`~crcd_plugin.teacher.Teacher` (e.g. a :class:`~crcd_plugin.TensorTeacher`).
         student_classifier: Dotted path of the student's classifier module.
         teacher_classifier: Dotted path of the teacher's classifier module; default ``"fc"``, or
             with a cache the cache's classifier (a different path is an error).
@@ -334,10 +121,8 @@ class CRCDDistiller(nn.Module):
             (under no grad) before every teacher forward (steps, dry run and :meth:`fill_memory`).
             An ``nn.Module`` is registered, so it moves with ``.to()``. Not with a cache (pass it
             to :meth:`TeacherCache.build`).
-        **legacy: 0.2.0 keywords (``student_head``, ``teacher_head``, ``gamma``, ``alpha``,
-            ``beta``, ``kd_temperature``, ``gradient_element``, ``gradient_weight``,
-            ``label_smoothing``, ``queue_size``, ``crcd_options``, ``warmup_steps``, ``preset``),
-            mapped onto ``config`` with a ``DeprecationWarning`` naming the new spelling.
+        **legacy: 0.2.0 keywords (``student_head``, ``gamma``, ``crcd_options``, ...), mapped onto
+            ``config`` with a ``DeprecationWarning`` naming the new spelling (``crcd_plugin._compat``).
 
     Example:
         >>> from crcd_plugin import CRCDConfig
@@ -351,11 +136,8 @@ class CRCDDistiller(nn.Module):
     """
 
     teacher: nn.Module
-    teacher_cache: Optional[TeacherCache]
-    crcd_feature: Optional[CRCDLoss]
-    crcd_gradient: Optional[CRCDLoss]
-    schedule: Optional[DistillSchedule]
-    warmup_progress: torch.Tensor
+    teacher_side: Teacher
+    _student_head: nn.Module
 
     def __init__(
         self,
@@ -376,61 +158,32 @@ class CRCDDistiller(nn.Module):
         **legacy: Any,
     ) -> None:
         super().__init__()
-        for old, new in (("student_head", "student_classifier"), ("teacher_head", "teacher_classifier")):
-            if old in legacy:
-                deprecated(f"CRCDDistiller({old}=...)", f"{new}= (the classifier's path; the embedding head is "
-                           "RelationConfig.embed_head)", stacklevel=3)
-                path = legacy.pop(old)
-                student_classifier, teacher_classifier = (
-                    (path, teacher_classifier) if old == "student_head" else (student_classifier, path)
-                )
-        config, options_num_samples = config_from_legacy(config, legacy)
+        student_classifier, teacher_classifier, config, options_num_samples = distiller_arguments(
+            student_classifier, teacher_classifier, config, schedule, legacy)  # the 0.2.0 spellings
         num_samples = options_num_samples if num_samples is None else num_samples
-        self._check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
+        _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool,
                               teacher_transform, feature_token)
-        cache: Optional[TeacherCache] = None
-        if isinstance(teacher, TeacherCache):
-            cache = teacher
-            teacher_classifier = _check_cache(cache, teacher_classifier, teacher_transform, config, num_samples)
-            teacher_module: nn.Module = CachedTeacher(cache)
-        else:
-            teacher_module = teacher
-            teacher_classifier = _DEFAULT_CLASSIFIER if teacher_classifier is None else teacher_classifier
-        if schedule is not None:
-            deprecated("CRCDDistiller(schedule=DistillSchedule(...))",
-                       "config=CRCDConfig(schedule=kind, schedule_until=..., schedule_start=...) with total_steps=",
-                       stacklevel=3)
-            config = config.replace(schedule=schedule.kind, schedule_until=schedule.until,
-                                    schedule_start=schedule.start)
         relation = config.relation
         if relation.resolved_negatives(num_samples) == "bank" and num_samples is None:
             raise ValueError("negatives='bank' needs the dataset size: pass num_samples= to the distiller")
+        side = as_teacher(teacher, teacher_classifier, config, num_samples, feature_pool=feature_pool,
+                          output_select=output_select, feature_token=feature_token, transform=teacher_transform)
 
         self.config = config
         self.num_samples = num_samples
         self.student = student
-        # With a cache, ``teacher`` is its CachedTeacher: no parameters to train, rows by index.
-        self.teacher = teacher_module
-        self.teacher_cache = cache
+        # The side the distiller asks; its module (the model of a live teacher) is ``teacher``.
+        self.__dict__["teacher_side"] = side
+        self.teacher = side.module
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.student_classifier = student_classifier
-        self.teacher_classifier = teacher_classifier
-        # Resolved once: a wrong path fails here, and no step looks a module up again. A cache's
-        # classifier is its rebuilt nn.Linear (None for a non-linear one: its gradient is stored).
-        teacher_head = teacher_module.classifier if isinstance(teacher_module, CachedTeacher) \
-            else resolve_module(teacher_module, teacher_classifier)
-        self._classifiers = (resolve_module(student, student_classifier), teacher_head)
+        self.teacher_classifier = side.classifier_path
+        # Resolved once: a wrong path fails here, and no step looks a module up again.
+        self.__dict__["_student_head"] = resolve_module(student, student_classifier)  # a part of the student
         # Hooks registered once, for the distiller's life; armed only inside its own forwards.
-        models = [("student", student, student_classifier)]
-        if cache is None:
-            models.append(("teacher", teacher_module, teacher_classifier))
-        self._captures = {
-            role: FeatureCapture(model, armed=False)
-            .add(path, io="input", name="feature")
-            .add(path, io="output", name="head_logits")
-            for role, model, path in models
-        }
+        self._capture = (FeatureCapture(student, armed=False).add(student_classifier, io="input", name="feature")
+                         .add(student_classifier, io="output", name="head_logits"))
         self.feature_pool = feature_pool
         self.output_select = output_select
         self.feature_token = feature_token
@@ -443,54 +196,15 @@ class CRCDDistiller(nn.Module):
         self._warned_batch_of_one = False
         # Warns once when a term or the student feature's gradient explodes (no per-step sync).
         self.monitor = ExplosionMonitor()
-        self._student_synced_by_ddp = False
-        self._auto_sync: Optional[List[Any]] = None
-        self._skip_sync = False
-        self._trainables: List["weakref.ReferenceType[CRCDTrainableModule]"] = []
         self.crcd_feature = None
         self.crcd_gradient = None
 
-        student_linear, teacher_linear = self._classifiers
-        student_dim = student_linear.in_features if type(student_linear) is nn.Linear \
-            and feature_pool != "flatten" else None
-        if cache is not None:
-            teacher_dim: Optional[int] = cache.feature_dim  # stored reduced: known without a teacher
-        else:
-            teacher_dim = teacher_linear.in_features if type(teacher_linear) is nn.Linear \
-                and feature_pool != "flatten" else None
+        head = self._student_head
+        student_dim = head.in_features if type(head) is nn.Linear and feature_pool != "flatten" else None
         if example_input is not None:
             self.build(example_input)
-        elif student_dim is not None and teacher_dim is not None:
-            self._build_losses(student_dim, teacher_dim)
-
-    @staticmethod
-    def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
-                         feature_token) -> None:
-        if not isinstance(student, nn.Module):
-            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
-        if not isinstance(teacher, (nn.Module, TeacherCache)):
-            raise TypeError(f"teacher must be an nn.Module or a TeacherCache, got {type(teacher).__name__}")
-        if isinstance(teacher, nn.Module) and unwrap_model(student) is unwrap_model(teacher):
-            raise ValueError("student and teacher must be different modules")
-        if isinstance(teacher, _DDP):
-            raise ValueError(
-                "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
-                "(it never trains, so it needs no gradient sync; wrap only the student)"
-            )
-        if num_samples is not None:
-            check_positive_int("num_samples", num_samples)
-        if total_steps is not None:
-            check_positive_int("total_steps", total_steps)
-        if schedule is not None and not isinstance(schedule, DistillSchedule):
-            raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
-        if feature_pool is not None:
-            check_choice("feature_pool", feature_pool, ("avg", "max", "flatten", "mean_tokens", "cls"))
-        if teacher_transform is not None and not callable(teacher_transform):
-            raise TypeError(
-                f"teacher_transform must be None or a callable input -> input, got {type(teacher_transform).__name__}"
-            )
-        if feature_token is not None and not callable(feature_token):
-            raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
+        elif student_dim is not None and side.feature_dim is not None:
+            self._build_losses(student_dim, side.feature_dim)
 
     # ------------------------------------------------------------------ building
     @property
@@ -499,16 +213,6 @@ class CRCDDistiller(nn.Module):
         if not (self.config.feature_weight or self.config.gradient_element):
             return True  # nothing to build: CE and KD only
         return self.crcd_feature is not None or self.crcd_gradient is not None
-
-    @property
-    def student_head(self) -> str:
-        """0.2.0 name of :attr:`student_classifier`."""
-        return self.student_classifier
-
-    @property
-    def teacher_head(self) -> str:
-        """0.2.0 name of :attr:`teacher_classifier`."""
-        return self.teacher_classifier
 
     def _build_losses(self, student_dim: int, teacher_dim: int, device: Optional[torch.device] = None) -> None:
         config = self.config
@@ -543,48 +247,30 @@ class CRCDDistiller(nn.Module):
         self.student.eval()
         try:
             with torch.no_grad():
-                f_s, _, _ = self._run("student", self.student, example_input)
-                if self.teacher_cache is None:
-                    teacher_dim = self._reduce(self._teacher_features(example_input).feature).shape[1]
-                else:  # the cache's rows are [N, D] already: no teacher to run
-                    teacher_dim = self.teacher_cache.feature_dim
+                f_s, _, _ = self._run_student(self.student, example_input)
+                side = self.teacher_side
+                # Rows read by index are [N, D] already (no index here); a live teacher runs.
+                teacher_dim = (cast(int, side.feature_dim) if side.needs_index
+                               else side.rows(example_input, None, gradient=False).reduced.shape[1])
         finally:
             self.student.train(was_training)
         self._build_losses(self._reduce(f_s).shape[1], teacher_dim, f_s.device)
         return self
 
-    def _ensure_built(self, f_s: torch.Tensor, teacher: "_TeacherRows") -> None:
+    def _ensure_built(self, f_s: torch.Tensor, teacher: TeacherRows) -> None:
         if not self.built:
             self._build_losses(self._reduce(f_s).shape[1], teacher.reduced.shape[1], f_s.device)
 
     # ------------------------------------------------------------------ features
-    def _run(self, role: str, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward ``model`` once; return (classifier input, classifier output, model logits)."""
-        path = self.student_classifier if role == "student" else self.teacher_classifier
-        return classifier_forward(self._captures[role], model, x, role=role, path=path,
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "teacher_transform" and "teacher_side" in self.__dict__:
+            self.teacher_side.set_transform(value)  # the teacher applies it
+
+    def _run_student(self, model: nn.Module, x: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward the student once; return (classifier input, classifier output, model logits)."""
+        return classifier_forward(self._capture, model, x, role="student", path=self.student_classifier,
                                   output_select=self.output_select, feature_token=self.feature_token)
-
-    @torch.no_grad()
-    def _teacher_features(
-        self, x: Any, index: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None
-    ) -> _TeacherRows:
-        """The teacher side of the batch: feature, classifier output, logits (and a cache's gradient).
-
-        The one teacher path: steps, the dry run and :meth:`fill_memory` all come here. A live
-        teacher sees the input through ``teacher_transform``, under no grad, in eval mode; a
-        :class:`TeacherCache` gives the rows of ``index`` (checked against ``target``; required)
-        and runs nothing. Everything downstream (KD, gradient elements, memories) is shared.
-        """
-        if isinstance(self.teacher, CachedTeacher):
-            assert target is not None, "a cached teacher's rows are checked against the step's targets"
-            rows = self.teacher(index, target, gradient=self.config.gradient_element)
-            return _TeacherRows(rows.feature, rows.head_logits, rows.logits, rows.feature, rows.gradient)
-        if self.teacher.training:
-            self.teacher.eval()
-        if self.teacher_transform is not None:
-            x = self.teacher_transform(x)
-        feature, head_logits, logits = self._run("teacher", self.teacher, x)
-        return _TeacherRows(feature, head_logits, logits, self._reduce(feature), None)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *] -> [B, D]`` for the CRCD loss."""
@@ -593,7 +279,7 @@ class CRCDDistiller(nn.Module):
         return x.flatten(1) if x.dim() > 2 else x
 
     def _gradient_elements(
-        self, f_s: torch.Tensor, head_s: torch.Tensor, teacher: _TeacherRows, target: torch.Tensor, detached: bool,
+        self, f_s: torch.Tensor, head_s: torch.Tensor, teacher: TeacherRows, target: torch.Tensor, detached: bool,
     ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """Both sides' CE gradients w.r.t. the features, ``[B, D]`` each (``None`` in inference mode).
 
@@ -601,25 +287,15 @@ class CRCDDistiller(nn.Module):
         """
         smoothing = self.config.label_smoothing
         student_element = teacher_gradient_element if detached else student_gradient_element
-        g_s = student_element(self._classifiers[0], f_s, target, logits=head_s, label_smoothing=smoothing)
+        g_s = student_element(self._student_head, f_s, target, logits=head_s, label_smoothing=smoothing)
         if g_s is None:
             return None
-        g_t = self._teacher_gradient_element(teacher, target)
+        g_t = self.teacher_side.gradient_element(teacher, target, smoothing)
         if g_t is None:
             return None
         # Rescaled before the embedding heads: a confident teacher's rows are otherwise all ~0.
         mode = self.config.gradient_normalization
         return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(g_t, mode)
-
-    def _teacher_gradient_element(self, teacher: _TeacherRows, target: torch.Tensor) -> Optional[torch.Tensor]:
-        """``dCE(teacher)/df_t`` of the batch-mean CE, ``[B, D]`` as the CRCD loss takes it."""
-        if teacher.gradient is not None:  # a cache's per-sample elements of a non-linear classifier
-            return teacher.gradient / teacher.gradient.shape[0]
-        head = self._classifiers[1]
-        assert head is not None, "a cache without a linear classifier stores its gradient element"
-        g_t = teacher_gradient_element(head, teacher.feature, target, logits=teacher.head_logits,
-                                       label_smoothing=self.config.label_smoothing)
-        return None if g_t is None else self._reduce(g_t) if self.teacher_cache is None else g_t
 
     @torch.no_grad()
     def fill_memory(
@@ -627,19 +303,13 @@ class CRCDDistiller(nn.Module):
     ) -> "CRCDDistiller":
         """Warm-up pass: write every sample's embeddings into the CRCD memories before training.
 
-        Runs student and teacher (eval mode, no grad; the teacher through ``teacher_transform``,
-        exactly as in a step, or its rows read from a :class:`TeacherCache`) over ``loader`` and
-        hands each batch to :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the
-        first step. The gradient element's memory gets detached gradients. Train/eval modes are
-        restored afterwards; models, heads and the NCE constant are not changed.
-
-        With a cache and no ``loader``, the teacher-side memories (``memory_teacher``: what the
-        student side's anchors and candidates are drawn from) are written from every cached row,
-        ``batch_size`` rows at a time, without running the student or reading any data; the
-        student-side memories (read only with ``symmetric=True``) stay as they are. The CRCD
-        losses must exist (an ``nn.Linear`` student classifier, or ``example_input=``). Under
-        ``torch.distributed`` every rank must call it; each writes a share of the rows and the
-        memories gather them.
+        Runs student and teacher side as a step does (eval mode, no grad) over ``loader`` and hands
+        each batch to :meth:`CRCDLoss.fill_memory`, so the bank holds real rows from the first
+        step (the gradient element's memory gets detached gradients). Modes are restored; models,
+        heads and the NCE constant are not changed. Without a ``loader``, a teacher with stored
+        rows (a cache) writes every row, ``batch_size`` at a time, into the teacher-side memories
+        (``memory_teacher``) without running the student; the CRCD losses must exist then. Under
+        ``torch.distributed`` every rank calls it; each writes a share and the memories gather.
 
         Args:
             loader: Iterable of ``(input, target, index)`` batches (``(input, target)`` for a
@@ -667,8 +337,8 @@ class CRCDDistiller(nn.Module):
                     raise TypeError("fill_memory needs batches of (input, target, index) or (input, target)")
                 x, target, index = to_device(tuple(batch) if len(batch) == 3 else (*batch, None), device)
                 self._check_batch(x, target, index)
-                f_s, head_s, _ = self._run("student", self.student, x)
-                teacher = self._teacher_features(x, index, target)
+                f_s, head_s, _ = self._run_student(self.student, x)
+                teacher = self.teacher_side.rows(x, index, gradient=self.config.gradient_element)
                 self._ensure_built(f_s, teacher)
                 gradients = None
                 if self.crcd_gradient is not None:  # first: a failure here leaves every memory as it was
@@ -687,36 +357,29 @@ class CRCDDistiller(nn.Module):
         return self
 
     def _fill_teacher_memory(self, batch_size: int) -> None:
-        """The teacher-side memories from every row of the cache (see :meth:`fill_memory`)."""
-        cache = self.teacher_cache
-        if cache is None:
-            raise ValueError("fill_memory() without a loader reads a TeacherCache; this distiller runs a live "
-                             "teacher: pass loader=")
-        check_positive_int("batch_size", batch_size)
+        """The teacher-side memories from every stored row (see :meth:`fill_memory`)."""
         if not self.built:
-            raise ValueError("fill_memory() from the cache needs the CRCD losses built: give the student an "
+            raise ValueError("fill_memory() from stored teacher rows needs the CRCD losses built: give the student an "
                              "nn.Linear classifier or pass example_input= to the distiller")
         losses = [loss for loss in (self.crcd_feature, self.crcd_gradient) if loss is not None]
         if not all(loss.memory_teacher.stores_rows for loss in losses):
-            raise ValueError("fill_memory() from the cache fills a memory bank or queue; in-batch negatives keep none")
-        # Equal chunk counts on every rank (each write is a collective); a rank whose share of the
-        # last chunk is empty writes that chunk's last row again (the same value: harmless).
-        world, me, total = world_size(), rank(), len(cache)
-        step = batch_size * world
-        for start in range(0, total, step):
-            end = min(start + step, total)
-            share = max(1, -(-(end - start) // world))
-            lo, hi = min(start + me * share, end - 1), min(start + (me + 1) * share, end)
-            index = torch.arange(lo, max(hi, lo + 1))
-            targets = cache.targets(index).to(self.warmup_progress.device)
-            teacher = self._teacher_features(None, index, targets)
+            raise ValueError("fill_memory() from stored rows fills a memory bank or queue; in-batch negatives "
+                             "keep none")
+        side, gradient = self.teacher_side, self.crcd_gradient is not None
+        for index, targets, teacher in side.all_rows(batch_size, gradient=gradient):
+            targets = targets.to(self.warmup_progress.device)
             if self.crcd_gradient is not None:
-                g_t = self._teacher_gradient_element(teacher, targets)
+                g_t = side.gradient_element(teacher, targets, self.config.label_smoothing)
                 assert g_t is not None  # the linear closed form and stored elements need no autograd
                 g_t = normalize_gradient_element(g_t, self.config.gradient_normalization)
                 self.crcd_gradient.fill_memory(None, g_t, index.to(g_t.device))
             if self.crcd_feature is not None:
                 self.crcd_feature.fill_memory(None, teacher.reduced, index.to(teacher.reduced.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Before any child loads: a checkpoint of another cache's teacher is refused whole.
+        self.teacher_side.claim_state(state_dict, prefix + "teacher.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "CRCDDistiller":
         """Set train/eval mode on everything except the teacher, which stays in eval mode."""
@@ -726,254 +389,17 @@ class CRCDDistiller(nn.Module):
 
     def remove_hooks(self) -> None:
         """Remove the feature hooks from both models (the distiller cannot run afterwards)."""
-        for capture in self._captures.values():
-            capture.remove()
-
-    # ------------------------------------------------------------------ integration contract
-    @property
-    def trainable_module(self) -> CRCDTrainableModule:
-        """What trains (student + CRCD state), for the optimizer and an EMA; made once, kept current."""
-        for ref in self._trainables:
-            module = ref()
-            if type(module) is CRCDTrainableModule:
-                return module
-        module = CRCDTrainableModule(self)
-        # Held outside nn.Module's registry: it is a view of the distiller, not a part of its state.
-        self.__dict__["_own_trainable"] = module
-        return module
-
-    def _refresh_trainables(self) -> None:
-        self._trainables = [ref for ref in self._trainables if ref() is not None]
-        for ref in self._trainables:
-            module = ref()
-            if module is not None:
-                module.refresh(self)
-
-    def crcd_named_parameters(self) -> List[Tuple[str, nn.Parameter]]:
-        """Trainable CRCD parameters (the embedding heads) with their names in :meth:`crcd_state_dict`."""
-        return [
-            (f"{name}.{key}", param)
-            for name in _CRCD_CHILDREN
-            if getattr(self, name) is not None
-            for key, param in getattr(self, name).named_parameters()
-            if param.requires_grad
-        ]
-
-    def student_state_dict(self) -> Dict[str, Any]:
-        """The student's own ``state_dict`` (no wrapper prefixes, no teacher, no CRCD state): what to export."""
-        return unwrap_model(self.student).state_dict()
-
-    def crcd_state_dict(self) -> Dict[str, Any]:
-        """State of the CRCD heads, memories and schedule (everything but the two models)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(_MODEL_PREFIXES)}
-
-    def load_crcd_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
-        """Load what :meth:`crcd_state_dict` returned (the models are untouched); checked whole first.
-
-        Args:
-            state_dict: CRCD heads, memories and schedule state, as saved by :meth:`crcd_state_dict`
-                (0.2.0 checkpoints load too).
-            strict: Whether missing or unexpected keys are errors; shapes must always match.
-
-        Raises:
-            TypeError: If ``state_dict`` is not a mapping.
-            ValueError: On model keys, on missing or unexpected keys (``strict``), or on a shape
-                mismatch; the message names the key, the shape expected and the shape given.
-                Nothing is loaded then.
-        """
-        _load_crcd_state(self, self.crcd_state_dict(), state_dict, strict)
-
-    def set_progress(self, step: int) -> None:
-        """Advance the distillation schedule to ``step`` (no-op without a schedule)."""
-        if self.schedule is not None:
-            self.schedule.set_progress(step)
-
-    def set_total_steps(self, total_steps: int) -> None:
-        """Set the run length of ``config.schedule`` (in the unit of :meth:`set_progress`).
-
-        Creates the :class:`DistillSchedule` (no-op for ``"constant"``); a schedule that already
-        exists keeps its progress. Integrations call it once they know the number of steps.
-        """
-        check_positive_int("total_steps", total_steps)
-        config = self.config
-        if config.schedule == "constant":
-            return
-        progress = self.schedule.progress if self.schedule is not None else None
-        device = self.warmup_progress.device if hasattr(self, "warmup_progress") else None
-        schedule = DistillSchedule(total_steps, config.schedule, config.schedule_until, config.schedule_start)
-        if progress is not None:
-            schedule.set_progress(int(progress))
-        self.schedule = schedule.to(device)
-        if hasattr(self, "_trainables"):
-            self._refresh_trainables()
-
-    def prepare_distributed(self, device_ids: Optional[Sequence[int]] = None, **ddp_kwargs: Any) -> "CRCDDistiller":
-        """Wrap the student in ``DistributedDataParallel`` and give every rank rank 0's CRCD state.
-
-        Call once after ``torch.distributed.init_process_group`` and after moving the distiller to
-        its device, before creating the optimizer. The teacher is never wrapped (it is frozen);
-        the CRCD heads and memories stay outside DDP, so DDP never broadcasts them (their memories
-        are kept identical by the loss's own gathers, a sharded bank keeps its own rows); their
-        gradients are averaged by :meth:`sync_gradients`. A student that is already DDP-wrapped
-        (e.g. by ``accelerator.prepare``) is kept as it is. No-op when not distributed.
-
-        Args:
-            device_ids: ``DistributedDataParallel``'s ``device_ids`` (``[local_rank]`` on GPUs,
-                ``None`` on CPU).
-            **ddp_kwargs: Passed to ``DistributedDataParallel`` (``find_unused_parameters``, ...).
-
-        Returns:
-            ``self``.
-        """
-        if world_size() == 1:
-            return self
-        trainable = any(p.requires_grad for p in self.student.parameters())
-        # An FSDP2 student (fully_shard) reduces its own gradients: it is never wrapped in DDP.
-        if trainable and not isinstance(self.student, _DDP) and not is_fully_sharded(self.student):
-            self.student = _DDP(
-                self.student, device_ids=list(device_ids) if device_ids is not None else None, **ddp_kwargs
-            )
-        self._check_no_crcd_state_in(self.student)
-        reshard(self.student)  # an optimizer made next must see FSDP2's sharded parameters
-        for loss in (self.crcd_feature, self.crcd_gradient):
-            if loss is not None:
-                broadcast_state(loss)
-        self._refresh_trainables()
-        return self
-
-    def release_distributed(self) -> "CRCDDistiller":
-        """Unwrap the student from ``DistributedDataParallel``: call it before ``destroy_process_group()``.
-
-        The DDP wrapper's reducer holds the process group. While the distiller keeps the wrapper,
-        ``destroy_process_group()`` cannot free the group, and gloo's worker threads outlive it; a
-        worker that drops a finished collective's tensors while the interpreter shuts down aborts
-        the process. Unwrapped, the group is freed inside ``destroy_process_group()``, which waits
-        for those threads. The student keeps its weights; :attr:`trainable_module` follows. A
-        wrapper someone else also holds (``accelerator.prepare``) is only dropped by the distiller.
-        Under FSDP2 it also empties DTensor's caches, which hold the device mesh and so the group;
-        the sharded models hold it too, until they are collected (docs/distributed.md, "FSDP2").
-
-        Returns:
-            ``self``.
-
-        Example:
-            >>> distiller.release_distributed()  # doctest: +SKIP
-            >>> torch.distributed.destroy_process_group()  # doctest: +SKIP
-        """
-        if isinstance(self.student, _DDP):
-            self.student = self.student.module
-            self._student_synced_by_ddp = False
-            self._refresh_trainables()
-        clear_dtensor_caches()  # FSDP2: DTensor's caches hold the device mesh, and so the group
-        return self
-
-    def _check_no_crcd_state_in(self, wrapper: nn.Module) -> None:
-        """Enforce the rule: no CRCD module inside a DDP wrapper (its buffer broadcast would overwrite memories)."""
-        if isinstance(wrapper, _DDP):
-            inner = set(map(id, wrapper.module.modules()))
-            if any(id(loss) in inner for loss in (self.crcd_feature, self.crcd_gradient) if loss is not None):
-                raise ValueError("the CRCD losses must stay outside DistributedDataParallel; wrap the student only")
-
-    def _unsynced_parameters(self) -> Iterator[nn.Parameter]:
-        """Trainable parameters no DDP wrapper averages: the CRCD heads, and the student if it ran unwrapped."""
-        yield from (param for _, param in self.crcd_named_parameters())
-        if not (self._student_synced_by_ddp or isinstance(self.student, _DDP)):
-            # FSDP2's parameters (DTensors) are reduce-scattered by FSDP2 itself.
-            yield from (p for p in unwrap_model(self.student).parameters()
-                        if p.requires_grad and not is_sharded_parameter(p))
-
-    def sync_gradients(self) -> None:
-        """Average over ranks the gradients DDP does not: the CRCD heads' (and an unwrapped student's).
-
-        Call after ``backward()`` and before ``optimizer.step()`` (with gradient accumulation, once
-        before the step suffices). One flat ``all_reduce`` per dtype (the bucketing of
-        :func:`crcd_plugin.distributed.average_gradients`); no-op when not distributed, so a loop
-        can call it always. Every rank must call it the same number of times.
-        """
-        average_gradients(self._unsynced_parameters())
-
-    def sync_gradients_in_backward(self) -> "CRCDDistiller":
-        """Call :meth:`sync_gradients` at the end of every backward that reaches the CRCD heads.
-
-        For loops that cannot call it themselves (timm's): one callback queued on the autograd
-        engine by the first head gradient of a backward, so it runs once, after every gradient
-        is accumulated, as DDP's own reduction does. Skipped inside :meth:`no_sync`. No-op when
-        not distributed; calling it again changes nothing.
-
-        Returns:
-            ``self``.
-        """
-        if world_size() == 1 or self._auto_sync is not None:
-            return self
-        queued = [False]
-        # The hooks live on the distiller's own parameters: a strong reference back would make a
-        # cycle that keeps the distiller (and its DDP wrapper, and so the process group) alive
-        # until the garbage collector runs, possibly only at interpreter exit.
-        owner = weakref.ref(self)
-
-        def after_backward() -> None:
-            queued[0] = False
-            distiller = owner()
-            if distiller is not None:
-                distiller.sync_gradients()
-
-        def on_gradient(_: torch.Tensor) -> None:
-            distiller = owner()
-            if distiller is not None and not queued[0] and not distiller._skip_sync:
-                queued[0] = True
-                torch.autograd.Variable._execution_engine.queue_callback(after_backward)
-
-        self._auto_sync = [param.register_post_accumulate_grad_hook(on_gradient)
-                           for _, param in self.crcd_named_parameters()]
-        return self
-
-    @contextlib.contextmanager
-    def _no_sync(self) -> Iterator[None]:
-        skip, self._skip_sync = self._skip_sync, True
-        try:
-            student = self.student
-            with student.no_sync() if isinstance(student, _DDP) else student_gradient_sync(student, False):
-                yield
-        finally:
-            self._skip_sync = skip
-
-    def no_sync(self) -> ContextManager[None]:
-        """The student's ``DistributedDataParallel.no_sync()`` (and no in-backward CRCD sync) for accumulation.
-
-        Run the micro-batches but the last inside it, then call :meth:`sync_gradients` before the
-        optimizer step. Memory and queue updates still gather every rank's rows on each micro-batch
-        (they are forward-time collectives).
-        """
-        return self._no_sync()
+        self._capture.remove()
+        self.teacher_side.remove_hooks()
 
     # ------------------------------------------------------------------ the step
     def _check_batch(self, x: Any, target: torch.Tensor, index: Optional[torch.Tensor]) -> None:
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(
-                f"target must be a Tensor of class indices [B] or probabilities [B, C], got {type(target).__name__}"
-            )
-        if index is not None and not isinstance(index, torch.Tensor):
-            raise TypeError(f"index must be None or a LongTensor of dataset indices [B], got {type(index).__name__}")
-        if isinstance(x, Mapping):
-            x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
-        batch = x.shape[0] if isinstance(x, torch.Tensor) else None
-        if batch is not None and target.shape[0] != batch:
-            raise ValueError(f"target has batch size {target.shape[0]} but input has {batch}")
-        if index is not None and (index.dim() != 1 or index.shape[0] != target.shape[0]):
-            raise ValueError(f"index must be [B={target.shape[0]}] (one dataset index per sample), "
-                             f"got shape {tuple(index.shape)}")
-        if self.teacher_cache is not None:
-            if index is None:
-                raise ValueError("index (the dataset indices of the batch, LongTensor [B]) is required when the "
-                                 "distiller reads a TeacherCache, whatever the source of negatives")
-            self.teacher_cache.check_index(index)  # on the host, before the student runs
         config = self.config
-        negatives = config.relation.resolved_negatives(self.num_samples)
-        if index is None and negatives == "bank" and (config.feature_weight or config.gradient_element):
-            raise ValueError(
-                "index (dataset indices of the batch, LongTensor [B]) is required with memory-bank negatives "
-                "(num_samples was given); drop num_samples to use a queue instead"
-            )
+        check_batch(x, target, index)  # types and batch sizes
+        # The teacher's own checks (index range, stored targets), on the host, before the student runs.
+        self.teacher_side.check_batch(index, target, gradient=config.gradient_element)
+        bank = config.relation.resolved_negatives(self.num_samples) == "bank"
+        require_bank_index(index, bank and bool(config.feature_weight or config.gradient_element))
 
     def forward(
         self,
@@ -1015,7 +441,7 @@ class CRCDDistiller(nn.Module):
                 "or call set_total_steps() before training"
             )
         self._student_synced_by_ddp = isinstance(student, _DDP)
-        f_s, head_logits_s, logits_s = self._run("student", student, input)
+        f_s, head_logits_s, logits_s = self._run_student(student, input)
         task_loss = F.cross_entropy(logits_s, target, label_smoothing=config.label_smoothing)
         terms = self._distill_terms(f_s, head_logits_s, logits_s, input, target, index)
         loss = config.task_weight * task_loss + terms["distill_loss"]
@@ -1030,6 +456,8 @@ class CRCDDistiller(nn.Module):
         input: Any,
         target: torch.Tensor,
         index: Optional[torch.Tensor] = None,
+        *,
+        student_synced: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """The distillation terms of a student forward that has already run (for trainers that run it).
 
@@ -1045,6 +473,8 @@ class CRCDDistiller(nn.Module):
             input: The batch the student saw (the teacher sees ``teacher_transform(input)``).
             target: Class indices ``[B]`` (or probabilities ``[B, C]``).
             index: Dataset indices ``[B]``; required for memory-bank negatives.
+            student_synced: The trainer's own DDP averages the student's gradients, so
+                :meth:`sync_gradients` leaves them alone (e.g. Lightning's strategy).
 
         Returns:
             ``distill_loss`` (``w(t) * (kd_weight * KD + feature_weight * CRCD_feature +
@@ -1054,6 +484,7 @@ class CRCDDistiller(nn.Module):
             all four are zero.
         """
         self._check_batch(input, target, index)
+        self._student_synced_by_ddp = student_synced
         return self._distill_terms(student_feature, student_head_logits, student_logits, input, target, index)
 
     def _distill_terms(
@@ -1073,7 +504,7 @@ class CRCDDistiller(nn.Module):
             # without the teacher pass and CRCD terms it would multiply by zero. Memories stay as
             # they are: with w = 0 for the rest of training nothing reads them again.
             return _terms(zero, zero, zero, zero)
-        teacher = self._teacher_features(input, index, target)
+        teacher = self.teacher_side.rows(input, index, gradient=self.config.gradient_element)
         if not self.built:
             _logger.warning(
                 "CRCD heads were built on the first forward; create the optimizer after this call, "
@@ -1130,16 +561,40 @@ class CRCDDistiller(nn.Module):
     def _distill_weight(self) -> Union[float, torch.Tensor]:
         """``w(t)`` of the schedule times the warm-up ramp; advances the warm-up in training mode."""
         weight: Union[float, torch.Tensor] = self.schedule() if self.schedule is not None else 1.0
-        warmup_steps = self.config.warmup_steps
-        if warmup_steps > 0:
-            ramp = ((self.warmup_progress + 1).float() / warmup_steps).clamp(max=1.0)
-            weight = weight * ramp
-            if self.training:
-                self.warmup_progress.add_(1)  # in place on the device: no host sync
-        return weight
+        return warmup_ramp(weight, self.warmup_progress, self.config.warmup_steps, advance=self.training)
 
     def extra_repr(self) -> str:
         return f"student_classifier={self.student_classifier!r}, teacher_classifier={self.teacher_classifier!r}"
+
+
+def _check_arguments(student, teacher, num_samples, total_steps, schedule, feature_pool, teacher_transform,
+                     feature_token) -> None:
+    """``CRCDDistiller``'s arguments, checked before anything is built."""
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+    if not isinstance(teacher, (nn.Module, TeacherCache)):
+        raise TypeError(f"teacher must be an nn.Module, a TeacherCache or a Teacher, got {type(teacher).__name__}")
+    if isinstance(teacher, nn.Module) and unwrap_model(student) is unwrap_model(teacher):
+        raise ValueError("student and teacher must be different modules")
+    if isinstance(teacher, _DDP):
+        raise ValueError(
+            "teacher is wrapped in DistributedDataParallel; pass the frozen teacher itself "
+            "(it never trains, so it needs no gradient sync; wrap only the student)"
+        )
+    if num_samples is not None:
+        check_positive_int("num_samples", num_samples)
+    if total_steps is not None:
+        check_positive_int("total_steps", total_steps)
+    if schedule is not None and not isinstance(schedule, DistillSchedule):
+        raise TypeError(f"schedule must be a DistillSchedule or None, got {type(schedule).__name__}")
+    if feature_pool is not None:
+        check_choice("feature_pool", feature_pool, ("avg", "max", "flatten", "mean_tokens", "cls"))
+    if teacher_transform is not None and not callable(teacher_transform):
+        raise TypeError(
+            f"teacher_transform must be None or a callable input -> input, got {type(teacher_transform).__name__}"
+        )
+    if feature_token is not None and not callable(feature_token):
+        raise TypeError(f"feature_token must be a callable (model, input) -> positions, got {feature_token!r}")
 
 
 def _terms(distill_loss, kd, feature_loss, gradient_loss) -> Dict[str, torch.Tensor]:
@@ -1160,18 +615,3 @@ def _losses(loss, task_loss, kd, feature_loss, gradient_loss, logits) -> Dict[st
         "crcd_gradient_loss": gradient_loss,
         "logits": logits,
     }
-
-
-def _check_cache(
-    cache: TeacherCache, classifier: Optional[str], teacher_transform: Any, config: CRCDConfig,
-    num_samples: Optional[int],
-) -> str:
-    """The teacher classifier path of a distiller that reads ``cache`` (checked against it)."""
-    cache.expect(num_samples=num_samples, classifier=classifier, classifier_argument="teacher_classifier")
-    if teacher_transform is not None:
-        raise ValueError("teacher_transform applies when a cache is built (TeacherCache.build(teacher_transform=...)),"
-                         " not to a distiller that reads one")
-    if config.gradient_element and not cache.linear and config.label_smoothing != cache.label_smoothing:
-        raise ValueError(f"config.label_smoothing={config.label_smoothing} but the cache's gradient element was "
-                         f"computed with label_smoothing={cache.label_smoothing}: rebuild it with the config's")
-    return cache.classifier

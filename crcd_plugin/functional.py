@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from crcd_plugin._checks import check_choice, check_positive_int
 from crcd_plugin._dtypes import at_least_fp32
+from crcd_plugin.kernels.nce import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift  # noqa: F401
 from crcd_plugin.kernels.relation import gram_relation_logits
 
 __all__ = ["contrastive_loss", "infonce_loss", "kd_loss", "nce_log_normalizer", "nce_loss", "relation_logits"]
@@ -234,23 +235,6 @@ def nce_log_normalizer_with_positives(
     num_negatives = positive.new_full((), negatives.shape[-1])
     log_sum = torch.logaddexp(log_mean_exp(positive), torch.log(num_negatives) + log_mean_exp(negatives))
     return log_sum - torch.log1p(num_negatives) + math.log(noise_size)
-
-
-def nce_log_normalizer_from_parts(part_lse: torch.Tensor, num_scores: int, noise_size: int) -> torch.Tensor:
-    """``log Z`` as :func:`_nce_log_normalizer` gives it, from the log-sum-exps of disjoint parts of
-    the scores (chunks of candidates, or rows), ``num_scores`` scores in all."""
-    return torch.logsumexp(part_lse.reshape(-1), 0) - math.log(num_scores) + math.log(noise_size)
-
-
-def keep_or_fix_log_z(log_z: torch.Tensor, z_ready: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """The stored ``log Z`` once it is fixed, else this batch's; a non-finite batch never fixes it."""
-    return torch.where(z_ready | ~torch.isfinite(fresh), log_z, fresh)
-
-
-def nce_shift(log_z: torch.Tensor, num_negatives: int, noise_size: int) -> torch.Tensor:
-    """``log(Z K / N)``, what NCE subtracts from every score."""
-    # log K as a tensor op: K = B - 1 for in-batch negatives, and compile must not specialise on B.
-    return log_z + torch.log(log_z.new_full((), num_negatives)) - math.log(noise_size)
 
 
 def nce_row_sums(

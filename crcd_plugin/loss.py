@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from typing_extensions import Unpack
 
 from crcd_plugin._checks import check_positive_int
+from crcd_plugin._compat import LegacyLossKeywords, legacy_attribute, legacy_relation_config
 from crcd_plugin.config import RelationConfig
 from crcd_plugin.distributed import average
 from crcd_plugin.heads import EmbedHead
-from crcd_plugin.kernels.dispatch import relation_loss, resolve_backend
 from crcd_plugin.negatives import NegativeSource, SourceSpec, Step, build_sources
-from crcd_plugin.presets import LegacyLossKeywords, legacy_attribute, legacy_relation_config
+from crcd_plugin.relation_loss import relation_loss, resolve_backend
 
 
 class CRCDLoss(nn.Module):
@@ -34,8 +34,10 @@ class CRCDLoss(nn.Module):
     ``num_samples`` and ``index``), ``"queue"`` (the last ``queue_size`` embeddings) or
     ``"batch"`` (the other samples), or a :class:`~crcd_plugin.negatives.NegativeSource` of your
     own. ``memory_teacher`` is the student side's source (the teacher's rows), ``memory_student``
-    the teacher side's. Sources are written, and NCE's constant ``Z`` is fixed, in training mode
-    only; under ``torch.distributed`` every rank applies every rank's rows and the mean ``Z``.
+    the teacher side's; a one-sided loss (``symmetric=False``, the default) reads no student rows
+    and has no ``memory_student`` (``None``), in memory or in its ``state_dict``. Sources are
+    written, and NCE's constant ``Z`` is fixed, in training mode only; under ``torch.distributed``
+    every rank applies every rank's rows and the mean ``Z``.
 
     The teacher feature is a constant; gradients reach the student feature and both embedding
     heads (the teacher head through the teacher-side loss, or with ``train_teacher_embedding``
@@ -65,7 +67,7 @@ class CRCDLoss(nn.Module):
         (torch.Size([]), ['loss', 'student_loss', 'teacher_loss'])
     """
 
-    memory_student: NegativeSource
+    memory_student: Optional[NegativeSource]
     memory_teacher: NegativeSource
     log_z: torch.Tensor
     z_ready: torch.Tensor
@@ -90,8 +92,9 @@ class CRCDLoss(nn.Module):
         self.embed_student = EmbedHead(student_dim, config.embed_dim, config.embed_head, config.embed_hidden_dim)
         self.embed_teacher = EmbedHead(teacher_dim, config.embed_dim, config.embed_head, config.embed_hidden_dim)
         # The student side is scored against the teacher's rows, and the teacher side the other way.
-        teacher_rows, student_rows = build_sources(negatives, config, num_samples)
-        self.memory_student, self.memory_teacher = student_rows, teacher_rows
+        teacher_rows, student_rows = build_sources(negatives, config, num_samples, both_sides=config.symmetric)
+        self.memory_teacher = teacher_rows
+        self.add_module("memory_student", student_rows if config.symmetric else None)
         self.negatives, self.objective = self.memory_teacher.kind, config.resolved_objective(self.memory_teacher.kind)
         self.register_buffer("log_z", torch.zeros(2))  # NCE's log Z: [student side, teacher side]
         self.register_buffer("z_ready", torch.zeros(2, dtype=torch.bool))
@@ -147,7 +150,7 @@ class CRCDLoss(nn.Module):
         backend = resolve_backend(config.backend, device)
         options = dict(temperature=config.temperature, eps=config.eps, objective=self.objective)
         sides = [(student_emb, teacher_emb, self.memory_teacher)]
-        if config.symmetric:
+        if self.memory_student is not None:  # symmetric
             sides.append((teacher_emb, student_emb, self.memory_student))
         losses, new_log_z = [], []
         for side, (query, other, source) in enumerate(sides):
@@ -218,9 +221,19 @@ class CRCDLoss(nn.Module):
     @torch.no_grad()
     def _write(self, student_emb, teacher_emb, index, finite, first_write: bool, student: Optional[bool] = None):
         self.memory_teacher.write_rows(teacher_emb, index, finite, first_write)
-        # One-sided (symmetric=False), nothing reads the student's rows: they are left as they are.
-        if self.config.symmetric if student is None else student:
+        # One-sided (symmetric=False) there is no student-side memory: nothing would read it.
+        if self.memory_student is not None and (student is None or student):
             self.memory_student.write_rows(student_emb, index, finite, first_write)
+
+    def unread_state_prefixes(self, prefix: str = "") -> Tuple[str, ...]:
+        """Keys of older checkpoints this loss has no place for and ignores on load: the student-side
+        memory a one-sided loss saved before 0.4 (nothing ever read it)."""
+        return () if self.memory_student is not None else (f"{prefix}memory_student.",)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for key in [k for k in state_dict if k.startswith(self.unread_state_prefixes(prefix))]:
+            del state_dict[key]  # a 0.3 one-sided checkpoint: its student-side memory was never read
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_inputs(
         self, student_feat: Any, teacher_feat: Any, index: Optional[torch.Tensor], relations: bool = True

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crcd_plugin._checks import check_choice, check_positive_int
-from crcd_plugin.kernels.dispatch import in_batch_candidate_index
+from crcd_plugin.kernels.relation import in_batch_candidate_index
 
 __all__ = ["FeatureQueue", "MemoryBank", "in_batch_candidate_index", "last_occurrence"]
 
@@ -24,6 +24,17 @@ _logger = logging.getLogger(__name__)
 
 def _random_unit_rows(rows: int, dim: int) -> torch.Tensor:
     return F.normalize(torch.randn(rows, dim), dim=-1)
+
+
+def skip_random_unit_rows(rows: int, dim: int, chunk: int = 1 << 20) -> None:
+    """Advance the global random stream as :func:`_random_unit_rows` would, keeping nothing.
+
+    Drawn in chunks (of a multiple of 16 values, so that the stream is the one a single draw of
+    ``rows * dim`` values takes), so at most ``chunk`` values are held at a time.
+    """
+    total = rows * dim
+    for start in range(0, total, chunk):
+        torch.randn(min(chunk, total - start))
 
 
 MEMORY_INITS = ("first_write", "cold")

@@ -19,7 +19,7 @@ from torch import nn
 from crcd_plugin._checks import check_positive_int
 from crcd_plugin.config import DEFAULT_BANK_NEGATIVES, REFERENCE_NUM_NEGATIVES, RelationConfig
 from crcd_plugin.distributed import gather_rows, world_size
-from crcd_plugin.memory import FeatureQueue, MemoryBank
+from crcd_plugin.memory import FeatureQueue, MemoryBank, skip_random_unit_rows
 from crcd_plugin.sharded_memory import ShardedMemoryBank
 
 __all__ = ["Bank", "Candidates", "InBatch", "NegativeSource", "Queue", "ShardedBank", "Step", "build_sources"]
@@ -270,16 +270,30 @@ SourceSpec = Union[None, str, NegativeSource, "tuple[NegativeSource, NegativeSou
 
 
 def build_sources(
-    spec: SourceSpec, config: RelationConfig, num_samples: Optional[int]
-) -> tuple[NegativeSource, NegativeSource]:
+    spec: SourceSpec, config: RelationConfig, num_samples: Optional[int], both_sides: bool = True
+) -> tuple[NegativeSource, Optional[NegativeSource]]:
     """The (student side's, teacher side's) sources: from a name (or ``config.negatives``), or a
-    ready source (the teacher side gets a copy of it) or pair of sources, used as they are."""
+    ready source (the teacher side gets a copy of it) or pair of sources, used as they are.
+
+    ``both_sides=False`` (a one-sided loss) makes no teacher-side source: ``None``. A named one is
+    still drawn from the global random stream as if it were made, so that a seed gives the same
+    run whether or not the loss is symmetric, and as it did before the side was dropped.
+    """
     if isinstance(spec, NegativeSource):
-        return spec, copy.deepcopy(spec)
+        return spec, copy.deepcopy(spec) if both_sides else None
     if isinstance(spec, tuple):
-        return spec
+        return spec[0], spec[1] if both_sides else None
     kind = spec or config.resolved_negatives(num_samples)
-    return _named_source(kind, config, num_samples), _named_source(kind, config, num_samples)
+    first = _named_source(kind, config, num_samples)
+    if both_sides:
+        return first, _named_source(kind, config, num_samples)
+    skip_random_unit_rows(_random_rows(first), config.embed_dim)
+    return first, None
+
+
+def _random_rows(source: NegativeSource) -> int:
+    """Rows of random initial values a named source drew when it was made (a bank's or queue's)."""
+    return int(source.weight.shape[0]) if isinstance(source, (Bank, Queue)) else 0
 
 
 def _named_source(kind: str, config: RelationConfig, num_samples: Optional[int]) -> NegativeSource:

@@ -26,11 +26,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ._batches import split_batch, to_device
+from ._version import __version__
 from .distributed import rank, world_size
 from .gradients import teacher_gradient_element
-from .hooks import FeatureCapture, PoolMode, Selector, TokenSelector, classifier_forward, pool_feature, resolve_module
+from .hooks import POOL_MODES, PoolMode, Selector, TokenSelector, resolve_module
+from .teacher import LiveTeacher, Teacher, TeacherRows, _RowsByIndex
 
-__all__ = ["TeacherCache", "CachedTeacher", "CachedRows", "FORMAT_VERSION", "STORAGE_DTYPES"]
+__all__ = ["TeacherCache", "CachedTeacher", "CachedRows", "FORMAT_VERSION", "STORAGE_DTYPES", "as_teacher"]
 
 _logger = logging.getLogger(__name__)
 
@@ -55,8 +57,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _library_version() -> str:
-    from crcd_plugin import __version__  # the package's __init__ imports this module: read it late
-
     return __version__
 
 
@@ -112,6 +112,9 @@ class TeacherCache:
         >>> feature, head_logits, logits = cache.rows(torch.tensor([0, 7]))                # doctest: +SKIP
     """
 
+    needs_index = True
+    """A cache is read by dataset index: every batch must carry it (as for a :class:`~crcd_plugin.teacher.Teacher`)."""
+
     def __init__(self, path: PathLike, metadata: Dict[str, Any]) -> None:
         """Use :meth:`open` or :meth:`build`; this takes metadata already checked by :meth:`open`."""
         self.path = Path(path)
@@ -155,6 +158,11 @@ class TeacherCache:
         return str(self._metadata["classifier"])
 
     @property
+    def classifier_path(self) -> str:
+        """:attr:`classifier`, under the name a :class:`~crcd_plugin.teacher.Teacher` gives it."""
+        return self.classifier
+
+    @property
     def fingerprint(self) -> str:
         """:meth:`fingerprint_of` the teacher the cache was built from."""
         return str(self._metadata["fingerprint"])
@@ -190,8 +198,8 @@ class TeacherCache:
             TypeError: If ``index`` is not an integer tensor.
             ValueError: If it is not 1-D or an entry is out of range.
         """
-        if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex() \
-                or index.dtype == torch.bool:
+        if (not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex()
+                or index.dtype == torch.bool):
             got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
             raise TypeError(f"{argument} must be an integer tensor of dataset indices [B], got {got}")
         if index.dim() != 1:
@@ -223,8 +231,8 @@ class TeacherCache:
         """
         index = self.check_index(index)
         target = self._device(device)
-        return self._read("feature", index, target), self._read("head_logits", index, target), \
-            self._read("logits", index, target)
+        return (self._read("feature", index, target), self._read("head_logits", index, target),
+                self._read("logits", index, target))
 
     def gradient_rows(self, index: torch.Tensor, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
         """Per-sample gradient elements ``dCE_b / df_b`` ``[B, D]`` (float32), for a non-linear classifier.
@@ -325,8 +333,8 @@ class TeacherCache:
         try:
             metadata = json.loads(metadata_path.read_text())
         except (OSError, ValueError) as error:
-            raise ValueError(f"{metadata_path} is not a teacher cache's metadata ({error}); rebuild the cache") \
-                from None
+            message = f"{metadata_path} is not a teacher cache's metadata ({error}); rebuild the cache"
+            raise ValueError(message) from None
         if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT_NAME:
             raise ValueError(f"{metadata_path} is not a crcd-plugin teacher cache's metadata; rebuild the cache")
         _check_versions(metadata, path)
@@ -429,7 +437,7 @@ class TeacherCache:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the dataset size), got {num_samples!r}")
         dtype = _storage_dtype(dtype)
-        if feature_pool is not None and feature_pool not in ("avg", "max", "flatten", "mean_tokens", "cls"):
+        if feature_pool is not None and feature_pool not in POOL_MODES:
             raise ValueError(f"feature_pool must be None or a pool mode of pool_feature, got {feature_pool!r}")
         if teacher_transform is not None and not callable(teacher_transform):
             raise TypeError(f"teacher_transform must be a callable input -> input, got {teacher_transform!r}")
@@ -445,28 +453,22 @@ class TeacherCache:
         _barrier(world)
         builder = _Builder(path, head, num_samples, dtype, label_smoothing)
         was_training = teacher.training
-        teacher.eval()
-        capture = FeatureCapture(teacher, armed=False)
-        capture.add(classifier, io="input", name="feature").add(classifier, io="output", name="head_logits")
+        # The distiller's own live teacher path: the rows are what a step would see.
+        live = LiveTeacher(teacher, classifier, feature_pool=feature_pool, output_select=output_select,
+                           feature_token=feature_token, transform=teacher_transform)
         failure: Optional[BaseException] = None
         try:
             for step, batch in enumerate(loader):
                 x, target, index = split_batch(batch, target_key=target_key, index_key=index_key,
                                                owner="TeacherCache.build's loader")
                 x, target = to_device(x, torch.device(device)), to_device(target, torch.device(device))
-                if teacher_transform is not None:
-                    x = teacher_transform(x)
-                with torch.no_grad():
-                    feature, head_logits, logits = classifier_forward(
-                        capture, teacher, x, role="teacher", path=classifier, output_select=output_select,
-                        feature_token=feature_token)
-                builder.add(index, target, feature, head_logits, logits, feature_pool)
+                builder.add(index, target, live.rows(x), live.reduce)
                 if progress and step % 100 == 0:
                     _logger.info("teacher cache: batch %d, %d rows written on rank %d", step, builder.count, me)
         except Exception as error:  # every rank must still reach the collectives below
             failure = error
         finally:
-            capture.remove()
+            live.remove_hooks()
             teacher.train(was_training)
             builder.close()
         summary = builder.summary(failure)
@@ -498,8 +500,8 @@ class _Builder:
         self.count = 0
         self._files: Dict[str, int] = {}
 
-    def add(self, index: Any, target: Any, feature: torch.Tensor, head_logits: torch.Tensor, logits: torch.Tensor,
-            pool: Optional[PoolMode]) -> None:
+    def add(self, index: Any, target: Any, rows: TeacherRows, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        feature = rows.feature
         if index is None:
             raise ValueError("TeacherCache.build needs the dataset index of every sample: batches of "
                              "(input, target, index), or dicts with an index entry")
@@ -507,28 +509,27 @@ class _Builder:
             got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
             raise ValueError(f"TeacherCache.build needs class-index targets [B] (int), got {got}")
         batch = feature.shape[0]
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.shape[0] != batch \
-                or target.shape[0] != batch:
+        if (not isinstance(index, torch.Tensor) or index.dim() != 1 or index.shape[0] != batch
+                or target.shape[0] != batch):
             got = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
             raise ValueError(f"index must be a LongTensor [B={batch}] and target [B={batch}] for a batch of {batch}, "
                              f"got index {got} and target {tuple(target.shape)}")
         index = _check_range(index, self.num_samples)
         if self.linear is None:
             self.linear = type(self.head) is nn.Linear and feature.dim() == 2
-        fields = {
-            "feature": _reduce(feature, pool),
-            "head_logits": head_logits,
-            "logits": logits,
-        }
+        fields = {"feature": rows.reduced, "head_logits": rows.head_logits, "logits": rows.logits}
         if not self.linear:
             gradient = teacher_gradient_element(self.head, feature, target, label_smoothing=self.smoothing,
                                                 reduction="sum")
             if gradient is None:
                 raise RuntimeError("TeacherCache.build cannot compute a non-linear classifier's gradient element "
                                    "inside torch.inference_mode(); build it outside inference mode")
-            fields[_GRADIENT] = _reduce(gradient, pool)
-        for name, value in fields.items():
-            self._write(name, index, value.detach().to(self.dtype))
+            fields[_GRADIENT] = reduce(gradient)
+        stored = {name: value.detach().to(self.dtype) for name, value in fields.items()}
+        for name, values in stored.items():  # every field checked before any is written
+            _check_finite(name, fields[name], values)
+        for name, values in stored.items():
+            self._write(name, index, values)
         self._write("targets", index, target.detach().to(torch.int64))
         self._write("written", index, torch.ones(batch, dtype=torch.uint8))
         self.count += batch
@@ -565,6 +566,21 @@ class _Builder:
                 "failure": None if failure is None else f"{type(failure).__name__}: {failure}"}
 
 
+def _check_finite(name: str, value: torch.Tensor, stored: torch.Tensor) -> None:
+    """Rows that are not finite as stored would read back as ``inf``/NaN and train on NaN silently."""
+    if bool(torch.isfinite(stored).all()):
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"the teacher gave non-finite {name} values (inf or NaN) for this batch: a cache of them "
+                         "would train on NaN; check the teacher and its input")
+    dtype = _dtype_name(stored.dtype)
+    raise ValueError(
+        f"the teacher's {name} rows reach {float(value.abs().max()):.4g}, beyond the largest {dtype} "
+        f"({torch.finfo(stored.dtype).max:.4g}): stored as {dtype} they would read back as inf; build the cache "
+        "with dtype=torch.bfloat16 (the float32 range) or dtype=torch.float32"
+    )
+
+
 def _check_range(index: torch.Tensor, num_samples: int) -> torch.Tensor:
     if index.is_floating_point() or index.dtype == torch.bool:
         raise TypeError(f"index must be an integer tensor of dataset indices [B], got {index.dtype}")
@@ -573,13 +589,6 @@ def _check_range(index: torch.Tensor, num_samples: int) -> torch.Tensor:
         raise ValueError(f"index must hold dataset indices in [0, num_samples={num_samples}), got values from "
                          f"{int(index.min())} to {int(index.max())}")
     return index
-
-
-def _reduce(x: torch.Tensor, pool: Optional[PoolMode]) -> torch.Tensor:
-    """``[B, *] -> [B, D]``, as the distiller reduces a feature for the CRCD loss."""
-    if pool is not None:
-        x = pool_feature(x, pool)
-    return x.flatten(1) if x.dim() > 2 else x
 
 
 def _clear(path: Path) -> None:
@@ -706,12 +715,13 @@ def _broadcast_object(value: Any, world: int) -> Any:
     return box[0]
 
 
-class CachedTeacher(nn.Module):
-    """A :class:`TeacherCache` as the distiller's teacher module: rows by index on the module's device.
+class CachedTeacher(_RowsByIndex):
+    """A :class:`TeacherCache` as a :class:`~crcd_plugin.teacher.Teacher`: rows by index on the module's device.
 
-    It has no trainable parameters; a linear classifier rebuilt from the cache is a frozen
-    submodule (so it moves with ``.to()``), and a non-persistent buffer marks the device the rows
-    are read onto. The distiller's ``crcd_state_dict`` holds none of it.
+    It has no trainable parameters; a linear classifier rebuilt from the cache moves with
+    ``.to()`` but is not part of the ``state_dict``: it is the cache's, so a checkpoint never
+    carries one cache's classifier into a distiller that reads another (:meth:`claim_state`).
+    A non-persistent buffer marks the device the rows are read onto.
 
     Args:
         cache: The cache.
@@ -722,15 +732,50 @@ class CachedTeacher(nn.Module):
     def __init__(self, cache: TeacherCache) -> None:
         super().__init__()
         self.cache = cache
-        self.classifier = cache.linear_classifier()
+        self._set_classifier(cache.linear_classifier())
+        self.classifier_path, self.num_rows, self.feature_dim = cache.classifier, len(cache), cache.feature_dim
         self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
     @property
     def device(self) -> torch.device:
         return self._device_marker.device
 
-    def forward(self, index: Optional[torch.Tensor], target: torch.Tensor, gradient: bool) -> CachedRows:
-        """The rows of ``index`` (checked against the step's ``target``), float32 on the module's device.
+    def expect(self, *, classifier: Optional[str], transform: Any, label_smoothing: float,
+               num_samples: Optional[int], gradient: bool = False) -> None:
+        """Check a distiller's arguments against the cache (dataset size, classifier path, build options)."""
+        cache = self.cache
+        cache.expect(num_samples=num_samples, classifier=classifier, classifier_argument="teacher_classifier")
+        if transform is not None:
+            raise ValueError("teacher_transform applies when a cache is built (TeacherCache.build(teacher_transform="
+                             "...)), not to a distiller that reads one")
+        if gradient and not cache.linear and label_smoothing != cache.label_smoothing:
+            raise ValueError(f"config.label_smoothing={label_smoothing} but the cache's gradient element was "
+                             f"computed with label_smoothing={cache.label_smoothing}: rebuild it with the config's")
+
+    def claim_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Take this teacher's keys out of a ``state_dict`` about to be loaded, refusing another cache's.
+
+        Checkpoints of 0.3 hold the cached classifier (``<prefix>classifier.*``); one that equals
+        this cache's is dropped, one that differs is another teacher's and a ``ValueError``.
+        """
+        keys = [key for key in state_dict if key.startswith(prefix)]
+        classifier = self.classifier
+        own = {} if classifier is None else classifier.state_dict()
+        for key in keys:
+            name = key[len(prefix):].split(".", 1)
+            value = own.get(name[1]) if name[0] == "classifier" and len(name) == 2 else None
+            saved = state_dict[key]
+            if (value is None or not isinstance(saved, torch.Tensor) or saved.shape != value.shape
+                    or not torch.equal(saved.to(value.device, value.dtype), value)):
+                raise ValueError(
+                    f"the state dict's {key!r} is not the classifier of the teacher cache {str(self.cache.path)!r} "
+                    "this distiller reads: a checkpoint made on another teacher (or cache); load it into a "
+                    "distiller reading that teacher's cache, or leave the teacher's keys out"
+                )
+            del state_dict[key]
+
+    def check_batch(self, index: Optional[torch.Tensor], target: torch.Tensor, gradient: bool) -> None:
+        """Check a step's ``index`` and ``target`` against the cache, on the host, before anything runs.
 
         Args:
             index: Dataset indices ``[B]`` of the batch (required).
@@ -748,20 +793,34 @@ class CachedTeacher(nn.Module):
         rows = self.cache.check_index(index)
         if rows.shape[0] != target.shape[0]:
             raise ValueError(f"index has {rows.shape[0]} entries but the batch has {target.shape[0]} samples")
-        device = self.device
-        _check_device_dtype(self.cache.dtype, device)
-        stored_gradient = gradient and not self.cache.linear
+        _check_device_dtype(self.cache.dtype, self.device)
         if target.is_floating_point():
-            if stored_gradient:
+            if gradient and not self.cache.linear:
                 raise ValueError("the cache stores the gradient element of class-index targets: probability "
                                  "targets (mixup, soft labels) need a live teacher or gradient_element=False")
         else:
             self._check_targets(self.cache._fields["targets"][rows], target)
-        # ``rows`` and the device were checked above: read without checking them again per field.
+
+    def forward(self, index: torch.Tensor, gradient: bool) -> CachedRows:
+        """The rows of ``index``, float32 on the module's device; the batch was checked by :meth:`check_batch`.
+
+        Args:
+            index: Dataset indices ``[B]`` of the batch, checked.
+            gradient: Whether the gradient element is needed (a stored one is then read).
+        """
+        rows, device = index.detach().to("cpu", torch.int64), self.device
         read = self.cache._read
-        gradients = read(_GRADIENT, rows, device) if stored_gradient else None
+        gradients = read(_GRADIENT, rows, device) if gradient and not self.cache.linear else None
         return CachedRows(read("feature", rows, device), read("head_logits", rows, device),
                           read("logits", rows, device), gradients)
+
+    def rows(self, input: Any, index: Optional[torch.Tensor], *, gradient: bool = False) -> TeacherRows:
+        assert index is not None, "a cached teacher's batch is checked before its rows are read"
+        read = self(index, gradient)
+        return TeacherRows(read.feature, read.head_logits, read.logits, read.feature, read.gradient)
+
+    def targets(self, index: torch.Tensor) -> torch.Tensor:
+        return self.cache.targets(index)
 
     @staticmethod
     def _check_targets(expected: torch.Tensor, target: torch.Tensor) -> None:
@@ -779,3 +838,18 @@ class CachedTeacher(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.cache)
+
+
+def as_teacher(
+    teacher: Union[nn.Module, TeacherCache, Teacher], classifier: Optional[str], config: Any,
+    num_samples: Optional[int], **live: Any,
+) -> Teacher:
+    """The :class:`~crcd_plugin.teacher.Teacher` a distiller asks: a cache's or a ready one (checked against
+    the distiller's arguments), or a model run live (``live``: ``LiveTeacher``'s keyword arguments)."""
+    if isinstance(teacher, TeacherCache):
+        teacher = CachedTeacher(teacher)
+    if isinstance(teacher, Teacher):
+        teacher.expect(classifier=classifier, transform=live["transform"], label_smoothing=config.label_smoothing,
+                       num_samples=num_samples, gradient=config.gradient_element)
+        return teacher
+    return LiveTeacher(teacher, "fc" if classifier is None else classifier, **live)

@@ -32,3 +32,34 @@ V020_WEIGHTS = dict(task_weight=1.0, kd_weight=0.9, kd_temperature=4.0, feature_
                     gradient_normalization="none")
 # The same as 0.2.0 keywords (CRCDLoss(**...) / crcd_options=...), for tests that use the deprecated spelling.
 V020_LOSS_KEYWORDS = dict(embed_dim=128, temperature=0.05, num_anchors=500, symmetric=True)
+
+
+def current_spelling(options: dict) -> dict:
+    """Keyword arguments of ``CRCDDistiller`` (or a task) with 0.2.0's spelling rewritten in today's.
+
+    The test factories take the short 0.2.0 forms their callers use (``crcd_options=``, weights as
+    keywords, ``queue_size=``) and build the ``config=`` they stand for, exactly as the library's
+    mapping does, so that only tests/test_deprecations.py exercises the deprecated path itself.
+    """
+    from crcd_plugin import CRCDConfig
+    from crcd_plugin._compat import LEGACY_RELATION_NAMES, LEGACY_WEIGHTS
+
+    options = dict(options)
+    config = options.pop("config", None) or CRCDConfig()
+    weights = {LEGACY_WEIGHTS[key]: options.pop(key) for key in list(options)
+               if key in LEGACY_WEIGHTS and options[key] is not None}
+    relation = dict(options.pop("crcd_options", None) or {})
+    if "num_samples" in relation:
+        options.setdefault("num_samples", relation.pop("num_samples"))
+    if relation.get("num_anchors", 0) is None:
+        del relation["num_anchors"]  # 0.2.0: None meant the default
+    if options.get("queue_size") is not None:
+        relation["queue_size"] = options.pop("queue_size")
+    options.pop("queue_size", None)
+    changes = {LEGACY_RELATION_NAMES.get(key, key): value for key, value in relation.items()}
+    schedule = options.pop("schedule", None)
+    if schedule is not None:  # a DistillSchedule object: its kind and fractions, and the run length
+        weights.update(schedule=schedule.kind, schedule_until=schedule.until, schedule_start=schedule.start)
+        options.setdefault("total_steps", schedule.total_steps)
+    options["config"] = config.replace(relation=config.relation.replace(**changes), **weights)
+    return options

@@ -221,7 +221,7 @@ def test_nonfinite_features_raise_and_leave_memory_untouched():
 
 
 def test_skip_mode_keeps_nonfinite_rows_out_of_memory_and_queue():
-    crcd = _bank_loss(on_nonfinite="skip")
+    crcd = _bank_loss(on_nonfinite="skip", symmetric=True)
     student_feat, teacher_feat = _feats()
     student_feat[2] = float("inf")
     before = crcd.memory_teacher.weight.clone()
@@ -231,7 +231,8 @@ def test_skip_mode_keeps_nonfinite_rows_out_of_memory_and_queue():
     assert not torch.equal(crcd.memory_teacher.weight[3], before[3])
     assert torch.isfinite(crcd.log_z).all()
 
-    queue = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=8, on_nonfinite="skip")
+    queue = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=8, on_nonfinite="skip",
+                     symmetric=True)
     old = queue.memory_student.weight.clone()
     queue(student_feat, teacher_feat)
     assert torch.equal(queue.memory_student.weight[2], old[2])

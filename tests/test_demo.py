@@ -25,6 +25,7 @@ from crcd_plugin.demo.train import (  # noqa: E402
     method_config,
     train_student,
 )
+from crcd_plugin.teacher import TensorTeacher  # noqa: E402
 
 TINY = ["--num-train", "400", "--num-test", "200", "--epochs", "2", "--seeds", "2", "--no-progress"]
 
@@ -199,9 +200,9 @@ def test_augmented_runs_distil_from_the_live_teacher_on_each_view(tiny_setup, mo
     seen = []
     teacher.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     module, path = demo_train._teacher_for(teacher, TrainConfig(augment=True), None)
-    assert isinstance(module, demo_train._LiveTeacher) and path == "model.fc"
+    assert module is teacher.model and path == "fc"
     module, path = demo_train._teacher_for(teacher, TrainConfig(augment=False), None)
-    assert isinstance(module, demo_train._PrecomputedTeacher) and path == "fc"
+    assert isinstance(module, TensorTeacher) and path is None
 
     views = []
     real_augment = demo_train.augment

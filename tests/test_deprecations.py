@@ -5,8 +5,8 @@ import torch
 from conftest import V020_RELATION
 
 from crcd_plugin import CRCDLoss
+from crcd_plugin._compat import LEGACY_LOSS_KEYWORDS
 from crcd_plugin.config import RelationConfig
-from crcd_plugin.presets import LEGACY_LOSS_KEYWORDS
 
 DS, DT, B, N = 10, 12, 8, 40
 # One 0.2.0 keyword each, with a value other than its default (and any 0.2.0 keyword it needs).

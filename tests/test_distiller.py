@@ -2,12 +2,13 @@
 
 import copy
 import os
+import re
 import resource
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import V020_RELATION, V020_WEIGHTS
+from conftest import V020_RELATION, V020_WEIGHTS, current_spelling
 from torch import nn
 
 from crcd_plugin import CRCDConfig, RelationConfig
@@ -54,7 +55,7 @@ class MLPHeadNet(nn.Module):
 def make_distiller(**options) -> CRCDDistiller:
     torch.manual_seed(0)
     options.setdefault("crcd_options", SMALL_QUEUE)
-    return CRCDDistiller(TinyNet(6), TinyNet(12), **options)
+    return CRCDDistiller(TinyNet(6), TinyNet(12), **current_spelling(options))
 
 
 def batch(seed: int = 0):
@@ -254,8 +255,8 @@ def test_non_linear_heads_build_from_a_dry_run_without_touching_student_statisti
     torch.manual_seed(0)
     student = MLPHeadNet(6)
     stats = copy.deepcopy(student.state_dict())
-    distiller = CRCDDistiller(student, MLPHeadNet(12), "head", "head", gradient_element=True,
-                              crcd_options=SMALL_QUEUE, example_input=batch()[0])
+    distiller = CRCDDistiller(student, MLPHeadNet(12), "head", "head", **current_spelling(dict(
+        gradient_element=True, crcd_options=SMALL_QUEUE, example_input=batch()[0])))
     assert distiller.built and distiller.crcd_gradient.student_dim == 6
     assert student.training
     assert all(torch.equal(stats[k], v) for k, v in student.state_dict().items())
@@ -265,7 +266,7 @@ def test_non_linear_heads_build_from_a_dry_run_without_touching_student_statisti
 
 def test_non_linear_heads_without_example_input_build_on_the_first_forward(caplog):
     torch.manual_seed(0)
-    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", crcd_options=SMALL_QUEUE)
+    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", CRCDConfig(relation=SMALL_RELATION))
     assert not distiller.built
     with caplog.at_level("WARNING"):
         out = distiller(*batch())
@@ -276,7 +277,7 @@ def test_non_linear_heads_without_example_input_build_on_the_first_forward(caplo
 def test_student_wrapped_in_data_parallel_resolves_the_head():
     torch.manual_seed(0)
     student = nn.DataParallel(TinyNet(6))
-    distiller = CRCDDistiller(student, TinyNet(12), crcd_options=SMALL_QUEUE)
+    distiller = CRCDDistiller(student, TinyNet(12), config=CRCDConfig(relation=SMALL_RELATION))
     assert distiller(*batch())["crcd_feature_loss"] > 0
     assert distiller.student_state_dict().keys() == TinyNet(6).state_dict().keys()
 
@@ -297,9 +298,9 @@ def test_hooks_are_registered_once_and_keep_nothing_after_a_step_or_a_failing_fo
     with pytest.raises(RuntimeError):
         distiller(torch.randn(BATCH, IN_DIM + 1), torch.zeros(BATCH, dtype=torch.long))
     assert (_num_hooks(distiller.student), _num_hooks(distiller.teacher)) == registered
-    assert all(not capture.pop() for capture in distiller._captures.values())
+    assert all(not capture.pop() for capture in (distiller._capture, distiller.teacher_side._capture))
     distiller.student(batch()[0])  # outside the distiller the hooks are disarmed: nothing is kept
-    assert all(not capture.pop() for capture in distiller._captures.values())
+    assert all(not capture.pop() for capture in (distiller._capture, distiller.teacher_side._capture))
     distiller.remove_hooks()
     assert _num_hooks(distiller.student) == 0 and _num_hooks(distiller.teacher) == 0
 
@@ -311,7 +312,7 @@ class DictOutputNet(TinyNet):
 
 def test_logits_come_from_dict_outputs_or_output_select():
     torch.manual_seed(0)
-    distiller = CRCDDistiller(DictOutputNet(6), DictOutputNet(12), crcd_options=SMALL_QUEUE)
+    distiller = CRCDDistiller(DictOutputNet(6), DictOutputNet(12), config=CRCDConfig(relation=SMALL_RELATION))
     x, y = batch()
     out = distiller(x, y)
     assert torch.allclose(out["logits"], distiller.student.fc(distiller.student.body(x)))
@@ -321,18 +322,18 @@ def test_logits_come_from_dict_outputs_or_output_select():
             return self.body(x), self.fc(self.body(x))
 
     with pytest.raises(TypeError, match="output_select"):
-        CRCDDistiller(TupleNet(6), TupleNet(12), crcd_options=SMALL_QUEUE)(x, y)
-    selected = CRCDDistiller(TupleNet(6), TupleNet(12), crcd_options=SMALL_QUEUE, output_select=1)
+        CRCDDistiller(TupleNet(6), TupleNet(12), config=CRCDConfig(relation=SMALL_RELATION))(x, y)
+    selected = CRCDDistiller(TupleNet(6), TupleNet(12), config=CRCDConfig(relation=SMALL_RELATION), output_select=1)
     assert selected(x, y)["logits"].shape == (BATCH, NUM_CLASSES)
 
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="fcc"):
-        CRCDDistiller(TinyNet(6), TinyNet(12), student_head="fcc")
-    with pytest.raises(ValueError, match="alpha"):
-        make_distiller(alpha=-1.0)
+        CRCDDistiller(TinyNet(6), TinyNet(12), "fcc")
+    with pytest.raises(ValueError, match="alpha"), pytest.deprecated_call():
+        CRCDDistiller(TinyNet(6), TinyNet(12), alpha=-1.0)  # the 0.2.0 keyword's own error
     with pytest.raises(TypeError, match="schedule"):
-        make_distiller(schedule=lambda step: 1.0)
+        CRCDDistiller(TinyNet(6), TinyNet(12), schedule=lambda step: 1.0)
     with pytest.raises(TypeError, match="student"):
         CRCDDistiller("resnet18", TinyNet(12))
     with pytest.raises(ValueError, match="different"):
@@ -416,8 +417,11 @@ def new_distiller(config=None, **kwargs) -> CRCDDistiller:
 
 
 def test_config_and_the_0_2_0_keywords_build_the_same_distiller_and_losses():
-    with pytest.warns(DeprecationWarning, match=r"alpha=\.\.\.\) is deprecated.*CRCDConfig\(kd_weight"):
-        old = make_distiller(alpha=0.5, gamma=2.0, gradient_element=True)
+    with pytest.deprecated_call() as warned:
+        torch.manual_seed(0)
+        old = CRCDDistiller(TinyNet(6), TinyNet(12), alpha=0.5, gamma=2.0, gradient_element=True,
+                            crcd_options=SMALL_QUEUE)
+    assert any(re.search(r"alpha=\.\.\.\) is deprecated.*CRCDConfig\(kd_weight", str(w.message)) for w in warned)
     new = new_distiller(CRCDConfig(kd_weight=0.5, task_weight=2.0, gradient_element=True, relation=SMALL_RELATION))
     assert old.config == new.config
     x, y = batch()
@@ -570,7 +574,7 @@ def test_load_crcd_state_dict_checks_shapes_and_keys_before_loading_anything():
     state = distiller.crcd_state_dict()
     other = new_distiller(CRCDConfig(relation=SMALL_RELATION.replace(queue_size=16)))
     before = copy.deepcopy(other.crcd_state_dict())
-    with pytest.raises(ValueError, match=r"'crcd_feature.memory_student.weight' has shape \(32, 16\), .*\(16, 16\)"):
+    with pytest.raises(ValueError, match=r"'crcd_feature.memory_teacher.weight' has shape \(32, 16\), .*\(16, 16\)"):
         other.load_crcd_state_dict(state)
     assert all(torch.equal(v, before[k]) for k, v in other.crcd_state_dict().items())
     with pytest.raises(ValueError, match="missing"):
@@ -592,3 +596,25 @@ def test_sync_gradients_and_no_sync_are_no_ops_without_a_process_group():
     with distiller.no_sync():
         pass
     assert all(torch.equal(a, p.grad) for a, (_, p) in zip(before, distiller.crcd_named_parameters()))
+
+
+def test_capture_student_arms_the_distillers_own_hooks_for_a_forward_run_elsewhere():
+    distiller = new_distiller()
+    x, y = batch()
+    hooks = _num_hooks(distiller.student)
+    with distiller.capture_student() as captured:
+        logits = distiller.student(x)
+        feature, head_logits = captured["feature"], captured["head_logits"]
+    assert _num_hooks(distiller.student) == hooks  # no hook added for it
+    assert torch.equal(head_logits, logits) and feature.shape == (BATCH, 6)
+    distiller.student(x)
+    with distiller.capture_student() as captured:
+        assert not captured  # disarmed outside the block: nothing kept
+    terms = distiller.distill(feature, head_logits, logits, x, y, student_synced=True)
+    terms["distill_loss"].backward()
+    student = {id(p) for p in distiller.student.parameters()}
+    heads = {id(p) for _, p in distiller.crcd_named_parameters()}
+    # What sync_gradients averages: the heads only, the student's being its trainer's DDP to sync.
+    assert {id(p) for p in distiller._unsynced_parameters()} == heads and not heads & student
+    distiller.distill(feature.detach(), head_logits.detach(), logits.detach(), x, y)
+    assert student <= {id(p) for p in distiller._unsynced_parameters()}

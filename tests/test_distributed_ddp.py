@@ -129,9 +129,10 @@ def scenario_concatenated(rank, out):
 def make_loss(shard_memory, share_negatives=False):
     torch.manual_seed(0)
     # The sharded bank is cold (no first-write slots yet): compare it with a cold replicated bank.
+    # Symmetric, so that both sides keep a bank to shard.
     return CRCDLoss(
         5, 7, embed_dim=8, num_samples=N, num_negatives=9, shard_memory=shard_memory, memory_init="cold",
-        share_negatives=share_negatives,
+        share_negatives=share_negatives, symmetric=True,
     )
 
 
@@ -242,7 +243,7 @@ def test_ddp_student_keeps_every_tensor_of_the_distiller_identical_on_all_ranks(
 
 def test_ddp_state_dict_holds_the_wrapped_student_and_the_crcd_state(results):
     state = results("ddp", 0)
-    assert "student.module.fc.weight" in state and "crcd_feature.memory_student.weight" in state
+    assert "student.module.fc.weight" in state and "crcd_feature.memory_teacher.weight" in state
     assert not any(key.startswith("teacher.module") for key in state)
 
 

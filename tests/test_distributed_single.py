@@ -84,14 +84,14 @@ def test_importing_crcd_plugin_binds_torch_distributed_nn_defaults_before_any_pr
 def test_release_distributed_frees_the_ddp_wrapper_and_destroy_frees_the_group(tmp_path, monkeypatch):
     import weakref
 
-    import crcd_plugin.distiller
+    import crcd_plugin.contract
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         distiller = tiny_distiller()
         student = distiller.student
         with monkeypatch.context() as patch:  # one process, but let prepare_distributed() wrap the student
-            patch.setattr(crcd_plugin.distiller, "world_size", lambda: 2)
+            patch.setattr(crcd_plugin.contract, "world_size", lambda: 2)  # where prepare_distributed reads it
             distiller.prepare_distributed()
         distiller(torch.randn(5, 4), torch.randint(0, 3, (5,)))["loss"].backward()
         distiller.sync_gradients()

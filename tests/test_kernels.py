@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from naive import naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
-from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits, relation_loss, relation_loss_core
+from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits
+from crcd_plugin.relation_loss import relation_loss, relation_loss_core
 
 B, A, K, D = 8, 8, 63, 256
 FOUR_D = B * A * (K + 1) * D
@@ -93,7 +94,7 @@ def test_compiled_core_matches_naive_values_and_gradients_across_batch_sizes():
         torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-4)
         scale = reference.grad.abs().max()
         torch.testing.assert_close(student.grad.double() / scale, reference.grad / scale, atol=1e-4, rtol=0)
-    from crcd_plugin.kernels import dispatch
+    import crcd_plugin.relation_loss as dispatch
 
     assert not dispatch._COMPILED.failures, "compile fell back to eager"
 
@@ -169,7 +170,7 @@ def test_crcd_loss_chunk_size_is_validated():
 
 
 def test_a_failed_compile_runs_eager_for_its_inputs_only_and_the_cache_is_bounded(monkeypatch):
-    from crcd_plugin.kernels import dispatch
+    import crcd_plugin.relation_loss as dispatch
 
     cache = dispatch.CompileCache(size=2)
     monkeypatch.setattr(dispatch, "_COMPILED", cache)

@@ -1,5 +1,8 @@
 """The memory bank is right from each row's first write; never-written rows never act as samples."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,8 @@ def _unit(rows, dim=4, seed=0):
 def _poison_unwritten_rows(crcd):
     """Put NaN in every row not written yet: any read of one as a sample makes the loss NaN."""
     for bank in (crcd.memory_student, crcd.memory_teacher):
-        bank.weight[~bank.seen] = float("nan")
+        if bank is not None:  # a one-sided loss has no student-side memory
+            bank.weight[~bank.seen] = float("nan")
 
 
 # ---------------------------------------------------------------- MemoryBank
@@ -145,7 +149,7 @@ def test_never_written_rows_are_never_used_as_anchors_positives_or_negatives(sel
 
 def test_the_cold_option_does_use_never_written_rows():
     # The check above can fail: the cold bank reads the same poisoned rows.
-    crcd = _bank_loss(num_samples=1000, num_negatives=50, memory_init="cold")
+    crcd = _bank_loss(num_samples=1000, num_negatives=50, memory_init="cold", symmetric=True)
     for bank in (crcd.memory_student, crcd.memory_teacher):
         bank.weight[B:] = float("nan")
     assert torch.isnan(crcd(*_feats(), torch.arange(B)))
@@ -182,9 +186,9 @@ def test_eval_on_a_fresh_bank_uses_the_batch_alone():
 
 
 def test_loss_state_dict_round_trip_keeps_the_seen_flags():
-    crcd = _bank_loss()
+    crcd = _bank_loss(symmetric=True)
     crcd(*_feats(), torch.arange(B))
-    restored = _bank_loss()
+    restored = _bank_loss(symmetric=True)
     restored.load_state_dict(crcd.state_dict())
     assert {"memory_student.seen", "memory_teacher.seen"} <= set(crcd.state_dict())
     assert torch.equal(restored.memory_teacher.seen, crcd.memory_teacher.seen)
@@ -195,10 +199,10 @@ def test_loss_state_dict_round_trip_keeps_the_seen_flags():
 
 
 def test_loss_loads_a_checkpoint_saved_before_the_seen_flags():
-    old = _bank_loss(memory_init="cold")
+    old = _bank_loss(memory_init="cold", symmetric=True)
     old(*_feats(), torch.arange(B))
     checkpoint = {k: v for k, v in old.state_dict().items() if not k.endswith(".seen")}
-    restored = _bank_loss()
+    restored = _bank_loss(symmetric=True)
     restored.load_state_dict(checkpoint)  # strict
     assert bool(restored.memory_student.seen.all()) and bool(restored.memory_teacher.seen.all())
 
@@ -212,7 +216,7 @@ def test_bad_memory_init_is_rejected():
 
 
 def test_fill_memory_writes_embeddings_as_first_writes_in_any_mode():
-    crcd = _bank_loss()
+    crcd = _bank_loss(symmetric=True)
     crcd(*_feats(0), torch.arange(B))  # rows 0..5 written once
     crcd.eval()
     log_z = crcd.log_z.clone()
@@ -224,7 +228,7 @@ def test_fill_memory_writes_embeddings_as_first_writes_in_any_mode():
 
 
 def test_fill_memory_fills_a_cold_bank_and_accepts_a_batch_of_one():
-    crcd = _bank_loss(memory_init="cold")
+    crcd = _bank_loss(memory_init="cold", symmetric=True)
     student_feat, teacher_feat = _feats(batch=1)
     crcd.fill_memory(student_feat, teacher_feat, torch.tensor([4]))
     torch.testing.assert_close(crcd.memory_student.weight[4], crcd.embed_student(student_feat).detach()[0])
@@ -255,7 +259,7 @@ def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
     student, teacher = _Net(6), _Net(9)
     distiller = CRCDDistiller(
         student, teacher, num_samples=20, gradient_element=gradient_element,
-        crcd_options={"embed_dim": 4, "num_negatives": 5},
+        crcd_options={"embed_dim": 4, "num_negatives": 5, "symmetric": True},
     )
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
     loader = [(x[i : i + 8], y[i : i + 8], torch.arange(i, min(i + 8, 20))) for i in range(0, 20, 8)]  # 8, 8, 4
@@ -297,3 +301,52 @@ def test_last_occurrence_by_row_table_equals_the_pairwise_comparison():
 
     index = torch.randint(0, 20, (64,), generator=torch.Generator().manual_seed(0))  # many repeats
     assert torch.equal(last_occurrence(index, num_rows=20), last_occurrence(index))
+
+
+# ---------------------------------------------------------------- one-sided: no student-side memory
+
+
+def test_a_one_sided_loss_keeps_no_student_side_memory_in_memory_or_state():
+    crcd = _bank_loss(num_samples=1000)  # symmetric=False, the default: nothing reads student rows
+    assert crcd.memory_student is None
+    assert not any(key.startswith("memory_student.") for key in crcd.state_dict())
+    rows = sum(buffer.numel() for name, buffer in crcd.named_buffers() if name.startswith("memory_"))
+    assert rows == 1000 * EMBED + 1000  # the teacher-side bank and its seen flags, once
+    crcd.fill_memory(*_feats(), torch.arange(B))  # student rows given: still nowhere to write them
+    assert crcd.memory_student is None and int(crcd.memory_teacher.seen.sum()) == B
+
+
+def test_a_one_sided_loss_draws_the_random_stream_a_symmetric_one_draws():
+    # A seed gives the same run as before the student side was dropped (0.3 made it and drew it).
+    torch.manual_seed(0)
+    _bank_loss(num_samples=500)
+    one_sided = torch.rand(4)
+    torch.manual_seed(0)
+    _bank_loss(num_samples=500, symmetric=True)
+    assert torch.equal(one_sided, torch.rand(4))
+
+
+def _v03_distiller():
+    # The fixture's models and options, from the script that wrote it.
+    spec = importlib.util.spec_from_file_location("make_v03", Path(__file__).parent / "data" / "make_v03_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make()
+
+
+@pytest.mark.parametrize("which", ["state_dict", "crcd_state_dict"])
+def test_a_0_3_one_sided_checkpoint_loads_and_gives_the_loss_0_3_gave(which):
+    saved = torch.load(Path(__file__).parent / "data" / "distiller-0.3-one-sided.pt", weights_only=True)
+    assert any(".memory_student." in key for key in saved["crcd_state_dict"])  # what 0.3 saved
+    distiller = _v03_distiller()
+    if which == "state_dict":
+        distiller.load_state_dict(saved["state_dict"])  # strict
+    else:
+        models = {k: v for k, v in saved["state_dict"].items() if k.startswith(("student.", "teacher."))}
+        distiller.load_state_dict(models, strict=False)
+        distiller.load_crcd_state_dict(saved["crcd_state_dict"])  # strict
+    assert not any(".memory_student." in key for key in distiller.crcd_state_dict())
+    torch.manual_seed(saved["seed"])
+    out = distiller(saved["input"], saved["target"], saved["index"])
+    for key, expected in saved["losses"].items():
+        assert torch.equal(out[key].detach(), expected), key

@@ -9,10 +9,10 @@ from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
 from crcd_plugin import CRCDLoss
-from crcd_plugin.kernels import relation_loss, shared_relation_logits
-from crcd_plugin.kernels.dispatch import per_sample_candidates
+from crcd_plugin.kernels import shared_relation_logits
 from crcd_plugin.kernels.shared_candidates import uses_gram_form
 from crcd_plugin.memory import in_batch_candidate_index
+from crcd_plugin.relation_loss import per_sample_candidates, relation_loss
 
 TAU, N = 0.05, 1000
 # (B, D): the exact-difference form runs where D <= B, the re-centred Gram form elsewhere.
@@ -198,7 +198,7 @@ def test_shared_core_never_expands_the_candidates_per_sample(form):
 
 @pytest.mark.slow
 def test_compiled_shared_core_matches_naive_values_and_gradients():
-    from crcd_plugin.kernels import dispatch
+    import crcd_plugin.relation_loss as dispatch
 
     torch._dynamo.reset()
     query, anchors, candidates, positives = _inputs("difference", "batch")

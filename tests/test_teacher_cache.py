@@ -8,6 +8,7 @@ and refuses a cache that does not fit with an error before anything is written.
 import copy
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,7 +283,9 @@ def test_fill_memory_from_a_loader_equals_the_live_fill(tmp_path):
 def test_fill_memory_from_the_cache_alone_warms_every_teacher_row(tmp_path):
     teacher = trained(MLP(12, seed=0))
     cache = build(tmp_path, teacher)
-    live, cached = distillers(teacher, cache)
+    symmetric = config()  # a student-side memory to leave alone
+    symmetric = symmetric.replace(relation=symmetric.relation.replace(symmetric=True))
+    live, cached = distillers(teacher, cache, cfg=symmetric)
     before = state(cached)
     cached.fill_memory(batch_size=BATCH)  # no data, no student
     live.fill_memory(loader())
@@ -446,3 +449,93 @@ def test_the_library_version_check_reads_the_installed_version(tmp_path, monkeyp
     monkeypatch.setattr(teacher_cache_module, "_library_version", lambda: "9.9.9")
     with pytest.raises(ValueError, match="built by crcd-plugin .* this is crcd-plugin 9.9.9"):
         TeacherCache.open(cache.path)
+
+
+# ---------------------------------------------------------------------------------- edges
+class Loud(MLP):
+    """A teacher whose logits pass float16's largest value (65504): fine in fp32, inf in fp16."""
+
+    def __init__(self) -> None:
+        super().__init__(12, seed=0)
+        with torch.no_grad():
+            self.fc.weight.mul_(1e6)
+
+
+def test_a_half_precision_cache_refuses_rows_beyond_its_range_and_names_the_fix(tmp_path):
+    teacher = trained(Loud())
+    fixes = r"beyond the largest float16 .* dtype=torch\.bfloat16 .* dtype=torch\.float32"
+    with pytest.raises(ValueError, match=fixes):
+        build(tmp_path, teacher, dtype=torch.float16)
+    assert not (tmp_path / "cache" / "metadata.json").exists()  # nothing to open: the build failed
+    for dtype in (torch.bfloat16, torch.float32):  # the two fixes the message names
+        cache = build(tmp_path, teacher, name=str(dtype), dtype=dtype)
+        assert torch.isfinite(cache.rows(torch.arange(N))[2]).all()
+
+
+def test_a_cache_refuses_a_teacher_that_gives_non_finite_rows(tmp_path):
+    teacher = trained(MLP(12, seed=0))
+    with torch.no_grad():
+        teacher.fc.bias[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite head_logits values"):
+        build(tmp_path, teacher)
+
+
+def test_a_cached_distillers_state_dict_carries_no_classifier_and_refuses_another_caches(tmp_path):
+    teacher_a, teacher_b = trained(MLP(12, seed=0)), trained(MLP(12, seed=4))
+    _, on_a = distillers(teacher_a, build(tmp_path, teacher_a, name="a"))
+    _, on_b = distillers(teacher_b, build(tmp_path, teacher_b, name="b"))
+    x, y, index = next(iter(loader()))
+    on_a(x, y, index)
+    saved = on_a.state_dict()
+    assert not any(key.startswith("teacher.") for key in saved)  # the classifier is the cache's
+    before = {k: v.clone() for k, v in on_b.state_dict().items()}
+    on_b.load_state_dict(saved)  # heads and memories only: B's rows still meet B's classifier
+    assert torch.equal(on_b.teacher.classifier.weight, teacher_b.fc.weight)
+    # A 0.3 checkpoint carried teacher.classifier.*: A's is refused by B, whole, and B's own loads.
+    old = dict(saved, **{f"teacher.classifier.{k}": v for k, v in teacher_a.fc.state_dict().items()})
+    on_b.load_state_dict(before)
+    with pytest.raises(ValueError, match="'teacher.classifier.weight' is not the classifier of the teacher cache"):
+        on_b.load_state_dict(old)
+    assert_same_state(before, {k: v.clone() for k, v in on_b.state_dict().items()})
+    on_a.load_state_dict(old)  # its own classifier: accepted
+    assert torch.equal(on_a.teacher.classifier.weight, teacher_a.fc.weight)
+
+
+def test_the_classifier_rebuilt_from_a_cache_still_moves_with_the_distiller(tmp_path):
+    teacher = trained(MLP(12, seed=0))
+    _, cached = distillers(teacher, build(tmp_path, teacher))
+    cached.double()
+    assert cached.teacher.classifier.weight.dtype == torch.float64
+
+
+def test_a_refused_batch_leaves_the_students_batchnorm_statistics_unmoved(tmp_path):
+    teacher = trained(MLP(12, seed=0))
+    _, cached = distillers(teacher, build(tmp_path, teacher))
+    x, y, index = next(iter(loader()))
+    norm = cached.student.body[1]
+    before = (norm.running_mean.clone(), norm.running_var.clone(), int(norm.num_batches_tracked))
+    soft = torch.nn.functional.one_hot(y, CLASSES).float()
+    for args in ((x, (y + 1) % CLASSES, index), (x, y, index + N), (x, y, None)):
+        with pytest.raises(ValueError):
+            cached(*args)
+        assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+        assert int(norm.num_batches_tracked) == before[2]
+    _, stored = distillers(trained(MLPHead()), build(tmp_path, trained(MLPHead()), "head", name="head"), "head",
+                           example_input=x)
+    norm = stored.student.body[1]
+    before = norm.running_mean.clone()
+    with pytest.raises(ValueError, match="probability targets"):
+        stored(x, soft, index)
+    assert torch.equal(norm.running_mean, before)
+
+
+def test_the_error_table_says_which_caches_refuse_another_label_smoothing(tmp_path):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "teacher-cache.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("|") and "label_smoothing" in line]
+    assert rows and all("non-linear" in row or "stores the gradient element" in row for row in rows), rows
+    # What the row says: a linear classifier's cache takes another label_smoothing, a stored element does not.
+    teacher = trained(MLP(12, seed=0))
+    CRCDDistiller(MLP(8, seed=1), build(tmp_path, teacher), "fc", None, config(label_smoothing=0.2), num_samples=N)
+    stored = build(tmp_path, trained(MLPHead()), "head", name="head")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CRCDDistiller(MLP(8, seed=1), stored, "fc", None, config(label_smoothing=0.2), num_samples=N)

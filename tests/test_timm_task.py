@@ -6,12 +6,13 @@ normalisations differ and a ViT pair that share one.
 
 import logging
 import os
+import re
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import V020_RELATION, V020_WEIGHTS
+from conftest import V020_RELATION, V020_WEIGHTS, current_spelling
 from torch import nn
 
 timm = pytest.importorskip("timm")
@@ -46,7 +47,7 @@ def make_task(pair: str = "vit", seed: int = 0, **options) -> CRCDDistillationTa
     teacher = timm.create_model(teacher_name, num_classes=NUM_CLASSES, **kwargs)
     options.setdefault("crcd_options", SMALL)
     options.setdefault("gradient_element", True)  # 0.3: the default is CRCDConfig's (False) here too
-    return CRCDDistillationTask(student, teacher, verbose=False, **options)
+    return CRCDDistillationTask(student, teacher, verbose=False, **current_spelling(options))
 
 
 def batch(seed: int = 0):
@@ -183,7 +184,8 @@ def test_teacher_given_by_timm_name_is_created_for_the_students_classes_without_
     student = timm.create_model("test_vit", num_classes=NUM_CLASSES, img_size=SIZE)
     with caplog.at_level(logging.WARNING):
         task = CRCDDistillationTask(
-            student, "test_vit2", teacher_kwargs={"img_size": SIZE}, crcd_options=SMALL, verbose=False
+            student, "test_vit2", teacher_kwargs={"img_size": SIZE}, verbose=False,
+            **current_spelling({"crcd_options": SMALL}),
         )
     assert type(task.teacher.model).__name__ == "VisionTransformer"
     assert task.teacher.model.num_classes == NUM_CLASSES
@@ -283,7 +285,7 @@ def test_task_state_that_does_not_fit_raises_and_loads_nothing():
     state = task.get_task_state()
     other = make_task(crcd_options={"queue_size": 16, "embed_dim": 16})
     before = {k: v.clone() for k, v in other.trainable_module.crcd_state_dict().items()}
-    message = r"crcd_feature.memory_student.weight. has shape \(32, 16\), this task expects \(16, 16\)"
+    message = r"crcd_feature.memory_teacher.weight. has shape \(32, 16\), this task expects \(16, 16\)"
     with pytest.raises(ValueError, match=message):
         other.load_task_state(state)
     assert all(torch.equal(v, before[k]) for k, v in other.trainable_module.crcd_state_dict().items())
@@ -392,6 +394,7 @@ def test_defaults_come_from_crcd_config_and_timm_weight_names_are_aliases():
 
 def test_0_2_0_keywords_still_work_with_a_deprecation_warning():
     student = timm.create_model("test_efficientnet", num_classes=NUM_CLASSES)
-    with pytest.warns(DeprecationWarning, match=r"crcd_options.*RelationConfig"):
+    with pytest.deprecated_call() as warned:
         task = CRCDDistillationTask(student, "test_resnet", verbose=False, crcd_options=SMALL, gradient_element=True)
+    assert any(re.search(r"crcd_options.*RelationConfig", str(w.message)) for w in warned)
     assert task.config.relation.queue_size == 32 and task.config.gradient_element

@@ -17,7 +17,7 @@ from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
 from crcd_plugin import CRCDLoss
-from crcd_plugin.kernels import relation_loss
+from crcd_plugin.relation_loss import relation_loss
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it; a user's environment may not
@@ -144,7 +144,7 @@ def test_triton_falls_back_to_eager_with_a_warning_where_it_cannot_run(caplog):
     student, anchors, candidates = _inputs(seed=4)
     mask = torch.zeros(student.shape[0], anchors.shape[0], candidates.shape[1], dtype=torch.bool)
     mask[:, :, 5] = True
-    with caplog.at_level(logging.WARNING, logger="crcd_plugin.kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="crcd_plugin.relation_loss"):
         got = _run("triton", student, anchors, candidates, "infonce", mask=mask)
     assert "self_anchor='mask'" in caplog.text
     expected = _run("eager", student, anchors, candidates, "infonce", mask=mask)
@@ -166,7 +166,7 @@ def _shared_inputs(batch=6, num_anchors=4, num_queue=70, dim=24, seed=6):
 
 
 def _run_shared(backend, student, anchors, candidates, positives, objective, log_z=0.0, z_ready=False):
-    from crcd_plugin.kernels import relation_loss
+    from crcd_plugin.relation_loss import relation_loss
 
     query = student.detach().clone().requires_grad_()
     loss, new_log_z = relation_loss(

@@ -23,6 +23,7 @@ from torch import nn
 from crcd_plugin.config import FEATURE_WEIGHT_ON, CRCDConfig
 from crcd_plugin.demo.data import DataConfig, Dataset, augment
 from crcd_plugin.demo.models import StudentMLP, Teacher, build_teacher
+from crcd_plugin.teacher import TensorTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -189,60 +190,21 @@ def teacher_outputs(teacher: Teacher, data: Dataset, acc: float) -> TeacherOutpu
     )
 
 
-class _IndexedStudent(nn.Module):
-    """The student behind a keyword interface, so that a batch can carry its dataset index."""
+def _teacher_for(teacher: TeacherOutputs, train: TrainConfig, source: Optional[Any]) -> tuple[Any, Optional[str]]:
+    """What stands in the teacher's place in the distiller, and its classifier's path (``None``: its own).
 
-    def __init__(self, student: StudentMLP) -> None:
-        super().__init__()
-        self.student = student
-
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
-
-
-class _PrecomputedTeacher(nn.Module):
-    """The frozen teacher as its precomputed features behind its own classifier ``fc``.
-
-    In eval mode the teacher is deterministic, so ``fc(features[index])`` is exactly what its
-    forward gives for those samples, and the distiller's hooks on ``fc`` capture the same feature,
-    logits and gradient element; a student step then pays for the student and the losses only.
-    """
-
-    features: torch.Tensor
-
-    def __init__(self, outputs: TeacherOutputs) -> None:
-        super().__init__()
-        self.register_buffer("features", outputs.features)
-        self.fc = outputs.head
-
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features[index])
-
-
-class _LiveTeacher(nn.Module):
-    """The frozen teacher behind the student's keyword interface, run on every (augmented) batch."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-def _teacher_for(teacher: TeacherOutputs, train: TrainConfig, source: Optional[Any]) -> tuple[Any, str]:
-    """What stands in the teacher's place in the distiller, and its classifier's path.
-
-    ``source`` (a :class:`~crcd_plugin.TeacherCache`) wins; otherwise the precomputed features
-    (exact for un-augmented batches), or the live teacher when every batch is a new random view.
+    ``source`` (a :class:`~crcd_plugin.TeacherCache`) wins; otherwise the precomputed features as a
+    :class:`~crcd_plugin.teacher.TensorTeacher` (in eval mode the teacher is deterministic, so
+    ``head(features[index])`` is exactly its forward on un-augmented batches, and a step pays for
+    the student and the losses only), or the live teacher when every batch is a new random view.
     """
     if source is not None:
-        return source, source.classifier
+        return source, None
     if train.augment:
         if teacher.model is None:
             raise ValueError("augmented training needs the teacher model live (TeacherOutputs.model is None)")
-        return _LiveTeacher(teacher.model), "model.fc"
-    return _PrecomputedTeacher(teacher), "fc"
+        return teacher.model, "fc"
+    return TensorTeacher(teacher.features, teacher.head), None
 
 
 def method_config(method: str, base: CRCDConfig) -> Optional[CRCDConfig]:
@@ -310,7 +272,7 @@ def train_student(
         torch.manual_seed(seed + 7919)
         teacher_module, teacher_classifier = _teacher_for(teacher, train, teacher_source)
         distiller = CRCDDistiller(
-            _IndexedStudent(student), teacher_module, "student.fc", teacher_classifier, config=method_cfg,
+            student, teacher_module, "fc", teacher_classifier, config=method_cfg,
             num_samples=len(data.y_train) if num_samples else None,
         )
         params = [p for p in distiller.parameters() if p.requires_grad]
@@ -319,7 +281,6 @@ def train_student(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=train.epochs * steps_per_epoch)
 
     result = RunResult(method=method, seed=seed, acc=float("nan"))
-    indexed = num_samples or teacher_source is not None  # a bank and a cache read rows by dataset index
     x_all, y_all = data.x_train, data.y_train
     views = torch.Generator().manual_seed(seed + 104729)  # the same random views for every method
     for epoch in range(train.epochs):
@@ -335,7 +296,7 @@ def train_student(
             if distiller is None:
                 loss = F.cross_entropy(student(x), y)
             else:
-                loss = distiller({"x": x, "index": idx}, y, idx if indexed else None)["loss"]
+                loss = distiller(x, y, idx)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

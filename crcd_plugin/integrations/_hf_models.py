@@ -14,6 +14,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from crcd_plugin import _compat
 from crcd_plugin import config as core
 from crcd_plugin.distiller import DistillSchedule
 from crcd_plugin.hooks import unwrap_model
@@ -50,7 +51,7 @@ class CRCDConfig:
     eval_loss: EvalLoss = "task"
 
     def __post_init__(self) -> None:
-        core.deprecated("crcd_plugin.integrations.hf.CRCDConfig", "CRCDTrainer(crcd_config=crcd_plugin.CRCDConfig("
+        _compat.deprecated("crcd_plugin.integrations.hf.CRCDConfig", "CRCDTrainer(crcd_config=crcd_plugin.CRCDConfig("
                         "...), student_classifier=..., index_column=..., eval_loss=...)", stacklevel=3)
         if self.negatives is None:
             queue_size = (self.crcd_options or {}).get("queue_size", self.queue_size)
@@ -69,7 +70,7 @@ class CRCDConfig:
                                                          "gradient_weight", "queue_size", "crcd_options")}
         with warnings.catch_warnings():  # one warning, for the class, was enough
             warnings.simplefilter("ignore", DeprecationWarning)
-            config, _ = core.config_from_legacy(None, dict(legacy, gradient_element=self.gradient_element),
+            config, _ = _compat.config_from_legacy(None, dict(legacy, gradient_element=self.gradient_element),
                                                 owner="CRCDConfig")
         changes: Dict[str, Any] = {"relation": config.relation.replace(negatives=self.negatives)}
         if isinstance(self.schedule, str):
@@ -166,13 +167,11 @@ def check_teacher(model: Any, eval_loss: str, argument: str = "teacher_model") -
     A cache holds training-set rows only, so ``eval_loss="total"`` (which needs the teacher on
     evaluation samples) is refused with it.
     """
-    from crcd_plugin.teacher_cache import TeacherCache
-
-    if isinstance(model, TeacherCache):
+    if getattr(model, "needs_index", False):  # rows stored by training-set index (a TeacherCache, a Teacher)
         if eval_loss == "total":
-            raise ValueError("eval_loss='total' runs the teacher on evaluation samples, which a TeacherCache of the "
-                             "training set does not hold: use eval_loss='task'")
-        return model.num_classes
+            raise ValueError(f"eval_loss='total' runs the teacher on evaluation samples, which a "
+                             f"{type(model).__name__} of the training set does not hold: use eval_loss='task'")
+        return getattr(model, "num_classes", None)
     if argument == "teacher_model" and not isinstance(model, nn.Module):
         raise TypeError(
             f"teacher_model must be the trained teacher (an nn.Module, e.g. from from_pretrained) or a "

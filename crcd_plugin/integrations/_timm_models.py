@@ -14,7 +14,6 @@ from torch import nn
 from crcd_plugin.distiller import CRCDTrainableModule
 from crcd_plugin.hooks import unwrap_model
 from crcd_plugin.integrations import require
-from crcd_plugin.teacher_cache import TeacherCache
 
 require("timm", "timm")
 
@@ -76,16 +75,17 @@ def resolve_teacher(
             **(model_kwargs or {}),
         )
         return DistillationTeacher(model, device=device, dtype=dtype)
+    if getattr(teacher_model, "needs_index", False):
+        # timm's loop gives the task no dataset index and augments every epoch (RandAugment,
+        # mixup): one fixed stored view per sample is not what the student sees there.
+        raise TypeError(
+            f"CRCDDistillationTask does not take a {type(teacher_model).__name__}: timm's training loop passes no "
+            "dataset index and augments every epoch, while stored rows (a cache) hold one fixed view per sample; "
+            "use CRCDDistiller(student, cache, ...) in a loop that yields (input, target, index) without random "
+            "augmentation"
+        )
     if isinstance(teacher_model, nn.Module):
         return DistillationTeacher(teacher_model, device=device, dtype=dtype)
-    if isinstance(teacher_model, TeacherCache):
-        # timm's loop gives the task no dataset index and augments every epoch (RandAugment,
-        # mixup): one fixed cached view per sample is not what the student sees there.
-        raise TypeError(
-            "CRCDDistillationTask does not take a TeacherCache: timm's training loop passes no dataset index and "
-            "augments every epoch, while a cache holds one fixed view per sample; use CRCDDistiller(student, "
-            "cache, ...) in a loop that yields (input, target, index) without random augmentation"
-        )
     raise TypeError(
         "teacher_model must be a timm model name (str), an nn.Module or a timm.task.DistillationTeacher, "
         f"got {type(teacher_model).__name__}"

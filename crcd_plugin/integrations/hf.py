@@ -123,7 +123,7 @@ class CRCDTrainer(Trainer):
             raise TypeError(f"crcd_config must be a crcd_plugin.CRCDConfig or None, got {type(config).__name__}")
         core.check_choice("eval_loss", options["eval_loss"], ("task", "total"))
         # A cache's rows are read by the dataset index, like a bank's.
-        self._bank = config.relation.negatives == "bank" or isinstance(teacher_model, TeacherCache)
+        self._bank = config.relation.negatives == "bank" or bool(getattr(teacher_model, "needs_index", False))
         if options["eval_loss"] == "total" and self._bank:
             raise ValueError("eval_loss='total' reads the memory bank at each row's index, which belongs to the "
                              "training set: use eval_loss='task' with negatives='bank'")
@@ -150,8 +150,6 @@ class CRCDTrainer(Trainer):
         self.crcd_config = config = config.replace(label_smoothing=self.args.label_smoothing_factor)
         self._index_column, self._eval_loss = options["index_column"], options["eval_loss"]
         device = self.args.device if self.place_model_on_device else next(self.model.parameters()).device
-        if isinstance(teacher_model, nn.Module) and getattr(teacher_model, "hf_device_map", None) is None:
-            teacher_model.to(device)
         fsdp = "accelerate's FSDP plugin" if getattr(self, "is_fsdp_enabled", False) else None
         check_fsdp_integration("hf", self.model, sharding=fsdp)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -161,7 +159,8 @@ class CRCDTrainer(Trainer):
                 self.model,
                 teacher_model,
                 options["student_classifier"] or default_head(self.model, "student_head"),
-                options["teacher_classifier"] or (None if isinstance(teacher_model, TeacherCache)
+                # A model's classifier by transformers' conventions; a cache or a Teacher names its own.
+                options["teacher_classifier"] or (None if hasattr(teacher_model, "classifier_path")
                                                   else default_head(teacher_model, "teacher_head")),
                 config,
                 num_samples=(options["num_samples"] or self._dataset_size())
@@ -177,8 +176,9 @@ class CRCDTrainer(Trainer):
             )
         for module in self.distiller.trainable_module.crcd_children().values():
             module.to(device)
-        if self.distiller.teacher_cache is not None:
-            self.distiller.teacher.to(device)  # the rows' device
+        if getattr(teacher_model, "hf_device_map", None) is None:  # a model spread by accelerate stays put
+            self.distiller.teacher_side.to(device)  # the model, or the device stored rows are read onto
+        self._teacher_model: Union[nn.Module, TeacherCache] = teacher_model
         if self.optimizer is not None and self.distiller.crcd_named_parameters():
             raise ValueError(
                 "optimizers=(...) cannot hold the CRCD heads, which CRCDTrainer creates: pass "
@@ -191,7 +191,7 @@ class CRCDTrainer(Trainer):
     @property
     def teacher_model(self) -> Union[nn.Module, TeacherCache]:
         """The frozen teacher (or the TeacherCache given in its place)."""
-        return self.distiller.teacher_cache or self.distiller.teacher
+        return self._teacher_model
 
     def _dataset_size(self) -> int:
         try:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from crcd_plugin.config import CRCDConfig
 from crcd_plugin.distiller import CRCDDistiller
-from crcd_plugin.distributed import average_gradients
 from crcd_plugin.fsdp import check_fsdp_integration
-from crcd_plugin.hooks import FeatureCapture, PoolMode
+from crcd_plugin.hooks import PoolMode
 from crcd_plugin.integrations import require
 from crcd_plugin.teacher_cache import TeacherCache
 
@@ -33,7 +32,6 @@ _logger = logging.getLogger(__name__)
 # batch -> (input the teacher takes, target [B] or [B, C], dataset index [B] or None)
 BatchFn = Callable[[Any], Tuple[Any, torch.Tensor, Optional[torch.Tensor]]]
 LOSS_COMPONENTS: Tuple[str, ...] = ("task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss")
-_MODEL_PREFIXES = ("student.", "teacher.")
 
 
 def default_batch_fn(batch: Any) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
@@ -122,7 +120,8 @@ class CRCDCallback(Callback):
         self.teacher = teacher
         self.student_head = student_head
         # Resolved here: the state key (which names it) stays the same for a default live teacher.
-        self.teacher_head = teacher_head or (teacher.classifier if isinstance(teacher, TeacherCache) else "fc")
+        # A cache or a Teacher names its own classifier; a model's default is "fc".
+        self.teacher_head = teacher_head or getattr(teacher, "classifier_path", "fc")
         self.config = config if config is not None else CRCDConfig()
         self.num_samples = num_samples
         self.batch_fn: BatchFn = batch_fn or default_batch_fn
@@ -180,9 +179,9 @@ class CRCDCallback(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         # DDP averages the module's gradients only; the heads live outside it (once per step,
-        # after accumulation, before clipping). Not distiller.sync_gradients(): its student is the
-        # LightningModule, which it cannot see is DDP-wrapped, so it would all-reduce it again.
-        average_gradients(self._crcd_parameters())  # a no-op in one process
+        # after accumulation, before clipping). distill(student_synced=True) told the distiller that
+        # Lightning's strategy syncs the module, so only the heads are averaged here.
+        self._distiller().sync_gradients()  # distiller: gradient sync (a no-op in one process)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._unwrap_training_step()
@@ -212,13 +211,8 @@ class CRCDCallback(Callback):
         assert self.distiller is not None, "CRCDCallback builds its distiller at on_fit_start"
         return self.distiller
 
-    def _crcd_parameters(self) -> List[nn.Parameter]:
-        """The CRCD heads' trainable parameters (everything of the distiller but its two models)."""
-        named = self._distiller().named_parameters()
-        return [p for name, p in named if p.requires_grad and not name.startswith(_MODEL_PREFIXES)]
-
     def _add_heads_to_optimizer(self, trainer: "pl.Trainer") -> None:
-        parameters = self._crcd_parameters()
+        parameters = [param for _, param in self._distiller().crcd_named_parameters()]  # distiller: the heads
         if not parameters:
             return
         if not trainer.optimizers:
@@ -241,10 +235,9 @@ class CRCDCallback(Callback):
 
         @functools.wraps(step)
         def training_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            with FeatureCapture(pl_module) as capture:
-                capture.add(self.student_head, io="input", name="feature").add(self.student_head, name="logits")
+            with self._distiller().capture_student() as store:  # distiller: its own student hooks
                 output = step(batch, *args, **kwargs)
-                captured = capture.pop()
+                captured = dict(store)
             if output is None:  # the module skips this batch
                 return None
             return self._add_distillation(pl_module, batch, output, captured)
@@ -273,7 +266,8 @@ class CRCDCallback(Callback):
             )
         input, target, index = self.batch_fn(batch)
         terms = self._distiller().distill(  # distiller: teacher, KD, CRCD, w(t) on the captured student
-            captured["feature"], captured["logits"], captured["logits"], input, target, index
+            captured["feature"], captured["head_logits"], captured["head_logits"], input, target, index,
+            student_synced=True,  # the strategy's DDP, which the distiller cannot see, syncs the module
         )
         loss = self.config.task_weight * task_loss + terms["distill_loss"]
         components = {"task_loss": task_loss, **{k: terms[k] for k in LOSS_COMPONENTS[1:]}}

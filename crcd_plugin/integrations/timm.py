@@ -16,7 +16,8 @@ from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional,
 import torch
 from torch import nn
 
-from crcd_plugin.config import CRCDConfig, config_from_legacy, deprecated
+from crcd_plugin._compat import config_from_legacy, deprecated
+from crcd_plugin.config import CRCDConfig
 from crcd_plugin.distiller import CRCDDistiller, CRCDTrainableModule
 from crcd_plugin.fsdp import check_fsdp_integration
 from crcd_plugin.hooks import unwrap_model

@@ -1,36 +1,27 @@
-"""Fast paths of the relation math (exact Gram kernels, ``torch.compile``, Triton) behind one dispatcher.
+"""Score kernels of the relation math: exact Gram forms, per sample and for shared candidates, and NCE's constant.
 
-The kernels make scores (:mod:`~crcd_plugin.kernels.relation` per sample,
-:mod:`~crcd_plugin.kernels.shared_candidates` for candidates shared by the batch, and the Triton
-kernel); :func:`~crcd_plugin.kernels.dispatch.relation_loss` picks the backend and chunking and
-applies the objectives of :mod:`crcd_plugin.functional`. Names are loaded on first use, so that
-``crcd_plugin.functional`` can use the score kernels without importing the dispatcher, and the
-Triton kernel only when ``backend="triton"`` runs.
+:mod:`~crcd_plugin.kernels.relation` makes per-sample relation scores,
+:mod:`~crcd_plugin.kernels.shared_candidates` scores candidates shared by the batch, and
+:mod:`~crcd_plugin.kernels.nce` holds ``log Z``; the Triton kernel
+(:mod:`~crcd_plugin.kernels.triton_relation`) is imported only where ``backend="triton"`` runs.
+The dispatcher that picks among them, :func:`crcd_plugin.relation_loss.relation_loss`, sits above
+both the kernels and the objectives; nothing here imports from a layer above.
 """
 
-from __future__ import annotations
+from crcd_plugin.kernels.relation import (
+    RelationTerms,
+    anchor_free_logits,
+    gram_relation_logits,
+    naive_relation_logits,
+    relation_terms,
+)
+from crcd_plugin.kernels.shared_candidates import shared_relation_logits
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "BACKENDS": "dispatch",
-    "relation_loss": "dispatch",
-    "relation_loss_core": "dispatch",
-    "resolve_backend": "dispatch",
-    "per_sample_candidates": "dispatch",
-    "RelationTerms": "relation",
-    "anchor_free_logits": "relation",
-    "gram_relation_logits": "relation",
-    "naive_relation_logits": "relation",
-    "relation_terms": "relation",
-    "shared_relation_logits": "shared_candidates",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__ = [
+    "RelationTerms",
+    "anchor_free_logits",
+    "gram_relation_logits",
+    "naive_relation_logits",
+    "relation_terms",
+    "shared_relation_logits",
+]

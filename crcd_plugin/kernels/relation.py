@@ -297,3 +297,14 @@ def anchor_free_logits(student: torch.Tensor, candidates: torch.Tensor, temperat
         student ``[B, D]``, candidates ``[B, K+1, D]`` -> ``[B, 1, K+1]``.
     """
     return torch.bmm(student[:, None, :], rearrange(candidates, "b k d -> b d k")) / temperature
+
+
+def in_batch_candidate_index(batch: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Candidate positions for in-batch negatives: row ``i`` is ``[i, 0, .., i-1, i+1, .., B-1]``.
+
+    Shape:
+        -> ``[B, B]`` (index 0 = the positive, then the ``B - 1`` other samples).
+    """
+    rows = torch.arange(batch, device=device)[:, None]
+    others = torch.arange(batch - 1, device=device)[None, :]
+    return torch.cat([rows, others + (others >= rows).long()], dim=1)
