@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, List, Optional
+from typing import Any, List, Optional
 
 import torch
 
-if TYPE_CHECKING:
-    from crcd_plugin.distiller import CRCDDistiller
+# The distiller calls in from above: typed as Any so that nothing here imports it back.
+CRCDDistiller = Any
 
 # Training steps between the copy and the comparison: more than any gradient accumulation or
 # GradScaler skips that leave the heads alone for a while in a loop that does train them.
@@ -38,7 +38,7 @@ class _Watch:
 _watches: "weakref.WeakKeyDictionary[CRCDDistiller, _Watch]" = weakref.WeakKeyDictionary()
 
 
-def watch_heads(distiller: "CRCDDistiller") -> None:
+def watch_heads(distiller: CRCDDistiller) -> None:
     """Count one training step of ``distiller`` (call it where the distillation terms are computed
     with grad enabled, in training mode); warns once if the heads are bitwise unchanged after
     ``WATCH_STEPS`` such steps."""

@@ -23,7 +23,9 @@ from .sharded_memory import ShardedMemoryBank
 if TYPE_CHECKING:  # pragma: no cover
     from torch.distributed.device_mesh import DeviceMesh
 
-    from .distiller import CRCDDistiller
+# The distiller sits above this module (it calls in from its contract): it is typed as Any here so
+# that no import, not even for type checking, climbs back up.
+CRCDDistiller = Any
 
 __all__ = [
     "is_fully_sharded",
@@ -220,7 +222,7 @@ def check_fsdp_integration(
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _rank_local_prefixes(distiller: "CRCDDistiller") -> List[str]:
+def _rank_local_prefixes(distiller: CRCDDistiller) -> List[str]:
     """``crcd_state_dict`` prefixes of the modules whose rows differ by rank (sharded banks)."""
     prefixes = []
     for name in ("crcd_feature", "crcd_gradient"):
@@ -233,11 +235,11 @@ def _rank_local_prefixes(distiller: "CRCDDistiller") -> List[str]:
     return prefixes
 
 
-def _bank_of(distiller: "CRCDDistiller", prefix: str) -> ShardedMemoryBank:
+def _bank_of(distiller: CRCDDistiller, prefix: str) -> ShardedMemoryBank:
     return cast(ShardedMemoryBank, distiller.get_submodule(prefix.rstrip(".")))
 
 
-def _crcd_to_global(distiller: "CRCDDistiller", mesh: Optional["DeviceMesh"]) -> Dict[str, Any]:
+def _crcd_to_global(distiller: CRCDDistiller, mesh: Optional["DeviceMesh"]) -> Dict[str, Any]:
     """``crcd_state_dict()`` with every sharded bank's rows as a ``DTensor`` over all ``N`` rows.
 
     Replicated state (heads, replicated memories, ``Z``, schedule) is the same plain tensor on every
@@ -262,7 +264,7 @@ def _crcd_to_global(distiller: "CRCDDistiller", mesh: Optional["DeviceMesh"]) ->
     return state
 
 
-def sharded_state_dict(distiller: "CRCDDistiller", optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+def sharded_state_dict(distiller: CRCDDistiller, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
     """The distiller's training state as ``torch.distributed.checkpoint`` saves it.
 
     ``{"student": ..., "crcd": ..., "optimizer": ...}``: the student's sharded state dict
@@ -283,7 +285,7 @@ def sharded_state_dict(distiller: "CRCDDistiller", optimizer: Optional[torch.opt
 
 
 def save_sharded_checkpoint(
-    distiller: "CRCDDistiller", checkpoint_id: str, optimizer: Optional[torch.optim.Optimizer] = None
+    distiller: CRCDDistiller, checkpoint_id: str, optimizer: Optional[torch.optim.Optimizer] = None
 ) -> None:
     """Save :func:`sharded_state_dict` with ``torch.distributed.checkpoint`` (every rank writes its shards).
 
@@ -301,7 +303,7 @@ def save_sharded_checkpoint(
 
 
 def load_sharded_checkpoint(
-    distiller: "CRCDDistiller", checkpoint_id: str, optimizer: Optional[torch.optim.Optimizer] = None
+    distiller: CRCDDistiller, checkpoint_id: str, optimizer: Optional[torch.optim.Optimizer] = None
 ) -> None:
     """Restore what :func:`save_sharded_checkpoint` wrote, in place (student, CRCD state, optimizer).
 

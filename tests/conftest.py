@@ -28,7 +28,8 @@ def single_thread():
 # behaviour of the old defaults names them explicitly through these.
 V020_RELATION = dict(embed_dim=128, temperature=0.05, num_anchors=500, symmetric=True)
 V020_BANK = dict(V020_RELATION, objective="nce", num_negatives=500)
-V020_WEIGHTS = dict(task_weight=1.0, kd_weight=0.9, kd_temperature=4.0, feature_weight=1.0, gradient_weight=1.0,
+V020_WEIGHTS = dict(task_weight=1.0, kd_weight=0.9, kd_temperature=4.0, kd_standardize=False, feature_weight=1.0,
+                    gradient_weight=1.0,
                     gradient_normalization="none")
 # The same as 0.2.0 keywords (CRCDLoss(**...) / crcd_options=...), for tests that use the deprecated spelling.
 V020_LOSS_KEYWORDS = dict(embed_dim=128, temperature=0.05, num_anchors=500, symmetric=True)
@@ -45,7 +46,8 @@ def current_spelling(options: dict) -> dict:
     from crcd_plugin._compat import LEGACY_RELATION_NAMES, LEGACY_WEIGHTS
 
     options = dict(options)
-    config = options.pop("config", None) or CRCDConfig()
+    # 0.2.0 always trained the relation term; today it is off unless feature_weight > 0.
+    config = options.pop("config", None) or CRCDConfig(feature_weight=0.3)
     weights = {LEGACY_WEIGHTS[key]: options.pop(key) for key in list(options)
                if key in LEGACY_WEIGHTS and options[key] is not None}
     relation = dict(options.pop("crcd_options", None) or {})

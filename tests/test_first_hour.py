@@ -40,7 +40,8 @@ def _train(distiller: CRCDDistiller, optimizer: torch.optim.Optimizer, steps: in
 
 def _distiller(config: CRCDConfig = None) -> CRCDDistiller:
     torch.manual_seed(0)
-    return CRCDDistiller(_mlp(16), _mlp(32), "2", "2", config)
+    # The relation term on, so that there are heads to miss (the defaults have none).
+    return CRCDDistiller(_mlp(16), _mlp(32), "2", "2", config or CRCDConfig(feature_weight=0.3))
 
 
 def test_an_optimizer_on_the_student_alone_warns_once_naming_distiller_parameters():

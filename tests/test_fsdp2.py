@@ -129,7 +129,7 @@ def scenario_sharded_teacher(rank, out):
     local = sum(p.to_local().numel() for p in distiller.teacher.parameters())
     x = batch(9, rank)[0]
     with torch.no_grad():
-        sharded_rows, plain = distiller._teacher_features(x), reference(x)
+        sharded_rows, plain = distiller.teacher_side.rows(x, None, gradient=False), reference(x)
     shard_student(distiller)
     losses = aligned_steps(distiller, 3, rank)
     torch.save({

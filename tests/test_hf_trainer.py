@@ -145,7 +145,7 @@ def make_trainer(tmp_path, student=None, teacher=None, data=None, config=None, *
         args=training_args(tmp_path, **args),
         train_dataset=data if data is not None else TextSet(32),
         eval_dataset=TextSet(16, seed=1),
-        crcd_config=config if config is not None else CRCDConfig(gradient_element=True, crcd_options=SMALL),
+        crcd_config=config if config is not None else CRCDConfig(gradient_element=True, beta=0.3, crcd_options=SMALL),
     )
 
 
@@ -262,7 +262,7 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16_without_relation_t
 
 def test_accumulated_update_with_crcd_is_the_mean_of_the_micro_batch_gradients(tmp_path):
     trainer = make_trainer(tmp_path, data=TextSet(16), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                           config=CRCDConfig(gradient_element=True, crcd_options=V020_SMALL), **SGD)
+                           config=CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL), **SGD)
     replica = copy.deepcopy(trainer.distiller)
     micro_batches = []
     forward = trainer.distiller.forward
@@ -313,7 +313,7 @@ def test_crcd_heads_are_in_the_optimizer_with_trainers_weight_decay_rules(tmp_pa
 
 
 def test_crcd_head_gradients_are_cleared_after_every_optimizer_step(tmp_path):
-    trainer = make_trainer(tmp_path, config=CRCDConfig(gradient_element=True, crcd_options=V020_SMALL), max_steps=1)
+    trainer = make_trainer(tmp_path, config=CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL), max_steps=1)
     grads_at_step = []
 
     class Probe(TrainerCallback):
@@ -343,7 +343,7 @@ def test_eval_loss_is_the_students_task_loss_and_leaves_crcd_state_alone(tmp_pat
 
 
 def test_eval_loss_total_is_the_distillation_loss_without_the_gradient_element(tmp_path):
-    config = CRCDConfig(gradient_element=True, crcd_options=V020_SMALL, eval_loss="total")
+    config = CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL, eval_loss="total")
     trainer = make_trainer(tmp_path, config=config, per_device_eval_batch_size=16)
     metrics = trainer.evaluate()
     data = trainer.eval_dataset
@@ -414,7 +414,7 @@ def test_checkpoints_and_saved_student_hold_no_teacher_or_crcd_weights(tmp_path)
 
 
 def test_memory_bank_reads_the_index_column_when_columns_are_kept(tmp_path):
-    config = CRCDConfig(negatives="bank", crcd_options=dict(V020_BANK, embed_dim=8, num_negatives=16))
+    config = CRCDConfig(negatives="bank", beta=0.3, crcd_options=dict(V020_BANK, embed_dim=8, num_negatives=16))
     trainer = make_trainer(tmp_path, data=TextSet(32, with_index=True), config=config,
                            remove_unused_columns=False, max_steps=1, per_device_train_batch_size=8)
     before = crcd_state(trainer)
@@ -452,7 +452,8 @@ def test_a_ready_optimizer_without_the_crcd_heads_is_rejected(tmp_path):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         CRCDTrainer(model=student, teacher_model=bert(24, seed=1), args=training_args(tmp_path),
-                    train_dataset=TextSet(8), optimizers=(optimizer, None))
+                    train_dataset=TextSet(8), optimizers=(optimizer, None),
+                    crcd_config=CRCDConfig(beta=0.3, crcd_options=SMALL))
 
 
 def test_a_ready_distill_schedule_counts_optimizer_steps(tmp_path):

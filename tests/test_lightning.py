@@ -62,7 +62,7 @@ def _data(n: int = 32, seed: int = 0) -> TensorDataset:
 def _config(**changes) -> CRCDConfig:
     # Both sides train; every sample an anchor (no random draw, so runs compare bit for bit).
     relation = RelationConfig(embed_dim=8, queue_size=16, objective="nce", symmetric=True, num_anchors=None)
-    return CRCDConfig(**{"gradient_element": True, "relation": relation, **changes})
+    return CRCDConfig(**{"feature_weight": 0.3, "gradient_element": True, "relation": relation, **changes})
 
 
 def _teacher() -> nn.Module:

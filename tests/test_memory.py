@@ -258,7 +258,7 @@ def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
     torch.manual_seed(0)
     student, teacher = _Net(6), _Net(9)
     distiller = CRCDDistiller(
-        student, teacher, num_samples=20, gradient_element=gradient_element,
+        student, teacher, num_samples=20, gradient_element=gradient_element, beta=0.3,
         crcd_options={"embed_dim": 4, "num_negatives": 5, "symmetric": True},
     )
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crcd_plugin import CRCDDistiller
+from crcd_plugin import CRCDConfig, CRCDDistiller
 
 STEPS, CHECK_EVERY, BATCH = 60, 10, 32
 
@@ -110,7 +110,8 @@ def test_bf16_autocast_step_is_finite_and_within_tolerance_of_fp32(teacher, digi
     # the scores on small feature errors.
     x, y = digits
     torch.manual_seed(1)
-    distiller = CRCDDistiller(TinyCNN(8), teacher, gradient_element=True).train()
+    config = CRCDConfig(feature_weight=0.3, gradient_element=True)  # both relation terms on
+    distiller = CRCDDistiller(TinyCNN(8), teacher, config=config).train()
     state = copy.deepcopy(distiller.state_dict())
     fp32 = distiller(x[:BATCH], y[:BATCH])
     distiller.load_state_dict(state)

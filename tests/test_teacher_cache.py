@@ -94,7 +94,7 @@ def loader(data=None, batch_size=BATCH, shuffle=False, seed=0):
 
 def config(negatives="bank", gradient_element=True, **changes) -> CRCDConfig:
     relation = RelationConfig(negatives=negatives, embed_dim=16, num_negatives=8 if negatives == "bank" else None)
-    return CRCDConfig(gradient_element=gradient_element, relation=relation, **changes)
+    return CRCDConfig(**{"feature_weight": 0.3, "gradient_element": gradient_element, "relation": relation, **changes})
 
 
 def build(tmp_path, teacher, classifier="fc", name="cache", **kwargs) -> TeacherCache:

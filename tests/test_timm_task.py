@@ -24,7 +24,7 @@ from crcd_plugin.integrations.timm import CRCDDistillationTask, CRCDTrainableMod
 
 NUM_CLASSES, BATCH, SIZE = 10, 8, 32
 SMALL = {"queue_size": 32, "embed_dim": 16}
-SMALL_CONFIG = CRCDConfig(gradient_element=True, relation=RelationConfig(**SMALL))
+SMALL_CONFIG = CRCDConfig(feature_weight=0.3, gradient_element=True, relation=RelationConfig(**SMALL))
 # 0.2.0's weights and relation options (tests/conftest.py), for the tests whose assertions were written against them:
 # every sample an anchor (no random draw to align) and both sides' loss (both memories written, both heads trained).
 # make_task's crcd_options and gradient_element apply on top of it.

@@ -32,7 +32,9 @@ class Net(nn.Module):
 
 def make() -> CRCDDistiller:
     torch.manual_seed(0)
-    config = CRCDConfig(gradient_element=True, relation=RelationConfig(embed_dim=8, num_negatives=6))
+    # 0.3's default weights, spelled out: the defaults have changed since this fixture was written.
+    config = CRCDConfig(task_weight=0.5, kd_weight=0.5, kd_temperature=1.0, kd_standardize=False, feature_weight=0.3,
+                        gradient_element=True, relation=RelationConfig(embed_dim=8, num_negatives=6))
     return CRCDDistiller(Net(6), Net(10), "fc", "fc", config, num_samples=N)
 
 
