@@ -52,6 +52,11 @@ class MLPHeadNet(nn.Module):
         return self.head(self.body(x))
 
 
+def small_config(**changes) -> CRCDConfig:
+    """The small relation options with the relation term on (the defaults leave it off)."""
+    return CRCDConfig(**{"feature_weight": 0.3, "relation": SMALL_RELATION, **changes})
+
+
 def make_distiller(**options) -> CRCDDistiller:
     torch.manual_seed(0)
     options.setdefault("crcd_options", SMALL_QUEUE)
@@ -266,7 +271,7 @@ def test_non_linear_heads_build_from_a_dry_run_without_touching_student_statisti
 
 def test_non_linear_heads_without_example_input_build_on_the_first_forward(caplog):
     torch.manual_seed(0)
-    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))
+    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", small_config())
     assert not distiller.built
     with caplog.at_level("WARNING"):
         out = distiller(*batch())
@@ -277,7 +282,7 @@ def test_non_linear_heads_without_example_input_build_on_the_first_forward(caplo
 def test_student_wrapped_in_data_parallel_resolves_the_head():
     torch.manual_seed(0)
     student = nn.DataParallel(TinyNet(6))
-    distiller = CRCDDistiller(student, TinyNet(12), config=CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))
+    distiller = CRCDDistiller(student, TinyNet(12), config=small_config())
     assert distiller(*batch())["crcd_feature_loss"] > 0
     assert distiller.student_state_dict().keys() == TinyNet(6).state_dict().keys()
 
@@ -312,7 +317,7 @@ class DictOutputNet(TinyNet):
 
 def test_logits_come_from_dict_outputs_or_output_select():
     torch.manual_seed(0)
-    distiller = CRCDDistiller(DictOutputNet(6), DictOutputNet(12), config=CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))
+    distiller = CRCDDistiller(DictOutputNet(6), DictOutputNet(12), config=small_config())
     x, y = batch()
     out = distiller(x, y)
     assert torch.allclose(out["logits"], distiller.student.fc(distiller.student.body(x)))
@@ -322,8 +327,8 @@ def test_logits_come_from_dict_outputs_or_output_select():
             return self.body(x), self.fc(self.body(x))
 
     with pytest.raises(TypeError, match="output_select"):
-        CRCDDistiller(TupleNet(6), TupleNet(12), config=CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))(x, y)
-    selected = CRCDDistiller(TupleNet(6), TupleNet(12), config=CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION), output_select=1)
+        CRCDDistiller(TupleNet(6), TupleNet(12), config=small_config())(x, y)
+    selected = CRCDDistiller(TupleNet(6), TupleNet(12), config=small_config(), output_select=1)
     assert selected(x, y)["logits"].shape == (BATCH, NUM_CLASSES)
 
 
@@ -412,7 +417,7 @@ SMALL_RELATION = RelationConfig(queue_size=32, embed_dim=16)
 
 def new_distiller(config=None, **kwargs) -> CRCDDistiller:
     torch.manual_seed(0)
-    config = config if config is not None else CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION)
+    config = config if config is not None else small_config()
     return CRCDDistiller(TinyNet(6), TinyNet(12), "fc", "fc", config, **kwargs)
 
 
@@ -458,10 +463,10 @@ def test_every_0_2_0_keyword_warns_naming_its_new_spelling(keyword, value, field
 
 
 def test_schedule_kind_with_total_steps_replaces_a_distill_schedule():
-    distiller = new_distiller(CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION, schedule="step", schedule_until=0.5), total_steps=4)
+    distiller = new_distiller(small_config(schedule="step", schedule_until=0.5), total_steps=4)
     distiller.set_progress(2)
     assert float(distiller.schedule()) == 0.0 and "schedule.progress" in distiller.crcd_state_dict()
-    without_length = new_distiller(CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION, schedule="linear"))
+    without_length = new_distiller(small_config(schedule="linear"))
     with pytest.raises(ValueError, match="total_steps"):
         without_length(*batch())
     without_length.set_total_steps(10)
@@ -484,7 +489,8 @@ def test_fill_memory_writes_the_teacher_rows_the_forward_path_writes(dict_batche
     def make():
         torch.manual_seed(0)
         net = DictNet if dict_batches else TinyNet
-        config = CRCDConfig(feature_weight=0.3, relation=RelationConfig(embed_dim=16, momentum=0.0), gradient_element=True)
+        config = CRCDConfig(feature_weight=0.3, relation=RelationConfig(embed_dim=16, momentum=0.0),
+                            gradient_element=True)
         transform = (lambda b: {"pixels": Shift()(b["pixels"])}) if dict_batches else Shift()
         return CRCDDistiller(net(6), net(12), "fc", "fc", config, num_samples=16, teacher_transform=transform).eval()
 
@@ -523,7 +529,7 @@ def test_a_compiled_student_does_not_recompile_after_warm_up():
     counting_backend = _counting_backend(calls)
     student = TinyNet(6)
     student.body = torch.compile(student.body, backend=counting_backend)
-    distiller = CRCDDistiller(student, TinyNet(12), "fc", "fc", CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))
+    distiller = CRCDDistiller(student, TinyNet(12), "fc", "fc", small_config())
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.01)
     for step in range(22):
         distiller(*batch(step))["loss"].backward()
@@ -539,7 +545,7 @@ def test_a_compiled_whole_student_with_its_classifier_hooks_does_not_recompile()
     calls: list = []
     counting_backend = _counting_backend(calls)
     compiled = torch.compile(TinyNet(6), backend=counting_backend)
-    distiller = CRCDDistiller(compiled, TinyNet(12), "fc", "fc", CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))
+    distiller = CRCDDistiller(compiled, TinyNet(12), "fc", "fc", small_config())
     for step in range(22):
         distiller(*batch(step))["loss"].backward()
         if step == 1:
@@ -549,7 +555,7 @@ def test_a_compiled_whole_student_with_its_classifier_hooks_does_not_recompile()
 
 
 def test_trainable_module_holds_the_student_and_crcd_state_and_keeps_the_crcd_state_away_from_ddp():
-    distiller = new_distiller(CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION, gradient_element=True))
+    distiller = new_distiller(small_config(gradient_element=True))
     trainable = distiller.trainable_module
     assert isinstance(trainable, CRCDTrainableModule) and distiller.trainable_module is trainable
     assert set(trainable.crcd_state_dict()) == set(distiller.crcd_state_dict()) - {"warmup_progress"}
@@ -561,7 +567,7 @@ def test_trainable_module_holds_the_student_and_crcd_state_and_keeps_the_crcd_st
 
 def test_crcd_parameters_are_built_late_into_the_trainable_module_too():
     torch.manual_seed(0)
-    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION))
+    distiller = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", small_config())
     trainable = distiller.trainable_module
     assert not trainable.crcd_children()
     distiller(*batch())
@@ -578,7 +584,7 @@ def test_load_crcd_state_dict_checks_shapes_and_keys_before_loading_anything():
         other.load_crcd_state_dict(state)
     assert all(torch.equal(v, before[k]) for k, v in other.crcd_state_dict().items())
     with pytest.raises(ValueError, match="missing"):
-        new_distiller(CRCDConfig(feature_weight=0.3, relation=SMALL_RELATION, gradient_element=True)).load_crcd_state_dict(state)
+        new_distiller(small_config(gradient_element=True)).load_crcd_state_dict(state)
     with pytest.raises(ValueError, match="model weights"):
         distiller.load_crcd_state_dict(distiller.state_dict())
     partial = {k: v for k, v in state.items() if not k.startswith("crcd_feature.memory")}

@@ -313,7 +313,8 @@ def test_crcd_heads_are_in_the_optimizer_with_trainers_weight_decay_rules(tmp_pa
 
 
 def test_crcd_head_gradients_are_cleared_after_every_optimizer_step(tmp_path):
-    trainer = make_trainer(tmp_path, config=CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL), max_steps=1)
+    config = CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL)
+    trainer = make_trainer(tmp_path, config=config, max_steps=1)
     grads_at_step = []
 
     class Probe(TrainerCallback):
