@@ -242,3 +242,17 @@ def test_teacher_cache_option_distils_from_a_cache_built_once(tmp_path: Path, ca
     data, teacher = experiment.prepare(data_cfg, demo_config.DEFAULT_TEACHER, cache, progress=False)
     feature, _, logits = experiment.teacher_cache(data, data_cfg, teacher, cache).rows(torch.arange(400))
     assert torch.allclose(feature, teacher.features, atol=1e-5) and torch.allclose(logits, teacher.logits, atol=1e-5)
+
+
+def test_the_table_says_plainly_when_kd_does_not_beat_ce_or_crcd_does_not_beat_kd():
+    from crcd_plugin.demo.report import verdict_lines
+
+    students = {
+        "ce": {"accs": [0.60, 0.62, 0.61], "seeds": [0, 1, 2]},
+        "kd": {"accs": [0.58, 0.61, 0.60], "seeds": [0, 1, 2]},
+        "crcd": {"accs": [0.63, 0.64, 0.62], "seeds": [0, 1, 2]},
+    }
+    lines = verdict_lines(students)
+    assert lines[0].startswith("KD is NOT above CE (no teacher) in this run: -1.33")
+    assert lines[1].startswith("KD + CRCD is above KD: +3.33")
+    assert verdict_lines({"ce": students["ce"]}) == []  # nothing to compare
