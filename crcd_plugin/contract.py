@@ -23,6 +23,9 @@ from .hooks import unwrap_model
 from .loss import CRCDLoss
 from .schedule import DistillSchedule
 
+# The loss components a step reports beside `loss`, as every integration logs them.
+LOSS_COMPONENTS: Tuple[str, ...] = ("task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss")
+
 __all__ = ["CRCDTrainableModule", "DistillerContract"]
 
 _MODEL_PREFIXES = ("student.", "teacher.")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from crcd_plugin import config as core
+from crcd_plugin.contract import LOSS_COMPONENTS
 from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.distributed import average
 from crcd_plugin.fsdp import check_fsdp_integration
@@ -35,7 +36,6 @@ _logger = logging.getLogger(__name__)
 CRCD_STATE_NAME = "crcd_state.pt"
 """File, in every checkpoint folder, holding the CRCD heads, memories, NCE constants and schedule."""
 
-LOSS_COMPONENTS: Tuple[str, ...] = ("task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss")
 
 
 class _ClearCRCDGradients(TrainerCallback):

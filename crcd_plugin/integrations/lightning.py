@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from crcd_plugin.config import CRCDConfig
+from crcd_plugin.contract import LOSS_COMPONENTS
 from crcd_plugin.distiller import CRCDDistiller
 from crcd_plugin.fsdp import check_fsdp_integration
 from crcd_plugin.hooks import PoolMode
@@ -31,7 +32,6 @@ _logger = logging.getLogger(__name__)
 
 # batch -> (input the teacher takes, target [B] or [B, C], dataset index [B] or None)
 BatchFn = Callable[[Any], Tuple[Any, torch.Tensor, Optional[torch.Tensor]]]
-LOSS_COMPONENTS: Tuple[str, ...] = ("task_loss", "kd_loss", "crcd_feature_loss", "crcd_gradient_loss")
 
 
 def default_batch_fn(batch: Any) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor]]:
