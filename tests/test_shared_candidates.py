@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
-from crcd_plugin import CRCDLoss
+from crcd_plugin import CRCDLoss, RelationConfig
 from crcd_plugin.kernels import shared_relation_logits
 from crcd_plugin.kernels.shared_candidates import uses_gram_form
 from crcd_plugin.memory import in_batch_candidate_index
@@ -222,8 +222,8 @@ CONFIGS = [
     # In float64: where a candidate is its anchor's own sample, the two reach the teacher head as
     # two ~1/eps terms that cancel, and in fp32 what is left is rounding (0.03 of the gradient's
     # scale for the naive formulation itself, so neither path can match another to 1e-4 there).
-    dict(negatives="batch", objective="nce", symmetric=False, teacher_head_grad=True, dtype=torch.float64),
-    dict(negatives="queue", objective="infonce", symmetric=False, teacher_head_grad=True, embed_dim=32,
+    dict(negatives="batch", objective="nce", symmetric=False, train_teacher_embedding=True, dtype=torch.float64),
+    dict(negatives="queue", objective="infonce", symmetric=False, train_teacher_embedding=True, embed_dim=32,
          dtype=torch.float64),
 ]
 
@@ -232,8 +232,10 @@ def _train(config, share):
     torch.manual_seed(0)
     config = dict(config)
     dtype = config.pop("dtype", torch.float32)
-    queue = {"queue_size": 16} if config["negatives"] == "queue" else {}
-    crcd = CRCDLoss(10, 12, **{"embed_dim": 6, "num_anchors": 5, **queue, **config}).to(dtype)
+    negatives = config.pop("negatives")
+    queue = {"queue_size": 16} if negatives == "queue" else {}
+    crcd = CRCDLoss(10, 12, RelationConfig(**{"embed_dim": 6, "num_anchors": 5, **queue, **config}),
+                    negatives=negatives).to(dtype)
     steps = []
     for step in range(3):  # the first step fixes NCE's Z and fills the queue, later ones use them
         g = torch.Generator().manual_seed(step)
@@ -266,7 +268,7 @@ BANK_CONFIGS = [
     dict(objective="nce", anchored=False),
     dict(objective="infonce", memory_init="cold", chunk_size=5),
     dict(objective="nce", embed_dim=32),  # D > B: the Gram form
-    dict(objective="infonce", symmetric=False, teacher_head_grad=True, dtype=torch.float64),
+    dict(objective="infonce", symmetric=False, train_teacher_embedding=True, dtype=torch.float64),
 ]
 
 
@@ -277,10 +279,9 @@ def _train_bank(config, share, num_negatives=7, num_samples=20):
     torch.manual_seed(0)
     config = dict(config)
     dtype = config.pop("dtype", torch.float32)
-    config = {"embed_dim": 6, "num_anchors": 5, **config}
-    crcd = CRCDLoss(
-        10, 12, negatives="bank", num_samples=num_samples, num_negatives=num_negatives, share_negatives=share, **config
-    ).to(dtype)
+    config = RelationConfig(**{"embed_dim": 6, "num_anchors": 5, "num_negatives": num_negatives,
+                               "share_negatives": share, **config})
+    crcd = CRCDLoss(10, 12, config, negatives="bank", num_samples=num_samples).to(dtype)
     bank = crcd.memory_teacher
     draw = bank.sample
     steps, draws = [], []
@@ -319,7 +320,8 @@ def test_shared_bank_negatives_equal_the_per_sample_path_given_the_same_draw(con
 
 def test_shared_bank_negatives_are_one_draw_for_the_whole_batch():
     torch.manual_seed(0)
-    crcd = CRCDLoss(10, 12, embed_dim=6, negatives="bank", num_samples=50, num_negatives=9, share_negatives=True)
+    crcd = CRCDLoss(10, 12, RelationConfig(embed_dim=6, num_negatives=9, share_negatives=True), negatives="bank",
+                    num_samples=50)
     drawn = []
     sample = crcd.memory_teacher.sample
     crcd.memory_teacher.sample = lambda index, shape: drawn.append(shape) or sample(index, shape)
@@ -331,4 +333,4 @@ def test_shared_bank_negatives_are_one_draw_for_the_whole_batch():
 @pytest.mark.parametrize("negatives", ["queue", "batch"])
 def test_share_negatives_needs_a_bank(negatives):
     with pytest.raises(ValueError, match='share_negatives=True .* needs negatives="bank"'):
-        CRCDLoss(10, 12, negatives=negatives, queue_size=32, share_negatives=True)
+        CRCDLoss(10, 12, RelationConfig(queue_size=32, share_negatives=True), negatives=negatives)
