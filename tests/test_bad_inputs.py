@@ -3,10 +3,10 @@ and stored state (memories, queue, NCE constant, warm-up, schedule) unchanged af
 
 import pytest
 import torch
-from conftest import V020_LOSS_KEYWORDS
+from conftest import V020_RELATION
 from torch import nn
 
-from crcd_plugin import CRCDDistiller, CRCDLoss, DistillSchedule
+from crcd_plugin import CRCDConfig, CRCDDistiller, CRCDLoss, RelationConfig
 
 B, DS, DT, EMBED, N, CLASSES = 6, 5, 7, 8, 40, 3
 
@@ -39,19 +39,19 @@ def features(batch: int = B, seed: int = 0):
 def trained_loss(negatives: str, **options) -> CRCDLoss:
     """A loss that has taken one training step, so memories, queue and Z hold real values."""
     torch.manual_seed(0)
-    sizes = {"bank": {"num_samples": N, "num_negatives": 9}, "queue": {"queue_size": 12}, "batch": {}}[negatives]
-    v020 = dict(V020_LOSS_KEYWORDS, embed_dim=EMBED)  # 0.2.0's settings: both sides' memories written
-    loss = CRCDLoss(DS, DT, **v020, negatives=negatives, objective="nce", **sizes, **options)
+    sizes = {"bank": {"num_negatives": 9}, "queue": {"queue_size": 12}, "batch": {}}[negatives]
+    v020 = dict(V020_RELATION, embed_dim=EMBED)  # 0.2.0's settings: both sides' memories written
+    config = RelationConfig(**v020, objective="nce", **sizes, **options)
+    loss = CRCDLoss(DS, DT, config, negatives=negatives, num_samples=N if negatives == "bank" else None)
     loss(*features(seed=1), torch.arange(B) if negatives == "bank" else None)
     return loss
 
 
 def trained_distiller(**options) -> CRCDDistiller:
     torch.manual_seed(0)
-    distiller = CRCDDistiller(
-        Net(6), Net(10), num_samples=N, gradient_element=True, warmup_steps=5,
-        schedule=DistillSchedule(total_steps=10), crcd_options={"embed_dim": EMBED, "num_negatives": 9}, **options,
-    )
+    config = CRCDConfig(gradient_element=True, warmup_steps=5, schedule="step",
+                        relation=RelationConfig(embed_dim=EMBED, num_negatives=9))
+    distiller = CRCDDistiller(Net(6), Net(10), num_samples=N, config=config, total_steps=10, **options)
     distiller.set_progress(3)
     distiller(torch.randn(B, 4), torch.randint(0, CLASSES, (B,)), torch.arange(B))
     return distiller
@@ -196,7 +196,7 @@ def test_teacher_features_that_require_grad_are_treated_as_constants():
 # ---------------------------------------------------------------- CRCDDistiller
 def test_distiller_head_path_that_does_not_exist_raises_value_error():
     with pytest.raises(ValueError, match="fcc"):
-        CRCDDistiller(Net(6), Net(10), student_head="fcc")
+        CRCDDistiller(Net(6), Net(10), student_classifier="fcc")
 
 
 def test_distiller_model_output_without_logits_raises_type_error_naming_output_select():
