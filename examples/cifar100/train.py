@@ -204,21 +204,18 @@ def build_distiller(
     Returns:
         The distiller; call ``distiller.set_progress(epoch)`` at the start of every epoch.
     """
-    from crcd_plugin.distiller import CRCDDistiller, DistillSchedule
+    from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
 
-    return CRCDDistiller(
-        student,
-        teacher,
-        student_head="fc",
-        teacher_head="fc",
-        gamma=recipe.gamma,
-        alpha=recipe.alpha,
-        beta=recipe.beta,
+    config = CRCDConfig(
+        task_weight=recipe.gamma,
+        kd_weight=recipe.alpha,
+        feature_weight=recipe.beta,
         kd_temperature=recipe.kd_temperature,
         gradient_element=recipe.gradient_element,
         gradient_weight=recipe.gradient_weight,
-        num_samples=num_samples,
-        crcd_options=dict(
+        schedule="step",
+        schedule_until=recipe.distill_until,
+        relation=RelationConfig(
             embed_dim=recipe.embed_dim,
             negatives="bank",
             num_negatives=recipe.num_negatives,
@@ -226,7 +223,15 @@ def build_distiller(
             objective="nce",
             momentum=recipe.bank_momentum,
         ),
-        schedule=DistillSchedule(total_steps=recipe.epochs, kind="step", until=recipe.distill_until),
+    )
+    return CRCDDistiller(
+        student,
+        teacher,
+        student_classifier="fc",
+        teacher_classifier="fc",
+        config=config,
+        num_samples=num_samples,
+        total_steps=recipe.epochs,
     )
 
 
