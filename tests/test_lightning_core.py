@@ -8,6 +8,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from conftest import current_spelling
 from torch import nn
 
 from crcd_plugin import CRCDDistiller, DistillSchedule, FeatureCapture
@@ -29,7 +30,7 @@ def _distiller(**kwargs) -> CRCDDistiller:
     options = dict(gradient_element=True, queue_size=16,
                    crcd_options={"embed_dim": 8, "objective": "nce", "num_anchors": 500, "symmetric": True})
     options.update(kwargs)
-    return CRCDDistiller(_Net(8), _Net(16), "fc", "fc", **options)
+    return CRCDDistiller(_Net(8), _Net(16), "fc", "fc", **current_spelling(options))
 
 
 def _batches(steps: int = 3):
