@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import V020_BANK, V020_LOSS_KEYWORDS
+from conftest import V020_BANK, V020_RELATION
 from naive import naive_nce, naive_relations, naive_z
 
 from crcd_plugin import CRCDLoss
@@ -13,7 +13,7 @@ from crcd_plugin.config import RelationConfig
 
 B, DS, DT, EMBED, N, K = 6, 10, 14, 8, 40, 7
 # 0.2.0's settings (the naive reference's: every sample an anchor, NCE on a bank, both sides), at this size.
-V020_SMALL = dict(V020_LOSS_KEYWORDS, embed_dim=EMBED)
+V020_SMALL = dict(V020_RELATION, embed_dim=EMBED)
 
 
 def _feats(seed=0, batch=B):
@@ -103,7 +103,7 @@ def test_nce_constant_is_fixed_by_the_first_training_batch():
 
 
 def test_queue_wraps_around():
-    crcd = CRCDLoss(DS, DT, **V020_SMALL, negatives="queue", queue_size=10)
+    crcd = CRCDLoss(DS, DT, RelationConfig(**V020_SMALL, queue_size=10), negatives="queue")
     batches = [_feats(seed) for seed in range(3)]  # 18 rows into a queue of 10
     for student_feat, teacher_feat in batches:
         crcd(student_feat, teacher_feat)
@@ -131,9 +131,9 @@ def test_state_dict_round_trip_reproduces_the_loss():
 
 
 def test_queue_pointer_round_trips_through_state_dict():
-    crcd = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=10)
+    crcd = CRCDLoss(DS, DT, RelationConfig(embed_dim=EMBED, queue_size=10), negatives="queue")
     crcd(*_feats())
-    restored = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=10)
+    restored = CRCDLoss(DS, DT, RelationConfig(embed_dim=EMBED, queue_size=10), negatives="queue")
     restored.load_state_dict(crcd.state_dict())
     assert int(restored.memory_teacher.pointer) == B
     assert torch.equal(restored.memory_teacher.weight, crcd.memory_teacher.weight)
@@ -189,7 +189,7 @@ def test_masking_self_anchors_drops_degenerate_entries():
 
 @pytest.mark.parametrize("negatives, options", [("queue", {"queue_size": 16}), ("batch", {})])
 def test_index_free_modes_train_heads_without_indices(negatives, options):
-    crcd = CRCDLoss(DS, DT, **V020_SMALL, negatives=negatives, objective="infonce", **options)
+    crcd = CRCDLoss(DS, DT, RelationConfig(**V020_SMALL, objective="infonce", **options), negatives=negatives)
     student_feat = _feats()[0].requires_grad_()
     crcd(student_feat, _feats()[1]).backward()
     assert student_feat.grad.abs().sum() > 0
@@ -198,7 +198,7 @@ def test_index_free_modes_train_heads_without_indices(negatives, options):
 
 def test_anchor_subset_uses_num_anchors_rows():
     crcd = _bank_loss(num_anchors=3, objective="infonce")
-    loss = crcd(*_feats(), torch.arange(B), return_parts=True)
+    loss = crcd.forward_parts(*_feats(), torch.arange(B))
     assert set(loss) == {"loss", "student_loss", "teacher_loss"}
     torch.testing.assert_close(loss["loss"], loss["student_loss"] + loss["teacher_loss"])
 
@@ -231,8 +231,8 @@ def test_skip_mode_keeps_nonfinite_rows_out_of_memory_and_queue():
     assert not torch.equal(crcd.memory_teacher.weight[3], before[3])
     assert torch.isfinite(crcd.log_z).all()
 
-    queue = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=8, on_nonfinite="skip",
-                     symmetric=True)
+    queue = CRCDLoss(DS, DT, RelationConfig(embed_dim=EMBED, queue_size=8, on_nonfinite="skip", symmetric=True),
+                     negatives="queue")
     old = queue.memory_student.weight.clone()
     queue(student_feat, teacher_feat)
     assert torch.equal(queue.memory_student.weight[2], old[2])
@@ -285,7 +285,7 @@ def test_bad_inputs_raise_clear_errors_and_leave_memory_untouched(call, error, m
 
 
 def test_batch_larger_than_queue_is_rejected():
-    crcd = CRCDLoss(DS, DT, embed_dim=EMBED, negatives="queue", queue_size=4)
+    crcd = CRCDLoss(DS, DT, RelationConfig(embed_dim=EMBED, queue_size=4), negatives="queue")
     with pytest.raises(ValueError, match="queue_size=4"):
         crcd(*_feats())
 
@@ -299,13 +299,15 @@ def test_batch_larger_than_queue_is_rejected():
         ({"negatives": "memory"}, "negatives must be one of"),
         ({"negatives": "batch", "objective": "ce"}, "objective must be one of"),
         ({"negatives": "batch", "temperature": 0}, "temperature must be > 0"),
-        ({"negatives": "batch", "head": "identity"}, 'head="identity"'),
+        ({"negatives": "batch", "embed_head": "identity"}, 'head="identity"'),
         ({"negatives": "bank", "num_samples": 10, "num_negatives": 0}, "num_negatives must be a positive int"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):
+    options = dict(options)
+    arguments = {name: options.pop(name) for name in ("negatives", "num_samples") if name in options}
     with pytest.raises(ValueError, match=message):
-        CRCDLoss(DS, DT, **options)
+        CRCDLoss(DS, DT, RelationConfig(**options), **arguments)
 
 
 def test_loss_core_runs_in_fp32_under_autocast():
@@ -313,7 +315,7 @@ def test_loss_core_runs_in_fp32_under_autocast():
     student_feat, teacher_feat = _feats()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(4)
-        mixed = crcd(student_feat.bfloat16(), teacher_feat.bfloat16(), torch.arange(B), return_parts=True)
+        mixed = crcd.forward_parts(student_feat.bfloat16(), teacher_feat.bfloat16(), torch.arange(B))
     crcd_fp32 = _bank_loss()
     torch.manual_seed(4)
     exact = crcd_fp32(student_feat.bfloat16().float(), teacher_feat.bfloat16().float(), torch.arange(B))
