@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crcd_plugin import CRCDDistiller, CRCDLoss, MemoryBank
+from crcd_plugin import CRCDConfig, CRCDDistiller, CRCDLoss, MemoryBank
 from crcd_plugin.config import RelationConfig
 
 B, DS, DT, EMBED, N, K = 6, 10, 14, 8, 40, 7
@@ -239,7 +239,7 @@ def test_fill_memory_checks_its_inputs_and_needs_a_memory():
     with pytest.raises(ValueError, match="needs index"):
         crcd.fill_memory(*_feats())
     with pytest.raises(ValueError, match="keeps no memory"):
-        CRCDLoss(DS, DT, embed_dim=EMBED, negatives="batch").fill_memory(*_feats())
+        CRCDLoss(DS, DT, RelationConfig(embed_dim=EMBED), negatives="batch").fill_memory(*_feats())
     assert not crcd.memory_teacher.seen.any()
 
 
@@ -257,10 +257,9 @@ class _Net(nn.Module):
 def test_distiller_fill_memory_writes_every_row_from_a_loader(gradient_element):
     torch.manual_seed(0)
     student, teacher = _Net(6), _Net(9)
-    distiller = CRCDDistiller(
-        student, teacher, num_samples=20, gradient_element=gradient_element, beta=0.3,
-        crcd_options={"embed_dim": 4, "num_negatives": 5, "symmetric": True},
-    )
+    config = CRCDConfig(gradient_element=gradient_element, feature_weight=0.3,
+                        relation=RelationConfig(embed_dim=4, num_negatives=5, symmetric=True))
+    distiller = CRCDDistiller(student, teacher, num_samples=20, config=config)
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
     loader = [(x[i : i + 8], y[i : i + 8], torch.arange(i, min(i + 8, 20))) for i in range(0, 20, 8)]  # 8, 8, 4
     distiller.train()
@@ -285,10 +284,10 @@ def test_teacher_head_trains_from_the_student_side_only_when_asked(negatives, op
     grads = []
     for teacher_head_grad in (False, True):
         torch.manual_seed(0)
-        crcd = CRCDLoss(
-            DS, DT, embed_dim=EMBED, negatives=negatives, symmetric=False,
-            teacher_head_grad=teacher_head_grad, **options,
-        )
+        sizes = dict(options)
+        num_samples = sizes.pop("num_samples", None)
+        config = RelationConfig(embed_dim=EMBED, symmetric=False, train_teacher_embedding=teacher_head_grad, **sizes)
+        crcd = CRCDLoss(DS, DT, config, negatives=negatives, num_samples=num_samples)
         index = torch.arange(B) if negatives == "bank" else None
         crcd(*_feats(), index).backward()
         grads.append(crcd.embed_teacher.proj.weight.grad)
