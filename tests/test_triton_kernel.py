@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import V020_LOSS_KEYWORDS
+from conftest import V020_RELATION
 from naive import naive_infonce, naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
-from crcd_plugin import CRCDLoss
+from crcd_plugin import CRCDLoss, RelationConfig
 from crcd_plugin.relation_loss import relation_loss
 
 pytest.importorskip("triton")
@@ -118,8 +118,8 @@ def test_triton_loss_never_stores_the_scores(monkeypatch):
 def test_crcd_loss_with_the_triton_backend_trains_like_eager():
     def make(backend):
         torch.manual_seed(0)
-        v020 = dict(V020_LOSS_KEYWORDS, embed_dim=16, objective="nce")  # 0.2.0: NCE on a bank, both sides
-        return CRCDLoss(10, 14, **v020, num_samples=40, num_negatives=20, backend=backend)
+        v020 = dict(V020_RELATION, embed_dim=16, objective="nce")  # 0.2.0: NCE on a bank, both sides
+        return CRCDLoss(10, 14, RelationConfig(**v020, num_negatives=20, backend=backend), num_samples=40)
 
     losses = {"triton": make("triton"), "eager": make("eager")}
     for step in range(2):  # the first step fixes Z, the second uses it
@@ -217,8 +217,8 @@ def test_crcd_loss_with_shared_candidates_on_triton_trains_like_eager(negatives)
     def make(backend):
         torch.manual_seed(0)
         queue = {"queue_size": 20} if negatives == "queue" else {}
-        v020 = dict(V020_LOSS_KEYWORDS, embed_dim=16, num_anchors=4)  # 0.2.0: both sides
-        return CRCDLoss(10, 14, **v020, negatives=negatives, backend=backend, **queue)
+        v020 = dict(V020_RELATION, embed_dim=16, num_anchors=4)  # 0.2.0: both sides
+        return CRCDLoss(10, 14, RelationConfig(**v020, backend=backend, **queue), negatives=negatives)
 
     losses = {"triton": make("triton"), "eager": make("eager")}
     for step in range(2):  # the first step fixes Z, the second uses it
