@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from crcd_plugin import CRCDDistiller, CRCDLoss, MemoryBank
+from crcd_plugin import CRCDConfig, CRCDDistiller, CRCDLoss, MemoryBank, RelationConfig
 from crcd_plugin.sharded_memory import ShardedMemoryBank
 
 
@@ -14,7 +14,8 @@ def tiny_distiller():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    return CRCDDistiller(student, teacher, "2", "2", crcd_options={"queue_size": 16, "embed_dim": 4})
+    config = CRCDConfig(relation=RelationConfig(queue_size=16, embed_dim=4))
+    return CRCDDistiller(student, teacher, "2", "2", config=config)
 
 
 def test_sharded_bank_in_one_process_reads_and_writes_like_the_replicated_bank():
@@ -38,7 +39,7 @@ def test_sharded_bank_loads_a_replicated_banks_checkpoint():
 
 def test_shard_memory_without_a_bank_is_a_value_error_naming_the_option():
     with pytest.raises(ValueError, match="shard_memory"):
-        CRCDLoss(4, 4, negatives="queue", queue_size=8, shard_memory=True)
+        CRCDLoss(4, 4, RelationConfig(queue_size=8, shard_memory=True), negatives="queue")
 
 
 def test_prepare_distributed_without_a_process_group_leaves_the_student_unwrapped():
@@ -62,7 +63,8 @@ def test_a_ddp_wrapped_teacher_is_a_value_error(tmp_path):
     try:
         teacher = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 3)))
         with pytest.raises(ValueError, match="teacher"):
-            CRCDDistiller(nn.Sequential(nn.Linear(4, 3)), teacher, "0", "0", crcd_options={"queue_size": 8})
+            config = CRCDConfig(relation=RelationConfig(queue_size=8))
+            CRCDDistiller(nn.Sequential(nn.Linear(4, 3)), teacher, "0", "0", config=config)
     finally:
         dist.destroy_process_group()
 
