@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crcd_plugin import CRCDLoss
+from crcd_plugin import CRCDLoss, RelationConfig
 from crcd_plugin.kernels import gram_relation_logits
 
 TAU = 0.05
@@ -38,8 +38,9 @@ def test_gram_scores_of_collapsed_embeddings_stay_within_one_over_tau(scale):
 @pytest.mark.parametrize("negatives", ["bank", "batch"])
 def test_infonce_of_collapsed_features_stays_below_its_bound(negatives):
     torch.manual_seed(0)
-    options = {"num_samples": 256, "num_negatives": 64} if negatives == "bank" else {}
-    crcd = CRCDLoss(8, 8, embed_dim=32, negatives=negatives, objective="infonce", **options)
+    num_samples, options = (256, {"num_negatives": 64}) if negatives == "bank" else (None, {})
+    config = RelationConfig(embed_dim=32, objective="infonce", **options)
+    crcd = CRCDLoss(8, 8, config, negatives=negatives, num_samples=num_samples)
     with torch.no_grad():  # the heads map every feature to (nearly) their bias: a collapsed embedding
         for head in (crcd.embed_student.proj, crcd.embed_teacher.proj):
             head.weight.mul_(1e-7)
