@@ -163,10 +163,10 @@ def test_chunked_core_never_holds_all_scores():
 
 
 def test_crcd_loss_chunk_size_is_validated():
-    from crcd_plugin import CRCDLoss
+    from crcd_plugin import CRCDLoss, RelationConfig
 
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        CRCDLoss(4, 4, negatives="batch", chunk_size=0)
+        CRCDLoss(4, 4, RelationConfig(chunk_size=0), negatives="batch")
 
 
 def test_a_failed_compile_runs_eager_for_its_inputs_only_and_the_cache_is_bounded(monkeypatch):
