@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import V020_BANK, V020_LOSS_KEYWORDS
+from conftest import V020_BANK, V020_RELATION
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -29,6 +29,7 @@ from transformers import (  # noqa: E402
     ViTForImageClassification,
 )
 
+import crcd_plugin  # noqa: E402
 from crcd_plugin.distiller import DistillSchedule  # noqa: E402
 from crcd_plugin.hooks import FeatureCapture  # noqa: E402
 from crcd_plugin.integrations.hf import (  # noqa: E402
@@ -44,7 +45,12 @@ VOCAB, SEQ, NUM_LABELS, PAD = 40, 8, 3, 0
 SMALL = {"queue_size": 32, "embed_dim": 8}
 # SMALL on 0.2.0's relation defaults (tests/conftest.py), for the tests whose assertions were written against them:
 # every sample an anchor (no random draw to align) and both sides' loss (both memories written, both heads trained).
-V020_SMALL = dict(V020_LOSS_KEYWORDS, **SMALL)
+V020_SMALL = dict(V020_RELATION, **SMALL)
+
+
+def queue_config(relation=SMALL, **weights) -> "crcd_plugin.CRCDConfig":
+    """``crcd_config=`` with a queue of ``relation``'s size and the given weights."""
+    return crcd_plugin.CRCDConfig(relation=crcd_plugin.RelationConfig(negatives="queue", **relation), **weights)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -138,14 +144,15 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-def make_trainer(tmp_path, student=None, teacher=None, data=None, config=None, **args) -> CRCDTrainer:
+def make_trainer(tmp_path, student=None, teacher=None, data=None, config=None, eval_loss="task", **args) -> CRCDTrainer:
     return CRCDTrainer(
         model=student if student is not None else bert(16),
         teacher_model=teacher if teacher is not None else bert(24, seed=1),
         args=training_args(tmp_path, **args),
         train_dataset=data if data is not None else TextSet(32),
         eval_dataset=TextSet(16, seed=1),
-        crcd_config=config if config is not None else CRCDConfig(gradient_element=True, beta=0.3, crcd_options=SMALL),
+        crcd_config=config if config is not None else queue_config(gradient_element=True, feature_weight=0.3),
+        eval_loss=eval_loss,
     )
 
 
@@ -248,7 +255,8 @@ SGD = dict(
 
 
 def test_accumulating_two_batches_of_8_equals_one_batch_of_16_without_relation_terms(tmp_path):
-    config = CRCDConfig(alpha=0.9, beta=0.0)
+    relation = crcd_plugin.RelationConfig(negatives="batch")
+    config = crcd_plugin.CRCDConfig(kd_weight=0.9, feature_weight=0.0, relation=relation)
     accumulated = parameter_update(make_trainer(
         tmp_path / "a", config=config, data=TextSet(16), per_device_train_batch_size=8,
         gradient_accumulation_steps=2, **SGD))
@@ -262,7 +270,7 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16_without_relation_t
 
 def test_accumulated_update_with_crcd_is_the_mean_of_the_micro_batch_gradients(tmp_path):
     trainer = make_trainer(tmp_path, data=TextSet(16), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                           config=CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL), **SGD)
+                           config=queue_config(V020_SMALL, gradient_element=True, feature_weight=0.3), **SGD)
     replica = copy.deepcopy(trainer.distiller)
     micro_batches = []
     forward = trainer.distiller.forward
@@ -313,7 +321,7 @@ def test_crcd_heads_are_in_the_optimizer_with_trainers_weight_decay_rules(tmp_pa
 
 
 def test_crcd_head_gradients_are_cleared_after_every_optimizer_step(tmp_path):
-    config = CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL)
+    config = queue_config(V020_SMALL, gradient_element=True, feature_weight=0.3)
     trainer = make_trainer(tmp_path, config=config, max_steps=1)
     grads_at_step = []
 
@@ -344,8 +352,8 @@ def test_eval_loss_is_the_students_task_loss_and_leaves_crcd_state_alone(tmp_pat
 
 
 def test_eval_loss_total_is_the_distillation_loss_without_the_gradient_element(tmp_path):
-    config = CRCDConfig(gradient_element=True, beta=0.3, crcd_options=V020_SMALL, eval_loss="total")
-    trainer = make_trainer(tmp_path, config=config, per_device_eval_batch_size=16)
+    config = queue_config(V020_SMALL, gradient_element=True, feature_weight=0.3)
+    trainer = make_trainer(tmp_path, config=config, eval_loss="total", per_device_eval_batch_size=16)
     metrics = trainer.evaluate()
     data = trainer.eval_dataset
     trainer.distiller.eval()
@@ -378,7 +386,7 @@ class SnapshotAtTrainBegin(TrainerCallback):
 
 def test_resume_restores_crcd_state_bit_for_bit_and_continues_as_uninterrupted(tmp_path):
     config = dict(save_strategy="steps", save_steps=2, max_steps=4, logging_steps=2)
-    options = lambda: CRCDConfig(gradient_element=True, crcd_options=SMALL, schedule="step")  # noqa: E731
+    options = lambda: queue_config(gradient_element=True, schedule="step")  # noqa: E731
     uninterrupted = make_trainer(tmp_path / "a", config=options(), **config)
     uninterrupted.train()
     checkpoint = tmp_path / "a" / "checkpoint-2"
@@ -415,7 +423,8 @@ def test_checkpoints_and_saved_student_hold_no_teacher_or_crcd_weights(tmp_path)
 
 
 def test_memory_bank_reads_the_index_column_when_columns_are_kept(tmp_path):
-    config = CRCDConfig(negatives="bank", beta=0.3, crcd_options=dict(V020_BANK, embed_dim=8, num_negatives=16))
+    relation = crcd_plugin.RelationConfig(**dict(V020_BANK, embed_dim=8, num_negatives=16), negatives="bank")
+    config = crcd_plugin.CRCDConfig(feature_weight=0.3, relation=relation)
     trainer = make_trainer(tmp_path, data=TextSet(32, with_index=True), config=config,
                            remove_unused_columns=False, max_steps=1, per_device_train_batch_size=8)
     before = crcd_state(trainer)
@@ -430,7 +439,7 @@ def test_memory_bank_reads_the_index_column_when_columns_are_kept(tmp_path):
 
 def test_memory_bank_with_columns_dropped_is_rejected_naming_the_argument(tmp_path):
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
-        make_trainer(tmp_path, config=CRCDConfig(negatives="bank"))
+        make_trainer(tmp_path, config=crcd_plugin.CRCDConfig(relation=crcd_plugin.RelationConfig(negatives="bank")))
 
 
 # ---- bad arguments --------------------------------------------------------------------------------------------
@@ -454,7 +463,7 @@ def test_a_ready_optimizer_without_the_crcd_heads_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         CRCDTrainer(model=student, teacher_model=bert(24, seed=1), args=training_args(tmp_path),
                     train_dataset=TextSet(8), optimizers=(optimizer, None),
-                    crcd_config=CRCDConfig(beta=0.3, crcd_options=SMALL))
+                    crcd_config=queue_config(feature_weight=0.3))
 
 
 def test_a_ready_distill_schedule_counts_optimizer_steps(tmp_path):
