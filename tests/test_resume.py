@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import torch
     from torch import nn
-    from crcd_plugin import CRCDDistiller, DistillSchedule
+    from crcd_plugin import CRCDConfig, CRCDDistiller, RelationConfig
 
     role, path, negatives = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
@@ -44,12 +44,13 @@ SCRIPT = textwrap.dedent(
         options.update(num_negatives=16, num_anchors=5)  # random negatives and a random anchor subset
         extra = {"num_samples": SAMPLES}
     elif negatives == "queue":
-        extra = {"queue_size": 24}
+        options.update(queue_size=24)
+        extra = {}
     else:
         extra = {}
-    distiller = CRCDDistiller(Net(5), Net(9), gradient_element=True, warmup_steps=6,
-                              schedule=DistillSchedule(total_steps=20, kind="linear", start=0.2, until=0.9),
-                              crcd_options=options, **extra)
+    config = CRCDConfig(gradient_element=True, warmup_steps=6, schedule="linear", schedule_start=0.2,
+                        schedule_until=0.9, relation=RelationConfig(**options))
+    distiller = CRCDDistiller(Net(5), Net(9), config=config, total_steps=20, **extra)
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     data = torch.Generator().manual_seed(1)
