@@ -24,9 +24,9 @@ def worker(out_dir: str) -> None:
     from transformers import TrainingArguments
 
     sys.path.insert(0, HERE)
-    from test_hf_trainer import SMALL, TextSet, bert
+    from test_hf_trainer import TextSet, bert, queue_config
 
-    from crcd_plugin.integrations.hf import CRCDConfig, CRCDTrainer
+    from crcd_plugin.integrations.hf import CRCDTrainer
 
     torch.set_num_threads(1)
     args = TrainingArguments(
@@ -36,7 +36,7 @@ def worker(out_dir: str) -> None:
     )
     trainer = CRCDTrainer(
         model=bert(16), teacher_model=bert(24, seed=1), args=args, train_dataset=TextSet(64),
-        crcd_config=CRCDConfig(gradient_element=True, crcd_options=SMALL),
+        crcd_config=queue_config(gradient_element=True),
     )
     initial = {k: v.clone() for k, v in trainer.distiller.crcd_state_dict().items()}
     trainer.train()
