@@ -185,10 +185,9 @@ class MlpHeadStudent(Student):
 
 def scenario_mlp_head(rank, out):
     torch.manual_seed(0)
-    distiller = CRCDDistiller(
-        MlpHeadStudent(), Teacher(), gradient_element=True, num_samples=N,
-        crcd_options={"embed_dim": 8, "num_negatives": 6}, example_input=torch.randn(2, DIN),
-    )
+    config = CRCDConfig(gradient_element=True, relation=RelationConfig(embed_dim=8, num_negatives=6))
+    distiller = CRCDDistiller(MlpHeadStudent(), Teacher(), config=config, num_samples=N,
+                              example_input=torch.randn(2, DIN))
     torch.manual_seed(rank)
     torch.save(train(distiller.prepare_distributed(), steps=2).state_dict(), out("mlp_head"))
 
