@@ -35,9 +35,6 @@ SCHEDULE_KINDS = ("step", "linear", "constant")
 GRADIENT_NORMALIZATIONS = ("none", "sample", "batch")
 BACKENDS = ("auto", "eager", "compile", "naive", "triton")
 
-# The feature weight crcd-demo's relation methods use where a base config leaves the relation
-# term off (feature_weight=0): the default weight.
-FEATURE_WEIGHT_ON = 0.3
 # The reference draws K = 500 negatives per sample from its memory bank.
 REFERENCE_NUM_NEGATIVES = 500
 # The default K of a memory bank: what the defaults suite measured (docs/reliability.md).

@@ -14,7 +14,7 @@ pytest.importorskip("mnist1d")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from crcd_plugin.config import FEATURE_WEIGHT_ON, CRCDConfig, RelationConfig  # noqa: E402
+from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
 from crcd_plugin.demo.__main__ import main  # noqa: E402
 from crcd_plugin.demo.data import DataConfig, load_dataset  # noqa: E402
 from crcd_plugin.demo.models import TEACHER_ARCHS, build_teacher  # noqa: E402
@@ -148,11 +148,7 @@ def test_each_method_is_the_library_config_with_its_terms():
     assert method_config("ce", base) is None
     assert method_config("kd", base).feature_weight == 0.0 and not method_config("kd", base).gradient_element
     assert method_config("crd", base).relation.anchored is False
-    # The library leaves the relation term off: the relation methods turn it on at FEATURE_WEIGHT_ON,
-    # and keep a weight the base already sets.
-    assert method_config("crcd", base) == base.replace(feature_weight=FEATURE_WEIGHT_ON, gradient_element=False)
-    assert method_config("crd", base).feature_weight == FEATURE_WEIGHT_ON
-    assert method_config("crcd", base.replace(feature_weight=1.0)).feature_weight == 1.0
+    assert method_config("crcd", base) == base.replace(gradient_element=False)
     assert method_config("crcd_grad", base).gradient_element is True
     with pytest.raises(ValueError, match="method"):
         method_config("dkd", base)

@@ -26,22 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402
 
 from crcd_plugin import CRCDDistiller, CRCDLoss  # noqa: E402
-from crcd_plugin.config import FEATURE_WEIGHT_ON, CRCDConfig, RelationConfig  # noqa: E402
+from crcd_plugin.config import CRCDConfig, RelationConfig  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "defaults"
 
 
 def methods() -> Dict[str, CRCDConfig]:
-    """The default KD alone, with the relation term turned on, and with the gradient element;
-    0.2.0's defaults for comparison."""
+    """KD alone and the library's defaults; 0.2.0's defaults for comparison."""
     default = CRCDConfig()
     v020 = CRCDConfig(kd_weight=0.9, kd_temperature=4.0, relation=RelationConfig(
         negatives="batch", objective="infonce", temperature=0.05, embed_dim=128, num_anchors=500, symmetric=True))
-    on = default.replace(feature_weight=default.feature_weight or FEATURE_WEIGHT_ON)  # the relation term on
     return {
         "kd": default.replace(feature_weight=0.0, gradient_element=False),
-        "kd+crcd": on.replace(gradient_element=False),
-        "kd+crcd+grad": on.replace(gradient_element=True),
+        "kd+crcd": default.replace(gradient_element=False),
+        "kd+crcd+grad": default.replace(gradient_element=True),
         "0.2.0 kd+crcd": v020,
         "0.2.0 kd+crcd+grad": v020.replace(gradient_element=True),
     }

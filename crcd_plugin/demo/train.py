@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crcd_plugin.config import FEATURE_WEIGHT_ON, CRCDConfig
+from crcd_plugin.config import CRCDConfig
 from crcd_plugin.demo.data import DataConfig, Dataset, augment
 from crcd_plugin.demo.models import StudentMLP, Teacher, build_teacher
 from crcd_plugin.teacher import TensorTeacher
@@ -210,19 +210,16 @@ def _teacher_for(teacher: TeacherOutputs, train: TrainConfig, source: Optional[A
 def method_config(method: str, base: CRCDConfig) -> Optional[CRCDConfig]:
     """The ``CRCDConfig`` a method trains with, from the run's ``base`` (the library's defaults unless
     the demo says otherwise): KD alone, CRD (no anchors), CRCD, CRCD + gradient element; ``None``
-    for CE (no distiller at all). The relation methods use ``base.feature_weight``, or
-    ``FEATURE_WEIGHT_ON`` where ``base`` leaves the relation term off."""
+    for CE (no distiller at all)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "ce":
         return None
     if method == "kd":
         return base.replace(feature_weight=0.0, gradient_element=False)
-    # The relation term is off in the library's defaults: the relation methods turn it on.
-    relational = base.replace(feature_weight=base.feature_weight or FEATURE_WEIGHT_ON)
     if method == "crd":
-        return relational.replace(relation=base.relation.replace(anchored=False), gradient_element=False)
-    return relational.replace(gradient_element=method == "crcd_grad")
+        return base.replace(relation=base.relation.replace(anchored=False), gradient_element=False)
+    return base.replace(gradient_element=method == "crcd_grad")
 
 
 def train_student(
