@@ -260,12 +260,13 @@ def test_distiller_input_on_another_device_raises_before_any_state_moves():
     "options, error, match",
     [
         ({"preset": "paper"}, ValueError, "preset must be one of"),
-        ({"warmup_steps": -1}, ValueError, "warmup_steps must be an int >= 0"),
-        ({"queue_size": 0}, ValueError, "queue_size must be a positive int"),
-        ({"crcd_options": [("embed_dim", 8)]}, TypeError, "crcd_options must be a dict"),
+        ({"config": CRCDConfig(relation=RelationConfig(negatives="queue"))}, ValueError, "needs queue_size"),
+        ({"num_samples": 0}, ValueError, "num_samples must be a positive int"),
+        ({"total_steps": -3}, ValueError, "total_steps must be a positive int"),
     ],
 )
 def test_distiller_bad_options_raise_at_construction(options, error, match):
+    # 0.2.0's keywords (warmup_steps=, queue_size=, crcd_options=) are checked in test_deprecations.py.
     with pytest.raises(error, match=match):
         CRCDDistiller(Net(6), Net(10), **options)
 

@@ -104,3 +104,28 @@ def test_functional_nce_takes_0_2_0_num_samples_with_a_warning():
     with pytest.warns(DeprecationWarning, match="noise_size"):
         old = functional.nce_loss(logits, old_z, num_samples=100)
     torch.testing.assert_close(old, functional.nce_loss(logits, old_z, noise_size=100))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"warmup_steps": -1}, ValueError, "warmup_steps must be an int >= 0"),
+        ({"queue_size": 0}, ValueError, "queue_size must be a positive int"),
+        ({"crcd_options": [("embed_dim", 8)]}, TypeError, "crcd_options must be a dict"),
+    ],
+)
+def test_bad_0_2_0_distiller_keywords_warn_then_raise_at_construction(options, error, match):
+    from crcd_plugin import CRCDDistiller
+
+    with pytest.warns(DeprecationWarning, match="deprecated"), pytest.raises(error, match=match):
+        CRCDDistiller(_Net(6), _Net(10), **options)
