@@ -173,6 +173,27 @@ class LegacyClassifierNames:
         return self.teacher_classifier
 
 
+def renamed_classifier_keywords(
+    owner: str, student: Optional[str], teacher: Optional[str], renamed: Mapping[str, Any]
+) -> Tuple[Optional[str], Optional[str]]:
+    """``(student_classifier, teacher_classifier)`` with the ``student_head`` / ``teacher_head``
+    keywords of ``owner`` (Lightning's ``CRCDCallback`` until 0.3) applied, with a warning each."""
+    unknown = sorted(set(renamed) - {"student_head", "teacher_head"})
+    if unknown:
+        raise TypeError(f"{owner} got unexpected keyword arguments {unknown}")
+    names = {"student_classifier": student, "teacher_classifier": teacher}
+    for old, new in (("student_head", "student_classifier"), ("teacher_head", "teacher_classifier")):
+        if old not in renamed:
+            continue
+        warnings.warn(f"{owner}({old}=...) is deprecated since crcd-plugin 0.4 and will be removed in {REMOVED_IN}: "
+                      f"use {new}= (the name the distiller and the other integrations use)",
+                      DeprecationWarning, stacklevel=3)
+        if names[new] is not None:
+            raise TypeError(f"{owner}: pass {new} or {old} (deprecated), not both")
+        names[new] = renamed[old]
+    return names["student_classifier"], names["teacher_classifier"]
+
+
 def distiller_arguments(
     student_classifier: str, teacher_classifier: Optional[str], config: Optional[CRCDConfig], schedule: Any,
     legacy: Dict[str, Any],

@@ -246,6 +246,22 @@ class DistillerContract(nn.Module):
         if hasattr(self, "_trainables"):
             self._refresh_trainables()
 
+    def set_backend(self, backend: str) -> None:
+        """Switch the relation kernel (``RelationConfig.backend``) of every CRCD loss, built or not.
+
+        For example ``"compile"`` once the models are compiled (what the timm task's ``compile()``
+        does). The config follows (``config.relation``, and ``config.gradient_relation`` where set),
+        so a loss built later and a checkpoint's config agree; values and state are unchanged.
+        """
+        relation = self.config.relation.replace(backend=backend)  # checks the name
+        gradient = self.config.gradient_relation
+        self.config = self.config.replace(
+            relation=relation, gradient_relation=None if gradient is None else gradient.replace(backend=backend)
+        )
+        for loss in (self.crcd_feature, self.crcd_gradient):
+            if loss is not None:
+                loss.backend = backend
+
     def prepare_distributed(self, device_ids: Optional[Sequence[int]] = None, **ddp_kwargs: Any) -> "DistillerContract":
         """Wrap the student in ``DistributedDataParallel`` and give every rank rank 0's CRCD state.
 

@@ -1,28 +1,32 @@
-"""Pure functions of CRCD: relation scores, the NCE and InfoNCE objectives and Hinton KD.
+"""Pure functions of CRCD, checked: relation scores, the NCE and InfoNCE objectives and Hinton KD.
 
-Stateless, like ``torch.nn.functional``: the state (memories, NCE constant) lives in ``CRCDLoss``,
-which reaches the objectives through :func:`contrastive_loss` (via the kernel dispatcher).
+Stateless, like ``torch.nn.functional``: the state (memories, NCE constant) lives in ``CRCDLoss``.
+These are the public, argument-checking forms; the math they run is in :mod:`crcd_plugin.kernels`
+(:func:`contrastive_loss`, the objective over scores in any positive layout, is the kernels' own,
+which ``CRCDLoss`` reaches through the backend dispatcher).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from crcd_plugin._checks import check_choice, check_positive_int
 from crcd_plugin._dtypes import at_least_fp32
-from crcd_plugin.kernels.nce import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift  # noqa: F401
+from crcd_plugin.kernels.objectives import (
+    POSITIVE_LAYOUTS,
+    PositiveLayout,
+    contrastive_loss_unchecked,
+    infonce_loss_unchecked,
+    nce_log_normalizer_unchecked,
+    nce_loss_unchecked,
+)
 from crcd_plugin.kernels.relation import gram_relation_logits
 
 __all__ = ["contrastive_loss", "infonce_loss", "kd_loss", "nce_log_normalizer", "nce_loss", "relation_logits"]
-
-PositiveLayout = Literal["first", "diagonal", "separate"]
-POSITIVE_LAYOUTS = ("first", "diagonal", "separate")
-
 
 def relation_logits(
     student: torch.Tensor,
@@ -84,7 +88,7 @@ def nce_log_normalizer(
     """
     noise_size = _legacy_noise_size(noise_size, num_samples, "nce_log_normalizer")
     check_positive_int("noise_size", noise_size)
-    return _nce_log_normalizer(logits, noise_size)
+    return nce_log_normalizer_unchecked(logits, noise_size)
 
 
 def nce_loss(
@@ -114,7 +118,7 @@ def nce_loss(
     noise_size = _legacy_noise_size(noise_size, num_samples, "nce_loss")
     check_positive_int("noise_size", noise_size)
     _check_objective_inputs(logits, mask)
-    return _nce_loss(logits, torch.as_tensor(log_z, device=logits.device), noise_size, mask)
+    return nce_loss_unchecked(logits, torch.as_tensor(log_z, device=logits.device), noise_size, mask)
 
 
 def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -125,7 +129,7 @@ def infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> t
         mask: Optional bool tensor like ``logits`` (see :func:`nce_loss`).
     """
     _check_objective_inputs(logits, mask)
-    return _infonce_loss(logits, mask)
+    return infonce_loss_unchecked(logits, mask)
 
 
 def contrastive_loss(
@@ -163,6 +167,11 @@ def contrastive_loss(
     Returns:
         ``(loss, log_z_to_store)``, two scalars.
 
+    Raises:
+        ValueError: an unknown ``objective`` or ``layout``, ``noise_size`` not a positive int,
+            ``scores`` not ``[B, A, C]``, or ``positive`` given for another layout than
+            ``"separate"`` (or missing for it).
+
     Example:
         >>> scores = torch.randn(4, 3, 6)
         >>> state = torch.zeros(()), torch.tensor(False)  # log Z, not fixed yet
@@ -170,212 +179,24 @@ def contrastive_loss(
         >>> loss.shape, bool(log_z == nce_log_normalizer(scores, 100))
         (torch.Size([]), True)
     """
+    check_choice("objective", objective, ("nce", "infonce"))
     check_choice("layout", layout, POSITIVE_LAYOUTS)
-    if layout == "first":
-        if objective == "infonce":
-            return _infonce_loss(scores, mask), log_z
-        log_z = keep_or_fix_log_z(log_z, z_ready, _nce_log_normalizer(scores, noise_size))
-        return _nce_loss(scores, log_z, noise_size, mask), log_z
-    separate = layout == "separate"
-    is_positive = None if separate else _diagonal(scores)  # [B, 1, M]
-    dropped = positive_mask if separate else (None if mask is None else mask.T)  # [B, A]
-    if objective == "infonce":
-        masked = _masked_shared(scores, mask, is_positive, float("-inf"))
-        if not separate:
-            return kept_row_mean(_diagonal_cross_entropy(masked), dropped), log_z
-        assert positive is not None, 'layout="separate" needs the positive scores'
-        return kept_row_mean(_separate_positive_cross_entropy(positive, masked), dropped), log_z
-    if positive is None:
-        fresh = _nce_log_normalizer(scores, noise_size)
-    else:
-        fresh = nce_log_normalizer_with_positives(positive, scores, noise_size)
-    log_z = keep_or_fix_log_z(log_z, z_ready, fresh)
-    num_negatives = scores.shape[-1] - (0 if separate else 1)
-    shift = nce_shift(log_z.to(scores.dtype), num_negatives, noise_size)
-    per_row = nce_row_sums(scores, shift, mask, has_positive=False, is_positive=is_positive)
-    if positive is not None:
-        per_row = per_row + F.softplus(shift - positive)
-    return kept_row_mean(per_row, dropped), log_z
+    check_positive_int("noise_size", noise_size)
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.dim() != 3:
+        raise ValueError(f"scores must be a floating-point [B, A, C] tensor, got {_describe(scores)}")
+    if (positive is not None) != (layout == "separate"):
+        raise ValueError(f'positive is needed with layout="separate" and only then; got layout={layout!r} '
+                         f"and positive={_describe(positive)}")
+    return contrastive_loss_unchecked(
+        scores, log_z, z_ready, objective=objective, noise_size=noise_size, layout=layout, positive=positive,
+        mask=mask, positive_mask=positive_mask,
+    )
 
 
-def positive_columns(layout: str, batch: int, start: int, stop: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Where columns ``start .. stop`` of the scores hold positives: bool broadcastable to
-    ``[B, A, stop - start]`` (None for ``"separate"``, whose positives are apart)."""
-    columns = torch.arange(start, stop, device=device)
-    if layout == "first":
-        return columns == 0
-    if layout == "diagonal":
-        return (torch.arange(batch, device=device)[:, None] == columns)[:, None, :]
-    return None
-
-
-# ---------------------------------------------------------------------- the pieces of the objectives
-
-
-
-def _nce_log_normalizer(logits: torch.Tensor, noise_size: int) -> torch.Tensor:
-    """``log Z`` with ``Z = mean(exp(logits)) * N``, the constant NCE fixes on its first batch.
-
-    Computed in log space, so no ``exp(1 / tau)`` overflow; returned detached (Z is a constant).
-    """
-    return log_mean_exp(at_least_fp32(logits.detach())) + math.log(noise_size)
-
-
-def nce_log_normalizer_with_positives(
-    positive: torch.Tensor, negatives: torch.Tensor, noise_size: int
-) -> torch.Tensor:
-    """:func:`_nce_log_normalizer` of the scores ``cat([positive[..., None], negatives], -1)``,
-    without making that tensor (shared negatives scored apart from the per-sample positives).
-
-    Shape:
-        positive ``[...]``, negatives ``[..., K]`` -> scalar.
-    """
-    positive, negatives = at_least_fp32(positive.detach()), at_least_fp32(negatives.detach())
-    # mean over all = (mean(pos) + K mean(neg)) / (K + 1); K as a tensor so compile does not specialise.
-    num_negatives = positive.new_full((), negatives.shape[-1])
-    log_sum = torch.logaddexp(log_mean_exp(positive), torch.log(num_negatives) + log_mean_exp(negatives))
-    return log_sum - torch.log1p(num_negatives) + math.log(noise_size)
-
-
-def nce_row_sums(
-    logits: torch.Tensor,
-    shift: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    has_positive: bool = True,
-    is_positive: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Per-row NCE sums ``softplus(-l0) + sum_k softplus(lk)``, ``l = logit - shift``.
-
-    The positive is column 0; ``has_positive=False`` treats every column as a negative (a later
-    chunk of a row's candidates, or shared negatives whose positive is scored apart), and a bool
-    ``is_positive`` broadcastable to ``logits`` marks the positives anywhere (shared in-batch
-    candidates, where sample ``b``'s positive is column ``b``).
-
-    Shape:
-        logits ``[..., k]``, mask broadcastable to logits -> ``[...]``.
-    """
-    logits = at_least_fp32(logits)
-    if is_positive is None:
-        is_positive = (torch.arange(logits.shape[-1], device=logits.device) == 0) & has_positive
-    # One softplus over all entries, the positive's sign flipped, rather than separate terms for
-    # the [..., 0] and [..., 1:] slices: with the slices, torch 2.13's inductor produced a backward
-    # through the relation kernel 0.3% off eager. sign * logit - sign * shift in one addcmul pass
-    # (exact: sign = +-1) is 2x faster in eager than a subtraction, a negation and a where().
-    signs = 1.0 - 2.0 * is_positive.to(logits.dtype)
-    terms = F.softplus(torch.addcmul(-shift * signs, logits, signs))
-    if mask is not None:
-        terms = terms.masked_fill(mask & ~is_positive, 0.0)
-    return terms.sum(-1)
-
-
-def masked_row_mean(per_row: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over rows, leaving out rows whose positive (``mask[..., 0]``) is masked."""
-    return kept_row_mean(per_row, None if mask is None else mask[..., 0])
-
-
-def kept_row_mean(per_row: torch.Tensor, dropped: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over rows, leaving out rows where ``dropped`` (like ``per_row``) is set."""
-    if dropped is None:
-        return per_row.mean()
-    keep = ~dropped
-    return torch.where(keep, per_row, torch.zeros_like(per_row)).sum() / keep.sum().clamp_min(1)
-
-
-def log_mean_exp(x: torch.Tensor) -> torch.Tensor:
-    """``log(mean(exp(x)))`` over all entries, without overflow (detach first where it is a constant)."""
-    # No reshape: the scores may be a permuted view, and flattening it would copy it (eager) or
-    # make the compiled reduction walk it against its memory order. mean() rather than
-    # logsumexp - log(numel), so that torch.compile does not specialise on the number of scores.
-    peak = x.amax()
-    return peak + torch.log(torch.exp(x - peak).mean())
-
-
-def _nce_loss(
-    logits: torch.Tensor,
-    log_z: torch.Tensor,
-    noise_size: int,
-    mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """CRD's NCE loss with ``P = exp(logit) / Z`` and noise ``Pn = 1 / N``, averaged over rows.
-
-    ``-log(P0 / (P0 + K Pn)) = softplus(-l0)`` and ``-log(K Pn / (Pk + K Pn)) = softplus(lk)`` with
-    ``l = logit - log(Z K / N)``, so no probability is ever formed and nothing overflows.
-
-    Shape:
-        logits ``[..., K+1]``; log_z scalar; mask like logits -> scalar (sum over entries of a row,
-        mean over kept rows).
-    """
-    shift = nce_shift(log_z.to(at_least_fp32(logits).dtype), logits.shape[-1] - 1, noise_size)
-    return masked_row_mean(nce_row_sums(logits, shift, mask), mask)
-
-
-def masked_negatives(logits: torch.Tensor, mask: Optional[torch.Tensor], has_positive: bool = True) -> torch.Tensor:
-    """``logits`` with masked negatives at ``-inf``; the positive column stays, so that a dropped
-    row never becomes all ``-inf``."""
-    if mask is None:
-        return logits
-    is_positive = (torch.arange(logits.shape[-1], device=logits.device) == 0) & has_positive
-    return logits.masked_fill(mask & ~is_positive, float("-inf"))
-
-
-def _infonce_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cross-entropy of the ``K+1`` scores with target 0, averaged over rows.
-
-    Shape:
-        logits ``[..., K+1]``; mask like logits -> scalar.
-    """
-    logits = at_least_fp32(logits)
-    per_row = torch.logsumexp(masked_negatives(logits, mask), dim=-1) - logits[..., 0]
-    return masked_row_mean(per_row, mask)
-
-
-def _diagonal(scores: torch.Tensor) -> torch.Tensor:
-    """In-batch candidates: ``[B, 1, M]`` bool, True where candidate ``m`` is sample ``b`` (its positive)."""
-    samples = torch.arange(scores.shape[0], device=scores.device)
-    columns = torch.arange(scores.shape[-1], device=scores.device)
-    return (samples[:, None] == columns)[:, None, :]
-
-
-def _diagonal_cross_entropy(scores: torch.Tensor) -> torch.Tensor:
-    """InfoNCE rows ``[B, A]`` of in-batch scores ``[B, A, B]``, whose positive is column ``b``.
-
-    One fused ``cross_entropy`` over the ``[A * B, B]`` rows (2x faster on CPU than a
-    log-sum-exp and a diagonal, whose backward writes a zero tensor of the scores' size). The
-    shared scores are anchor-major in memory, so the rows are a view.
-    """
-    batch = scores.shape[0]
-    targets = torch.arange(batch, device=scores.device)  # sample b's positive is column b
-    return _anchor_major_cross_entropy(scores.transpose(0, 1), targets)
-
-
-def _separate_positive_cross_entropy(positive: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """InfoNCE rows ``[B, A]`` of separate positives ``[B, A]`` and shared scores ``[B, A, M]``.
-
-    One fused ``cross_entropy`` over the ``[A * B, 1 + M]`` rows, the positive first (on CPU about
-    2x faster in forward and backward than a log-sum-exp, a ``logaddexp`` and a subtraction).
-    """
-    rows = torch.cat([positive.T[:, :, None], scores.transpose(0, 1)], dim=-1)  # [A, B, 1 + M]
-    targets = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)  # the positive first
-    return _anchor_major_cross_entropy(rows, targets)
-
-
-def _anchor_major_cross_entropy(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy of anchor-major scores ``rows [A, B, C]`` with sample ``b``'s target
-    column ``targets[b]`` for every anchor: ``[B, A]``."""
-    num_anchors, batch, num_columns = rows.shape
-    flat = rows.reshape(num_anchors * batch, num_columns)  # row (j, b); a view where rows allow
-    loss = F.cross_entropy(flat, targets.repeat(num_anchors), reduction="none")
-    return loss.view(num_anchors, batch).T
-
-
-def _masked_shared(
-    scores: torch.Tensor, mask: Optional[torch.Tensor], is_positive: Optional[torch.Tensor], value: float
-) -> torch.Tensor:
-    """``scores`` with masked negatives set to ``value``; positives among them are never masked."""
-    if mask is None:
-        return scores
-    excluded = mask if is_positive is None else mask & ~is_positive  # [A, M] or [B, A, M]
-    return scores.masked_fill(excluded, value)
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return "None" if value is None else type(value).__name__
 
 
 def kd_loss(

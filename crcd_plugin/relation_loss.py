@@ -1,16 +1,12 @@
 """The one entry point of the relation loss: scores by the chosen backend, then the objective.
 
-``relation_loss`` picks the backend (eager Gram kernels, ``torch.compile`` of the same, Triton, or
-the naive formulation for checks) and, with ``chunk_size``, the chunk-and-checkpoint reducer.
-Candidates come per sample (``[B, K+1, D]``, positive first) or shared by the batch (``[M, D]``,
-positives on the diagonal or apart): the same function serves both. It sits above both what it
-dispatches to: the objectives (:mod:`crcd_plugin.functional`) and the score kernels
-(:mod:`crcd_plugin.kernels`), which import nothing from here.
-
-Chunk-and-checkpoint (:func:`chunked_contrastive_loss`): each chunk's ``[B, A, chunk]`` scores are
-reduced at once (to per-row log-sum-exps for InfoNCE, or per-row NCE sums) under activation
-checkpointing, so peak memory is ``O(B * A * chunk)`` instead of ``O(B * A * C)``, for about one
-extra forward of time. Values and gradients equal the unchunked loss.
+``relation_loss`` hands the inputs to the chosen backend's loss (:data:`BACKEND_LOSSES`: eager Gram
+kernels, ``torch.compile`` of the same, Triton, or the naive formulation for checks); the eager and
+compiled ones run the chunk-and-checkpoint reducer where ``chunk_size`` is below the number of
+candidates. Candidates come per sample (``[B, K+1, D]``, positive first) or shared by the batch
+(``[M, D]``, positives on the diagonal or apart): the same function serves both. It sits above
+what it dispatches to, the score kernels and the objectives (:mod:`crcd_plugin.kernels`), which
+import nothing from here.
 """
 
 from __future__ import annotations
@@ -18,16 +14,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from typing import Callable, Iterator, Optional, cast
+from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from crcd_plugin._checks import check_choice
 from crcd_plugin.config import BACKENDS
-from crcd_plugin.functional import contrastive_loss, kept_row_mean, nce_row_sums, positive_columns
-from crcd_plugin.kernels.nce import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
+from crcd_plugin.kernels.objectives import chunked_contrastive_loss, contrastive_loss_unchecked
 from crcd_plugin.kernels.relation import (
     anchor_free_logits,
     gram_relation_logits,
@@ -76,8 +69,9 @@ def relation_loss(
 
     ``"compile"`` runs eager for the inputs whose compile failed (one warning each); ``"triton"``
     runs eager (one warning per reason) where its kernel cannot. With ``chunk_size`` below the
-    number of candidates, the eager kernels run over chunks (:mod:`~crcd_plugin.kernels.chunked`);
-    Triton never stores the scores and ignores it.
+    number of candidates, the eager and compiled backends run over chunks
+    (:func:`~crcd_plugin.kernels.objectives.chunked_contrastive_loss`); Triton never stores the
+    scores and ignores it. An unknown backend (``"auto"`` included: resolve it first) is a ``ValueError``.
 
     Args:
         candidates: ``[B, K+1, D]`` per sample (index 0 the positive), or ``[M, D]`` shared.
@@ -92,19 +86,13 @@ def relation_loss(
     if candidates.dim() == 2 and (_expand_shared or backend == "naive"):
         candidates, mask = expand_shared(candidates, positives, mask, positive_mask)
         positives = positive_mask = None
-    options = (float(temperature), float(eps), objective, int(noise_size))
-    if backend == "triton":
-        result = _triton(query, anchors, candidates, positives, log_z, z_ready, mask, positive_mask, options)
-        if result is not None:
-            return result
+    if backend not in BACKEND_LOSSES:
+        raise ValueError(f"backend must be one of {sorted(BACKEND_LOSSES)} (resolve 'auto' first), got {backend!r}")
     tensors = (query, anchors, candidates, positives, log_z, z_ready, mask, positive_mask)
-    if backend == "naive":
-        return _naive_core(*tensors, *options)
-    if chunk_size is not None and chunk_size < candidates.shape[-2]:
-        return _chunked_core(*tensors, *options, chunk_size)
-    if backend == "compile":
-        return _COMPILED.run(tensors, options)
-    return relation_loss_core(*tensors, *options)
+    options = (float(temperature), float(eps), objective, int(noise_size))
+    # Chunks run the eager kernels under checkpointing, for "compile" too (checkpoints do not compile).
+    loss = _chunked if backend in ("eager", "compile") and _chunks(tensors, chunk_size) else BACKEND_LOSSES[backend]
+    return loss(tensors, options, chunk_size)
 
 
 def relation_loss_core(
@@ -134,7 +122,7 @@ def relation_loss_core(
             positive = positive_scores(query, anchors, positives, temperature, eps, relations)
         scores = candidate_scores(query, anchors, candidates, temperature, eps, relations)
         layout = "diagonal" if positives is None else "separate"
-    return contrastive_loss(
+    return contrastive_loss_unchecked(
         scores, log_z, z_ready, objective=objective, noise_size=noise_size, layout=layout,  # type: ignore[arg-type]
         positive=positive, mask=mask, positive_mask=positive_mask,
     )
@@ -174,7 +162,54 @@ def _naive_core(query, anchors, candidates, positives, log_z, z_ready, mask, pos
         scores = anchor_free_logits(query, candidates, temperature)
     else:
         scores = naive_relation_logits(query, anchors, candidates, temperature, eps)
-    return contrastive_loss(scores, log_z, z_ready, objective=objective, noise_size=noise_size, mask=mask)
+    return contrastive_loss_unchecked(scores, log_z, z_ready, objective=objective, noise_size=noise_size, mask=mask)
+
+
+# ---------------------------------------------------------------------- the backends
+BackendLoss = Callable[[tuple, tuple, Optional[int]], Loss]
+
+
+def _chunks(tensors: tuple, chunk_size: Optional[int]) -> bool:
+    """Whether ``chunk_size`` splits the candidates (``tensors[2]``, ``[B, C, D]`` or ``[C, D]``)."""
+    return chunk_size is not None and chunk_size < tensors[2].shape[-2]
+
+
+def _eager(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss:
+    """The Gram kernels and the objective in eager mode."""
+    return relation_loss_core(*tensors, *options)
+
+
+def _chunked(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss:
+    """The eager kernels ``chunk_size`` candidates at a time, under activation checkpointing."""
+    return _chunked_core(*tensors, *options, chunk_size)
+
+
+def _compiled(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss:
+    """:func:`relation_loss_core` under ``torch.compile`` (eager for inputs whose compile failed)."""
+    return _COMPILED.run(tensors, options)
+
+
+def _triton_or_eager(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss:
+    """The Triton kernel (it never stores the scores, so it ignores ``chunk_size``), or the eager
+    kernels (chunked where ``chunk_size`` asks) where it cannot run."""
+    result = _triton(*tensors, options)
+    if result is not None:
+        return result
+    return (_chunked if _chunks(tensors, chunk_size) else _eager)(tensors, options, chunk_size)
+
+
+def _naive(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss:
+    """The reference formulation, for checks (never chunked)."""
+    return _naive_core(*tensors, *options)
+
+
+# Backend name -> its loss: a new backend is one entry here and its name in ``config.BACKENDS``.
+BACKEND_LOSSES: dict[str, BackendLoss] = {
+    "eager": _eager,
+    "compile": _compiled,
+    "triton": _triton_or_eager,
+    "naive": _naive,
+}
 
 
 # ---------------------------------------------------------------------- shared -> per-sample
@@ -297,90 +332,3 @@ def triton_unsupported_reason(
     except ImportError:
         return "without the triton package"
     return unsupported_reason(query, anchors, candidates, mask, positives)
-
-
-# ---------------------------------------------------------------------- chunk-and-checkpoint
-ScoreChunk = Callable[[int, int], torch.Tensor]
-
-
-def chunked_contrastive_loss(
-    score_chunk: ScoreChunk,
-    num_candidates: int,
-    chunk_size: int,
-    log_z: torch.Tensor,
-    z_ready: torch.Tensor,
-    *,
-    objective: str,
-    noise_size: int,
-    layout: str,
-    positive: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    positive_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~crcd_plugin.functional.contrastive_loss` of the scores ``score_chunk(start, stop)``
-    makes for candidate columns ``start .. stop``, ``chunk_size`` columns at a time.
-
-    NCE's first-batch constant needs all scores before any loss term, so it costs one more forward
-    without gradient (a detached log-sum-exp over the chunks).
-
-    Shape:
-        score_chunk(start, stop) -> ``[B, A, stop - start]``; positive, positive_mask ``[B, A]``;
-        mask ``[B, A, C]`` or shared ``[A, C]`` -> two scalars.
-    """
-    bounds = [(start, min(start + chunk_size, num_candidates)) for start in range(0, num_candidates, chunk_size)]
-
-    def pieces(scores: torch.Tensor, start: int, stop: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        chunk_mask = None if mask is None else mask[..., start:stop]
-        return chunk_mask, positive_columns(layout, scores.shape[0], start, stop, scores.device)
-
-    if layout == "first":
-        dropped = None if mask is None else mask[..., 0]
-    else:
-        dropped = positive_mask if layout == "separate" else (None if mask is None else mask.T)
-
-    if objective == "infonce":
-
-        def chunk_lse(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            scores = score_chunk(start, stop)
-            chunk_mask, is_positive = pieces(scores, start, stop)
-            kept = scores
-            if chunk_mask is not None:  # masked negatives out of the log-sum-exp, positives never
-                excluded = chunk_mask if is_positive is None else chunk_mask & ~is_positive
-                kept = scores.masked_fill(excluded, float("-inf"))
-            # The positives in this chunk, summed with zeros elsewhere (exact): [B, A].
-            positives = scores.new_zeros(scores.shape[:2]) if is_positive is None else (
-                torch.where(is_positive, scores, torch.zeros_like(scores)).sum(-1)
-            )
-            return torch.logsumexp(kept, -1), positives
-
-        parts = [checkpoint(chunk_lse, start, stop, use_reentrant=False) for start, stop in bounds]
-        lse = torch.logsumexp(torch.stack([part[0] for part in parts]), 0)  # [B, A]
-        if positive is None:
-            positive = cast(torch.Tensor, sum(part[1] for part in parts))
-        else:
-            lse = torch.logaddexp(lse, positive)
-        return kept_row_mean(lse - positive, dropped), log_z
-
-    with torch.no_grad():
-        part_lses, num_scores = [], 0
-        for start, stop in bounds:  # one chunk's scores at a time
-            scores = score_chunk(start, stop)
-            part_lses.append(torch.logsumexp(scores.reshape(-1), 0))
-            num_scores += scores.numel()
-        if positive is not None:  # a single score's log-sum-exp is the score
-            part_lses.append(torch.logsumexp(positive.reshape(-1), 0))
-            num_scores += positive.numel()
-        fresh = nce_log_normalizer_from_parts(torch.stack(part_lses), num_scores, noise_size)
-    log_z = keep_or_fix_log_z(log_z, z_ready, fresh)
-    shift = nce_shift(log_z, num_candidates - (0 if layout == "separate" else 1), noise_size)
-
-    def chunk_sums(start: int, stop: int) -> torch.Tensor:
-        scores = score_chunk(start, stop)
-        chunk_mask, is_positive = pieces(scores, start, stop)
-        return nce_row_sums(scores, shift, chunk_mask, has_positive=False, is_positive=is_positive)
-
-    # ``sum`` starts from the int 0; there is always at least one chunk, so the result is a tensor.
-    per_row = cast(torch.Tensor, sum(checkpoint(chunk_sums, *bound, use_reentrant=False) for bound in bounds))
-    if positive is not None:
-        per_row = per_row + F.softplus(shift - positive)
-    return kept_row_mean(per_row, dropped), log_z

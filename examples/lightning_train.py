@@ -89,7 +89,7 @@ def main() -> None:
     L.seed_everything(1, verbose=False)
     student = DigitClassifier(width=16)
     crcd = CRCDCallback(
-        teacher.net, student_head="net.fc", teacher_head="fc",   # dotted paths of the classifier heads
+        teacher.net, student_classifier="net.fc", teacher_classifier="fc",   # dotted paths of the classifier heads
         config=CRCDConfig(gradient_element=True, schedule="step", relation=RelationConfig(embed_dim=32)),
     )
     print(f"student (CRCD) accuracy {fit(student, train, val, args.epochs, callbacks=[crcd]):.3f}")

@@ -624,3 +624,25 @@ def test_capture_student_arms_the_distillers_own_hooks_for_a_forward_run_elsewhe
     assert {id(p) for p in distiller._unsynced_parameters()} == heads and not heads & student
     distiller.distill(feature.detach(), head_logits.detach(), logits.detach(), x, y)
     assert student <= {id(p) for p in distiller._unsynced_parameters()}
+
+
+def test_set_backend_switches_built_losses_and_the_config_and_refuses_unknown_names():
+    distiller = make_distiller(gradient_element=True)
+    x, y = batch()
+    eager = copy.deepcopy(distiller)
+    distiller.set_backend("naive")
+    assert distiller.crcd_feature.backend == distiller.crcd_gradient.backend == "naive"
+    assert distiller.config.relation.backend == "naive"
+    torch.manual_seed(1)
+    expected = eager(x, y)["loss"].detach()
+    torch.manual_seed(1)
+    torch.testing.assert_close(distiller(x, y)["loss"].detach(), expected)  # same loss, another kernel
+    with pytest.raises(ValueError, match="backend must be one of"):
+        distiller.set_backend("fused")
+    assert distiller.crcd_feature.backend == "naive"  # a refused name changes nothing
+
+    lazy = CRCDDistiller(MLPHeadNet(6), MLPHeadNet(12), "head", "head", small_config())
+    assert not lazy.built
+    lazy.set_backend("naive")  # before the losses exist: the build takes it from the config
+    lazy(x, y)
+    assert lazy.crcd_feature.backend == "naive"

@@ -7,7 +7,8 @@ from naive import naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
 from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits
-from crcd_plugin.relation_loss import relation_loss, relation_loss_core
+from crcd_plugin.config import BACKENDS
+from crcd_plugin.relation_loss import BACKEND_LOSSES, relation_loss, relation_loss_core
 
 B, A, K, D = 8, 8, 63, 256
 FOUR_D = B * A * (K + 1) * D
@@ -115,6 +116,15 @@ def test_eager_and_naive_backends_agree(objective):
         results.append((loss, s.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_every_configurable_backend_has_a_loss_and_an_unresolved_one_is_refused():
+    assert set(BACKEND_LOSSES) == set(BACKENDS) - {"auto"}
+    student, anchors, candidates = _bank_like_inputs()
+    for backend in ("auto", "fused"):
+        with pytest.raises(ValueError, match=f"backend must be one of .*got '{backend}'"):
+            relation_loss(backend, student, anchors, candidates, None, torch.zeros(()), torch.tensor(False),
+                          temperature=0.05, eps=1e-6, objective="nce", noise_size=1000)
 
 
 @pytest.mark.parametrize("objective", ["nce", "infonce"])

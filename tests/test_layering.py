@@ -1,8 +1,9 @@
 """The package's layering, read from its imports: no module imports from a layer above it.
 
 Data flows one way (docs/architecture.md): integrations -> distiller (contract, schedule, teacher)
--> loss -> sources / relation_loss -> functional -> kernels. A cycle between two modules, or
-between ``functional`` and ``kernels``, means a lower layer reaches up.
+-> loss -> sources / relation_loss -> kernels (scores and objectives). ``functional`` is the
+checked public face of the kernels and lies on no step's path. A cycle between two modules, or a
+kernel importing ``functional`` or the dispatcher, means a lower layer reaches up.
 """
 
 import ast
@@ -64,3 +65,10 @@ def test_only_the_package_root_and_the_integrations_reach_the_distiller():
     users = {name for name, targets in graph.items() if "crcd_plugin.distiller" in targets}
     allowed = {"crcd_plugin"} | {n for n in graph if n.startswith(("crcd_plugin.integrations", "crcd_plugin.demo"))}
     assert users <= allowed, users - allowed
+
+
+def test_the_loss_path_runs_the_kernels_not_the_checked_public_functions():
+    graph = _imports()
+    path = ["crcd_plugin.loss", "crcd_plugin.relation_loss", "crcd_plugin.negatives"]
+    assert not {name for name in path if "crcd_plugin.functional" in graph[name]}
+    assert "crcd_plugin.kernels.objectives" in graph["crcd_plugin.relation_loss"]

@@ -99,7 +99,7 @@ class _Snapshot(L.pytorch.callbacks.Callback):
 @pytest.mark.parametrize("return_dict", [False, True], ids=["tensor", "dict"])
 def test_every_loss_component_is_logged_and_added_to_the_returned_loss(return_dict):
     torch.manual_seed(0)
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=_config())
     trainer = _fit(_Classifier(return_dict), callback)
     for name in COMPONENTS:
         assert name in trainer.callback_metrics and torch.isfinite(trainer.callback_metrics[name])
@@ -110,7 +110,7 @@ def test_teacher_is_bitwise_unchanged_frozen_in_eval_mode_and_outside_the_module
     teacher = _teacher()
     before = copy.deepcopy(teacher.state_dict())
     module = _Classifier()
-    _fit(module, CRCDCallback(teacher, student_head="model.fc", config=_config()), max_epochs=2)
+    _fit(module, CRCDCallback(teacher, student_classifier="model.fc", config=_config()), max_epochs=2)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BatchNorm stats too
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert not any(m is teacher for m in module.modules())
@@ -119,7 +119,7 @@ def test_teacher_is_bitwise_unchanged_frozen_in_eval_mode_and_outside_the_module
 
 def test_crcd_heads_train_in_the_modules_optimizer_and_training_step_is_restored():
     torch.manual_seed(0)
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=_config())
     initial = {}
     module = _Classifier()
     trainer = _fit(module, callback, max_epochs=2, callbacks=[_Snapshot(callback, initial)])
@@ -137,7 +137,7 @@ def test_the_heads_follow_the_modules_lr_scheduler():
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
             return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)]
 
-    trainer = _fit(Scheduled(), CRCDCallback(_teacher(), student_head="model.fc", config=_config()), max_epochs=2)
+    trainer = _fit(Scheduled(), CRCDCallback(_teacher(), student_classifier="model.fc", config=_config()), max_epochs=2)
     assert [group["lr"] for group in trainer.optimizers[0].param_groups] == [0.025, 0.025]
 
 
@@ -145,7 +145,7 @@ def test_a_fit_with_the_callback_equals_the_plain_loop_distiller_bitwise():
     torch.manual_seed(0)
     module, teacher = _Classifier(), _teacher()
     student, plain_teacher = copy.deepcopy(module.model), copy.deepcopy(teacher)
-    callback = CRCDCallback(teacher, student_head="model.fc", config=_config())
+    callback = CRCDCallback(teacher, student_classifier="model.fc", config=_config())
     initial = {}
     _fit(module, callback, max_epochs=2, callbacks=[_Snapshot(callback, initial)])
 
@@ -169,7 +169,7 @@ def test_memory_bank_negatives_read_the_index_of_three_element_batches():
 
     x, y = _data().tensors
     config = _config(relation=RelationConfig(embed_dim=8, num_negatives=8, symmetric=True))
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=config, num_samples=32)
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=config, num_samples=32)
     initial = {}
     trainer = _fit(Indexed(), callback, data=TensorDataset(x[:24], y[:24], torch.arange(24)),
                    callbacks=[_Snapshot(callback, initial)])
@@ -182,7 +182,7 @@ def test_memory_bank_negatives_read_the_index_of_three_element_batches():
 
 def test_validation_is_untouched_and_moves_no_crcd_state():
     torch.manual_seed(0)
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=_config())
     module = _Classifier()
     trainer = _fit(module, callback, limit_val_batches=2)
     state = _crcd_state(callback)
@@ -197,7 +197,7 @@ def test_validation_is_untouched_and_moves_no_crcd_state():
 
 def test_checkpoint_holds_the_student_and_the_crcd_state_but_no_teacher(tmp_path):
     teacher = _teacher()
-    callback = CRCDCallback(teacher, student_head="model.fc", config=_config())
+    callback = CRCDCallback(teacher, student_classifier="model.fc", config=_config())
     trainer = _fit(_Classifier(), callback)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
@@ -227,13 +227,13 @@ def test_fit_with_ckpt_path_resumes_the_crcd_state_bit_for_bit(tmp_path):
     config = _config(schedule="linear", schedule_until=1.0)
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
     torch.manual_seed(0)
-    straight = CRCDCallback(_teacher(), student_head="model.fc", config=config)
+    straight = CRCDCallback(_teacher(), student_classifier="model.fc", config=config)
     module = _Classifier()
     _fit(module, straight, max_epochs=4, batch_size=16, callbacks=[checkpoints], enable_checkpointing=True)
     expected, expected_student = _crcd_state(straight), copy.deepcopy(module.state_dict())
 
     torch.manual_seed(1)  # another initialisation: everything must come from the checkpoint
-    resumed = CRCDCallback(_teacher(), student_head="model.fc", config=config)
+    resumed = CRCDCallback(_teacher(), student_classifier="model.fc", config=config)
     module = _Classifier()
     _fit(module, resumed, max_epochs=4, batch_size=16, ckpt_path=tmp_path / "epoch=1-step=4.ckpt")
     assert expected.keys() == resumed.state_dict()["crcd"].keys()
@@ -245,7 +245,7 @@ def test_fit_with_ckpt_path_resumes_the_crcd_state_bit_for_bit(tmp_path):
 def test_the_schedule_counts_optimizer_steps_under_gradient_accumulation():
     relation = RelationConfig(embed_dim=8, queue_size=64, symmetric=True)
     config = _config(schedule="step", schedule_until=0.5, relation=relation)
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=config)
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=config)
     trainer = _fit(_Classifier(), callback, accumulate_grad_batches=2)  # 4 micro-batches, 2 optimizer steps
     assert trainer.global_step == 2 and callback.distiller.schedule.total_steps == 2
     # Distillation ran for optimizer step 0 (2 micro-batches), then w = 0 and the queue stopped.
@@ -258,7 +258,7 @@ def test_gradient_accumulation_of_the_distillation_loss_equals_one_large_batch()
     def run(batch_size, accumulate):
         torch.manual_seed(0)
         module = _Classifier()
-        _fit(module, CRCDCallback(_teacher(), student_head="model.fc", config=config), batch_size=batch_size,
+        _fit(module, CRCDCallback(_teacher(), student_classifier="model.fc", config=config), batch_size=batch_size,
              accumulate_grad_batches=accumulate)
         return module.state_dict()
 
@@ -268,7 +268,7 @@ def test_gradient_accumulation_of_the_distillation_loss_equals_one_large_batch()
 
 def test_bf16_mixed_precision_runs_on_cpu():
     torch.manual_seed(0)
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=_config())
     trainer = _fit(_Classifier(), callback, precision="bf16-mixed", max_epochs=2)
     assert all(torch.isfinite(trainer.callback_metrics[name]) for name in COMPONENTS)
     assert all(torch.isfinite(v.float()).all() for v in callback.state_dict()["crcd"].values())
@@ -281,8 +281,8 @@ def test_batches_the_default_cannot_read_take_a_batch_fn():
 
     data = [{"x": x, "y": y} for x, y in zip(*_data().tensors)]
     with pytest.raises(TypeError, match="batch_fn"):
-        _fit(DictBatches(), CRCDCallback(_teacher(), student_head="model.fc", config=_config()), data=data)
-    callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config(),
+        _fit(DictBatches(), CRCDCallback(_teacher(), student_classifier="model.fc", config=_config()), data=data)
+    callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=_config(),
                             batch_fn=lambda batch: (batch["x"], batch["y"], None))
     trainer = _fit(DictBatches(), callback, data=data)
     assert float(trainer.callback_metrics["crcd_feature_loss"]) > 0
@@ -290,13 +290,13 @@ def test_batches_the_default_cannot_read_take_a_batch_fn():
 
 def test_a_wrong_head_path_names_the_module_path_convention():
     with pytest.raises(ValueError, match="model.fc"):
-        _fit(_Classifier(), CRCDCallback(_teacher(), student_head="fc", config=_config()))
+        _fit(_Classifier(), CRCDCallback(_teacher(), student_classifier="fc", config=_config()))
 
 
 def test_memory_bank_negatives_without_the_dataset_size_name_the_argument():
     config = _config(relation=RelationConfig(embed_dim=8, negatives="bank"))
     with pytest.raises(ValueError, match="num_samples= to CRCDCallback"):
-        _fit(_Classifier(), CRCDCallback(_teacher(), student_head="model.fc", config=config))
+        _fit(_Classifier(), CRCDCallback(_teacher(), student_classifier="model.fc", config=config))
 
 
 def test_importing_crcd_plugin_does_not_import_lightning_and_a_missing_extra_names_the_install():
@@ -316,7 +316,7 @@ from torch.utils.data import DataLoader
 from crcd_plugin.integrations.lightning import CRCDCallback
 
 L.seed_everything(0)
-callback = CRCDCallback(_teacher(), student_head="model.fc", config=_config())
+callback = CRCDCallback(_teacher(), student_classifier="model.fc", config=_config())
 trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback],
                     enable_progress_bar=False, enable_model_summary=False, logger=False, enable_checkpointing=False)
 module = _Classifier()
@@ -343,3 +343,18 @@ def test_ddp_on_two_cpu_processes_keeps_the_crcd_state_identical_on_both_ranks(t
         for name, value in rank0[part].items():
             assert torch.equal(value, rank1[part][name]), f"{part}.{name}"
     assert rank0["crcd"]["crcd_feature.memory_student.weight"].abs().sum() > 0  # the queue holds both ranks' rows
+
+
+def test_the_0_3_head_keywords_warn_map_onto_the_classifier_names_and_keep_the_state_key():
+    teacher = _teacher()
+    current = CRCDCallback(teacher, student_classifier="model.fc", teacher_classifier="fc", config=_config())
+    with pytest.warns(DeprecationWarning, match=r"student_head=.*deprecated.*use student_classifier="):
+        old = CRCDCallback(teacher, student_head="model.fc", teacher_classifier="fc", config=_config())
+    assert old.student_classifier == "model.fc" and old.student_head == "model.fc"
+    assert old.state_key == current.state_key  # checkpoints of 0.3 callbacks restore into renamed ones
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="not both"):
+        CRCDCallback(teacher, student_classifier="model.fc", student_head="model.fc")
+    with pytest.raises(TypeError, match="needs student_classifier="):
+        CRCDCallback(teacher)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['student_path'\]"):
+        CRCDCallback(teacher, student_classifier="model.fc", student_path="x")

@@ -81,3 +81,24 @@ def test_kd_loss_is_zero_for_equal_logits_and_scaled_by_t_squared():
     p_t = torch.softmax(other / 4, -1)
     expected = (p_t * (p_t.log() - torch.log_softmax(logits / 4, -1))).sum(-1).mean() * 16
     torch.testing.assert_close(kd_loss(logits, other, temperature=4.0), expected)
+
+
+def test_the_public_contrastive_loss_refuses_bad_arguments_by_name():
+    from crcd_plugin.functional import contrastive_loss
+
+    scores, state = torch.randn(4, 3, 6), (torch.zeros(()), torch.tensor(False))
+    cases = [
+        (dict(objective="crd"), "objective must be one of"),
+        (dict(layout="last"), "layout must be one of"),
+        (dict(noise_size=0), "noise_size must be a positive int"),
+        (dict(layout="separate"), 'positive is needed with layout="separate"'),
+        (dict(positive=torch.randn(4, 3)), "positive is needed"),
+    ]
+    for options, match in cases:
+        kwargs = dict(objective="nce", noise_size=100) | options
+        with pytest.raises(ValueError, match=match):
+            contrastive_loss(scores, *state, **kwargs)
+    with pytest.raises(ValueError, match=r"scores must be a floating-point \[B, A, C\] tensor"):
+        contrastive_loss(torch.randn(4, 6), *state, objective="nce", noise_size=100)
+    loss, _ = contrastive_loss(scores, *state, objective="infonce", noise_size=100)
+    assert torch.isfinite(loss)

@@ -123,7 +123,7 @@ def test_lightning_callback_with_a_teacher_cache_trains_as_with_the_live_teacher
     config = CRCDConfig(gradient_element=True, relation=RelationConfig(embed_dim=8, num_negatives=8))
 
     def fit(source):
-        module, callback = Classifier(), CRCDCallback(source, student_head="model.fc", config=config, num_samples=N)
+        module, callback = Classifier(), CRCDCallback(source, student_classifier="model.fc", config=config, num_samples=N)
         torch.manual_seed(3)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
                             enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])
@@ -131,7 +131,7 @@ def test_lightning_callback_with_a_teacher_cache_trains_as_with_the_live_teacher
         return module, callback
 
     (live, live_callback), (cached, cached_callback) = fit(teacher), fit(cache)
-    assert cached_callback.teacher_head == "fc" and cached_callback.state_key == live_callback.state_key
+    assert cached_callback.teacher_classifier == "fc" and cached_callback.state_key == live_callback.state_key
     assert_close_parameters(live, cached)
     for key, value in live_callback.state_dict()["crcd"].items():
         torch.testing.assert_close(cached_callback.state_dict()["crcd"][key], value, rtol=1e-4, atol=1e-5, msg=key)

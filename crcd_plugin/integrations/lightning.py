@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from crcd_plugin._compat import LegacyClassifierNames, renamed_classifier_keywords
 from crcd_plugin.config import CRCDConfig
 from crcd_plugin.contract import LOSS_COMPONENTS
 from crcd_plugin.distiller import CRCDDistiller
@@ -59,11 +60,11 @@ def default_batch_fn(batch: Any) -> Tuple[Any, torch.Tensor, Optional[torch.Tens
     )
 
 
-class CRCDCallback(Callback):
+class CRCDCallback(LegacyClassifierNames, Callback):
     """Adds KD and CRCD to the loss an unchanged ``LightningModule.training_step`` returns.
 
     For the duration of ``fit`` the module's ``training_step`` is wrapped: it runs as written while
-    a hook reads the input and output of the student's classifier head (``student_head``, a dotted
+    a hook reads the input and output of the student's classifier (``student_classifier``, a dotted
     path on the LightningModule), then the teacher runs on the batch's input and
     ``task_weight * loss + w(t) * (KD + CRCD terms)`` is returned in place of ``loss``, so that
     Lightning's precision, accumulation, DDP and clipping treat the whole loss as the module's own.
@@ -77,10 +78,11 @@ class CRCDCallback(Callback):
         teacher: The trained teacher (frozen, eval mode, moved to the module's device), or a
             :class:`crcd_plugin.TeacherCache` built from it: no teacher runs, and every batch must
             carry its dataset index (see :func:`default_batch_fn`).
-        student_head: Dotted path of the student's classifier head on the LightningModule (e.g.
-            ``"model.fc"``); its output must be the student's logits.
-        teacher_head: Dotted path of the teacher's classifier head; default ``"fc"``, or the
-            cache's own.
+        student_classifier: Dotted path of the student's classifier on the LightningModule (e.g.
+            ``"model.fc"``); its output must be the student's logits. (Until 0.3: ``student_head``,
+            deprecated; removed in 0.5.)
+        teacher_classifier: Dotted path of the teacher's classifier; default ``"fc"``, or the
+            cache's own. (Until 0.3: ``teacher_head``.)
         config: Loss weights, schedule (over optimizer steps) and relation options; ``None``:
             ``CRCDConfig()``.
         num_samples: Dataset size, for memory-bank negatives (batches must then carry the index).
@@ -91,7 +93,7 @@ class CRCDCallback(Callback):
         log_prefix: Prefix of the logged component names.
 
     Example:
-        >>> callback = CRCDCallback(teacher, student_head="model.fc", teacher_head="fc")  # doctest: +SKIP
+        >>> callback = CRCDCallback(teacher, student_classifier="model.fc", teacher_classifier="fc")  # doctest: +SKIP
         >>> L.Trainer(max_epochs=3, callbacks=[callback]).fit(module, train_loader)       # doctest: +SKIP
     """
 
@@ -99,8 +101,8 @@ class CRCDCallback(Callback):
         self,
         teacher: Union[nn.Module, TeacherCache],
         *,
-        student_head: str,
-        teacher_head: Optional[str] = None,
+        student_classifier: Optional[str] = None,
+        teacher_classifier: Optional[str] = None,
         config: Optional[CRCDConfig] = None,
         num_samples: Optional[int] = None,
         batch_fn: Optional[BatchFn] = None,
@@ -108,7 +110,16 @@ class CRCDCallback(Callback):
         teacher_transform: Optional[Callable[[Any], Any]] = None,
         example_input: Optional[Any] = None,
         log_prefix: str = "",
+        **renamed: Any,
     ) -> None:
+        student_classifier, teacher_classifier = renamed_classifier_keywords(
+            "CRCDCallback", student_classifier, teacher_classifier, renamed
+        )
+        if not isinstance(student_classifier, str) or not student_classifier:
+            raise TypeError(
+                "CRCDCallback needs student_classifier=, the dotted path of the student's classifier on the "
+                f"LightningModule (e.g. 'model.fc'), got {student_classifier!r}"
+            )
         if not isinstance(teacher, (nn.Module, TeacherCache)):
             raise TypeError(f"teacher must be an nn.Module or a TeacherCache, got {type(teacher).__name__}")
         if config is not None and not isinstance(config, CRCDConfig):
@@ -118,10 +129,10 @@ class CRCDCallback(Callback):
         if isinstance(teacher, nn.Module):
             teacher.requires_grad_(False).eval()
         self.teacher = teacher
-        self.student_head = student_head
+        self.student_classifier = student_classifier
         # Resolved here: the state key (which names it) stays the same for a default live teacher.
         # A cache or a Teacher names its own classifier; a model's default is "fc".
-        self.teacher_head = teacher_head or getattr(teacher, "classifier_path", "fc")
+        self.teacher_classifier = teacher_classifier or getattr(teacher, "classifier_path", "fc")
         self.config = config if config is not None else CRCDConfig()
         self.num_samples = num_samples
         self.batch_fn: BatchFn = batch_fn or default_batch_fn
@@ -135,7 +146,8 @@ class CRCDCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(student_head=self.student_head, teacher_head=self.teacher_head)
+        # The 0.3 key names, so that checkpoints written before the rename still restore.
+        return self._generate_state_key(student_head=self.student_classifier, teacher_head=self.teacher_classifier)
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -159,7 +171,7 @@ class CRCDCallback(Callback):
             raise ValueError("memory-bank negatives need the dataset size: pass num_samples= to CRCDCallback")
         total_steps = None if self.config.schedule == "constant" else int(trainer.estimated_stepping_batches)
         self.distiller = CRCDDistiller(  # distiller: built with the LightningModule as the student
-            pl_module, self.teacher, self.student_head, self.teacher_head, self.config,
+            pl_module, self.teacher, self.student_classifier, self.teacher_classifier, self.config,
             num_samples=self.num_samples, total_steps=total_steps, feature_pool=self.feature_pool,
             teacher_transform=self.teacher_transform, example_input=self.example_input,
         ).to(pl_module.device)
@@ -261,8 +273,8 @@ class CRCDCallback(Callback):
             )
         if len(captured) != 2:
             raise ValueError(
-                f"the student head {self.student_head!r} did not run during training_step: "
-                "student_head is a dotted path on the LightningModule (e.g. 'model.fc')"
+                f"the student classifier {self.student_classifier!r} did not run during training_step: "
+                "student_classifier is a dotted path on the LightningModule (e.g. 'model.fc')"
             )
         input, target, index = self.batch_fn(batch)
         terms = self._distiller().distill(  # distiller: teacher, KD, CRCD, w(t) on the captured student

@@ -249,9 +249,7 @@ class CRCDDistillationTask(TrainingTask):
             compiled = torch.compile(forward_features, backend=backend, mode=mode, **compile_kwargs)
             # Per instance; a bound method of the compiled function, so that deepcopy (EMA) rebinds it.
             object.__setattr__(model, "forward_features", types.MethodType(compiled, model))
-        for loss in (self.distiller.crcd_feature, self.distiller.crcd_gradient):
-            if loss is not None:
-                loss.backend = "compile"
+        self.distiller.set_backend("compile")
         return self.student
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:

@@ -1,11 +1,12 @@
-"""Score kernels of the relation math: exact Gram forms, per sample and for shared candidates, and NCE's constant.
+"""The math of the relation loss: exact Gram score kernels, per sample and for shared candidates, and the objectives.
 
 :mod:`~crcd_plugin.kernels.relation` makes per-sample relation scores,
 :mod:`~crcd_plugin.kernels.shared_candidates` scores candidates shared by the batch, and
-:mod:`~crcd_plugin.kernels.nce` holds ``log Z``; the Triton kernel
+:mod:`~crcd_plugin.kernels.objectives` turns scores into NCE or InfoNCE (with ``log Z``, whole or a
+chunk at a time); the Triton kernel
 (:mod:`~crcd_plugin.kernels.triton_relation`) is imported only where ``backend="triton"`` runs.
-The dispatcher that picks among them, :func:`crcd_plugin.relation_loss.relation_loss`, sits above
-both the kernels and the objectives; nothing here imports from a layer above.
+The dispatcher that picks among them, :func:`crcd_plugin.relation_loss.relation_loss`, and the
+checked public functions (:mod:`crcd_plugin.functional`) sit above; nothing here imports from them.
 """
 
 from crcd_plugin.kernels.relation import (

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crcd_plugin.kernels.nce import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
+from crcd_plugin.kernels.objectives import keep_or_fix_log_z, nce_log_normalizer_from_parts, nce_shift
 from crcd_plugin.kernels.relation import (
     RelationTerms,
     anchor_tables,
