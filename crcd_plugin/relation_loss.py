@@ -192,7 +192,7 @@ def _compiled(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss
 def _triton_or_eager(tensors: tuple, options: tuple, chunk_size: Optional[int]) -> Loss:
     """The Triton kernel (it never stores the scores, so it ignores ``chunk_size``), or the eager
     kernels (chunked where ``chunk_size`` asks) where it cannot run."""
-    result = _triton(*tensors, options)
+    result = _triton(tensors, options)
     if result is not None:
         return result
     return (_chunked if _chunks(tensors, chunk_size) else _eager)(tensors, options, chunk_size)
@@ -303,8 +303,9 @@ _COMPILED = CompileCache()
 _triton_refusals: set = set()
 
 
-def _triton(query, anchors, candidates, positives, log_z, z_ready, mask, positive_mask, options) -> Optional[Loss]:
+def _triton(tensors: tuple, options: tuple) -> Optional[Loss]:
     """The Triton kernel's loss, or None (after one warning per reason) where it cannot run."""
+    query, anchors, candidates, positives, log_z, z_ready, mask, positive_mask = tensors
     any_mask = mask if mask is not None else positive_mask
     reason = triton_unsupported_reason(query, anchors, candidates, any_mask, positives)
     if reason is not None:

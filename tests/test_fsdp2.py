@@ -392,7 +392,7 @@ def test_lightning_callback_refuses_an_fsdp_strategy_before_building_the_distill
 
     from crcd_plugin.integrations.lightning import CRCDCallback
 
-    callback = CRCDCallback(Teacher(), student_head="fc", teacher_head="fc")
+    callback = CRCDCallback(Teacher(), student_classifier="fc", teacher_classifier="fc")
     trainer = types.SimpleNamespace(strategy=getattr(strategies, strategy)())
     module = types.SimpleNamespace(automatic_optimization=True)
     with pytest.raises(NotImplementedError, match=strategy):

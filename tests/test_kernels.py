@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from naive import naive_nce, naive_relations, naive_z
 from probes import LargestTensor
 
-from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits
 from crcd_plugin.config import BACKENDS
+from crcd_plugin.kernels import gram_relation_logits, naive_relation_logits
 from crcd_plugin.relation_loss import BACKEND_LOSSES, relation_loss, relation_loss_core
 
 B, A, K, D = 8, 8, 63, 256

@@ -123,7 +123,8 @@ def test_lightning_callback_with_a_teacher_cache_trains_as_with_the_live_teacher
     config = CRCDConfig(gradient_element=True, relation=RelationConfig(embed_dim=8, num_negatives=8))
 
     def fit(source):
-        module, callback = Classifier(), CRCDCallback(source, student_classifier="model.fc", config=config, num_samples=N)
+        module = Classifier()
+        callback = CRCDCallback(source, student_classifier="model.fc", config=config, num_samples=N)
         torch.manual_seed(3)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
                             enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])

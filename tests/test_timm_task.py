@@ -111,7 +111,7 @@ def test_training_steps_update_the_student_and_the_crcd_heads(pair):
 
 
 def _classifier_name(task: CRCDDistillationTask) -> str:
-    return task.distiller.student_head + ".weight"
+    return task.distiller.student_classifier + ".weight"
 
 
 def test_crcd_heads_are_trainable_parameters_of_the_task_and_of_its_trainable_module():
