@@ -36,7 +36,7 @@ from .hooks import (
     Selector,
     TokenSelector,
     classifier_forward,
-    pool_feature,
+    reduce_feature,
     resolve_module,
     unwrap_model,
 )
@@ -273,10 +273,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
                                   output_select=self.output_select, feature_token=self.feature_token)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, *] -> [B, D]`` for the CRCD loss."""
-        if self.feature_pool is not None:
-            x = pool_feature(x, self.feature_pool)
-        return x.flatten(1) if x.dim() > 2 else x
+        """``[B, *] -> [B, D]`` for the CRCD loss, as the teacher side reduces its rows."""
+        return reduce_feature(x, self.feature_pool)
 
     def _gradient_elements(
         self, f_s: torch.Tensor, head_s: torch.Tensor, teacher: TeacherRows, target: torch.Tensor, detached: bool,
@@ -295,7 +293,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
             return None
         # Rescaled before the embedding heads: a confident teacher's rows are otherwise all ~0.
         mode = self.config.gradient_normalization
-        return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(g_t, mode)
+        g_s = self._reduce(g_s)
+        return normalize_gradient_element(g_s, mode), normalize_gradient_element(g_t, mode)
 
     @torch.no_grad()
     def fill_memory(

@@ -41,6 +41,7 @@ __all__ = [
     "resolve_module",
     "select_tensor",
     "pool_feature",
+    "reduce_feature",
     "model_logits",
     "classifier_forward",
 ]
@@ -192,6 +193,13 @@ def pool_feature(x: torch.Tensor, pool: Optional[PoolMode] = None) -> torch.Tens
     if x.dim() != 3:
         raise ValueError(f"pool={pool!r} expects tokens shaped [B, T, C], got shape {tuple(x.shape)}")
     return x.mean(dim=1) if pool == "mean_tokens" else x[:, 0]
+
+
+def reduce_feature(x: torch.Tensor, pool: Optional[PoolMode]) -> torch.Tensor:
+    """``[B, *] -> [B, D]`` for the CRCD loss: ``pool`` (see :func:`pool_feature`), then flatten."""
+    if pool is not None:
+        x = pool_feature(x, pool)
+    return x.flatten(1) if x.dim() > 2 else x
 
 
 class _CaptureHook:

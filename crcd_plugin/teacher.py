@@ -24,7 +24,7 @@ from .hooks import (
     Selector,
     TokenSelector,
     classifier_forward,
-    pool_feature,
+    reduce_feature,
     resolve_module,
 )
 
@@ -39,13 +39,6 @@ class TeacherRows(NamedTuple):
     logits: torch.Tensor  # the model's logits [B, C], for KD
     reduced: torch.Tensor  # the feature as the CRCD loss takes it, [B, D]
     gradient: Optional[torch.Tensor]  # a stored per-sample gradient element dCE_b/df_b [B, D] (non-linear head)
-
-
-def reduce_feature(x: torch.Tensor, pool: Optional[PoolMode]) -> torch.Tensor:
-    """``[B, *] -> [B, D]`` for the CRCD loss: ``pool`` (see :func:`~crcd_plugin.hooks.pool_feature`), then flatten."""
-    if pool is not None:
-        x = pool_feature(x, pool)
-    return x.flatten(1) if x.dim() > 2 else x
 
 
 class Teacher(nn.Module):
