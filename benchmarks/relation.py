@@ -26,15 +26,18 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+import crcd_plugin.relation_loss as rl
 from crcd_plugin.memory import in_batch_candidate_index
 from crcd_plugin.relation_loss import relation_loss
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_info import header, run_info  # noqa: E402
 
 IMPLEMENTATIONS = ("naive", "per-sample", "eager", "compile", "chunked", "triton")
 LAYOUTS = ("per-sample", "batch", "queue")
@@ -42,7 +45,7 @@ LAYOUTS = ("per-sample", "batch", "queue")
 # (wall time there measures the other processes as much as ours).
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 DEFAULT_IMPLEMENTATIONS = ("naive", "eager", "compile")
-CHUNK_SIZE = 512  # candidates per chunk of the "chunked" implementation (eager kernels)
+CHUNK_SIZE = 512  # candidates per chunk of the "chunked" implementation (eager kernels); --chunk-size
 
 
 def make_inputs(batch: int, num_negatives: int, dim: int, device: torch.device, seed: int = 0):
@@ -161,7 +164,8 @@ def peak_bytes(
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    command = [sys.executable, __file__, "--cpu-peak-probe", impl, str(batch), str(num_negatives), str(dim), layout]
+    command = [sys.executable, __file__, "--cpu-peak-probe", impl, str(batch), str(num_negatives), str(dim), layout,
+               str(CHUNK_SIZE)]
     # Blocks of 64 KiB and more are mmap'ed and returned on free, so the resident set follows the
     # live tensors instead of keeping freed heap pages of the warm-up step.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -222,16 +226,25 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
     batches = [32, 64, 256] if args.full else args.batch
     negatives = [500, 4096, 16384] if args.full else args.negatives
     rows: List[Dict] = []
+    settings = dict(batch=batches, negatives=negatives, dim=args.dim, layout=args.layout, impl=args.impl,
+                    repeats=args.repeats, clock=args.clock, chunk_size=CHUNK_SIZE, naive_max_gib=args.naive_max_gib)
     results = {
         "benchmark": "relation loss forward+backward (NCE), A = B anchors, fp32",
+        **run_info(device, settings),
         "layout": args.layout,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
         "device": name,
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
+        "chunk_size": CHUNK_SIZE,
         "rows": rows,
     }
+    # Naive rows of an earlier run on the same device (--baseline): compared with, not re-timed.
+    baseline = {}
+    if args.baseline is not None and args.baseline.exists():
+        for old in json.loads(args.baseline.read_text()).get("rows", []):
+            if old.get("naive", {}).get("status") is not None:
+                baseline[(old["B"], old["K"], old["D"])] = {**old["naive"], "from": args.baseline.name}
+    print(header(results), flush=True)
     for batch in batches:
         # In-batch negatives: K = B - 1, whatever --negatives says.
         for num_negatives in [batch - 1] if args.layout == "batch" else negatives:
@@ -243,20 +256,40 @@ def run(args: argparse.Namespace, on_row: Optional[Callable[[Dict], None]] = Non
                 if impl == "per-sample" and args.layout == "per-sample":
                     row[impl] = {"status": "same as eager"}
                     continue
+                naive_gib = batch * batch * (num_negatives + 1) * args.dim * 4 / 2**30  # the [B, A, K+1, D] tensor
+                if impl == "naive" and args.naive_max_gib is not None and naive_gib > args.naive_max_gib:
+                    row[impl] = {"status": f"skipped: [B, A, K+1, D] is {naive_gib:.1f} GiB > {args.naive_max_gib:g}"}
+                    continue
+                if impl == "chunked" and CHUNK_SIZE >= (batch if args.layout == "batch" else num_negatives + 1):
+                    row[impl] = {"status": f"not chunked (chunk_size {CHUNK_SIZE} >= candidates)"}
+                    continue
                 if estimated_bytes(impl, batch, num_negatives, args.dim, args.layout) > budget:
                     row[impl] = {"status": "does not fit"}
                     continue
                 step = make_step(args.layout, impl, batch, num_negatives, args.dim, device)
+                failures_before = len(rl._COMPILED.failures)
+                rl._triton_refusals.clear()
                 try:
                     warmup = 2 if impl in ("compile", "triton") else 1
+                    start = time.perf_counter()
                     ms = time_ms(step, device, args.repeats, warmup, CLOCKS[args.clock])
+                    seconds = time.perf_counter() - start
                     del step
                     peak = peak_bytes(impl, batch, num_negatives, args.dim, device, args.layout)
-                    row[impl] = {"status": "ok", "ms": ms, "peak_mib": None if peak is None else peak / 2**20}
+                    row[impl] = {"status": "ok", "ms": ms, "peak_mib": None if peak is None else peak / 2**20,
+                                 "seconds_with_warmup": round(seconds, 2)}
                 except torch.OutOfMemoryError:
                     row[impl] = {"status": "out of memory"}
+                # A backend that ran eager instead is not that backend: say so rather than time it.
+                if impl == "compile" and len(rl._COMPILED.failures) > failures_before:
+                    error = list(rl._COMPILED.failures.values())[-1]
+                    row[impl] = {"status": f"compile failed, ran eager: {type(error).__name__}: {str(error)[:200]}"}
+                if impl == "triton" and rl._triton_refusals:
+                    row[impl] = {"status": f"triton refused ({'; '.join(sorted(rl._triton_refusals))})"}
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if "naive" not in row and (batch, num_negatives, args.dim) in baseline:
+                row["naive"] = baseline[(batch, num_negatives, args.dim)]
             naive = row.get("naive", {})
             compiled = row.get("compile", {})
             if compiled.get("status") == "ok" and row.get("triton", {}).get("status") == "ok":
@@ -330,8 +363,10 @@ def plot(results: Dict, path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    global CHUNK_SIZE
     if argv[:1] == ["--cpu-peak-probe"]:
         impl, batch, num_negatives, dim = argv[1], *map(int, argv[2:5])
+        CHUNK_SIZE = int(argv[6])
         print(cpu_peak_probe(impl, batch, num_negatives, dim, argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,8 +388,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="process: CPU time (use --threads 1)")
     parser.add_argument("--cpu-memory-gib", type=float, default=16.0, help="skip CPU configs estimated above this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="candidates per chunk of 'chunked'")
+    parser.add_argument("--naive-max-gib", type=float, default=None,
+                        help="skip naive where its [B, A, K+1, D] fp32 tensor alone is above this many GiB")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier JSON of this script on the same device: its naive rows are the reference")
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
+    parser.add_argument("--no-plot", dest="plot", action="store_false", help="write the JSON only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    CHUNK_SIZE = args.chunk_size
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory probes run in subprocesses
@@ -362,9 +405,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     stem = f"relation_{torch.device(args.device).type}"
     if args.layout != "per-sample":
         stem += f"_shared_{args.layout}"
+    if args.tag:
+        stem += f"_{args.tag}"
     results = run(args, on_row=lambda partial: (args.out / f"{stem}.json").write_text(json.dumps(partial, indent=2)))
-    plot(results, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.json and .png")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    if args.plot and results["rows"]:
+        plot(results, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json" + (" and .png" if args.plot and results["rows"] else ""))
 
 
 if __name__ == "__main__":

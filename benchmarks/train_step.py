@@ -1,8 +1,26 @@
-"""Time one training step of the CIFAR-100 recipe: CE, KD, CRCD feature, CRCD feature + gradient.
+"""Time one training step of the CIFAR-100 recipe: CE, KD, and KD + CRCD in several configurations.
 
-Teacher resnet32x4 (frozen) -> student resnet8x4, CIFAR-shaped fp32 input. A step is forward,
-backward and an SGD step. Reports the median step time after warm-up, the peak memory, and both
-as a ratio to the KD step. Runs unchanged on CUDA (``--device cuda``) and CPU.
+Teacher resnet32x4 (frozen) -> student resnet8x4, CIFAR-shaped fp32 input (random data), batch 64.
+A step is forward, backward and an SGD step. Reports the median step time after warm-up, the peak
+memory, and both as a ratio to the KD step. Runs unchanged on CUDA (``--device cuda``) and CPU.
+
+Configurations (``--configs``):
+
+* ``ce``: cross-entropy only. ``kd``: the standard KD recipe of CRD's and CRCD's code,
+  ``0.1 * CE + 0.9 * KD`` with ``T = 4`` (KL times ``T^2``).
+* ``crcd_bank``: **the default KD + CRCD**, ``CRCDDistiller(student, teacher, "fc", "fc",
+  CRCDConfig(), num_samples=50_000)`` fed each batch's dataset index, as with a CIFAR-100 loader
+  (``CRCDConfig()``'s defaults with ``num_samples``: a first-write memory bank, K = 256 negatives,
+  InfoNCE, 2 anchors, embedding 64, one side; backend ``"auto"``, compiled on CUDA).
+  ``crcd_bank_eager``: the same with ``backend="eager"``. ``crcd_bank_gradient``: the same plus
+  ``gradient_element=True``.
+* ``crcd_default``, ``crcd_default_gradient``: ``CRCDDistiller(student, teacher)`` with no
+  dataset size, so in-batch negatives (no index).
+* ``crcd_feature``, ``crcd_feature_gradient``: the reference's work per step, as measured before
+  0.3: CE + 0.9 KD (T 4) + CRCD with a bank of 50,000, ``--num-negatives`` (500) NCE negatives,
+  temperature 0.05, embedding 128 (2 anchors, one side).
+
+``--backend`` sets the relation backend of every CRCD configuration but ``crcd_bank_eager``.
 
     python benchmarks/train_step.py --device cuda --json train_step.json
     python benchmarks/train_step.py --device cpu --threads 1 --steps 3 --warmup 1 --rounds 2
@@ -19,7 +37,7 @@ step needs, not counting the models and the batch.
 from __future__ import annotations
 
 import argparse
-import datetime
+import gc
 import importlib.util
 import json
 import os
@@ -36,7 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import crcd_plugin.relation_loss as rl
+from crcd_plugin import CRCDConfig, RelationConfig
 from crcd_plugin.config import BACKENDS
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run_info import header, run_info  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -47,18 +70,27 @@ _spec.loader.exec_module(_models)  # type: ignore[union-attr]
 create_model = _models.create_model
 
 CONFIGS = ("ce", "kd", "crcd_feature", "crcd_feature_gradient")
+# The GPU run's table (benchmarks/gpu.sh call2): the default KD + CRCD with a memory bank.
+BANK_CONFIGS = ("crcd_bank", "crcd_bank_eager", "crcd_bank_gradient")
 # ``CRCDDistiller(student, teacher)`` with every default (no index: in-batch negatives, InfoNCE).
-EXTRA_CONFIGS = ("crcd_default", "crcd_default_gradient")
+EXTRA_CONFIGS = ("crcd_default", "crcd_default_gradient") + BANK_CONFIGS
 LABELS = {
-    "crcd_default": "CRCDDistiller defaults (feature)",
-    "crcd_default_gradient": "CRCDDistiller defaults + gradient element",
+    "crcd_default": "CRCDDistiller defaults, in-batch (feature)",
+    "crcd_default_gradient": "CRCDDistiller defaults, in-batch + gradient element",
+    "crcd_bank": "KD + CRCD, CRCDConfig() defaults, bank",
+    "crcd_bank_eager": "KD + CRCD defaults, bank, backend eager",
+    "crcd_bank_gradient": "KD + CRCD defaults, bank + gradient element",
     "ce": "CE only",
-    "kd": "KD",
-    "crcd_feature": "CRCD feature element",
-    "crcd_feature_gradient": "CRCD feature + gradient element",
+    "kd": "KD (0.1 CE + 0.9 KD, T 4)",
+    "crcd_feature": "CRCD feature element (K 500, NCE)",
+    "crcd_feature_gradient": "CRCD feature + gradient element (K 500, NCE)",
 }
 TRAIN_SET_SIZE = 50_000  # CIFAR-100: rows of the memory bank
-GAMMA, ALPHA, BETA, KD_TEMPERATURE = 1.0, 0.9, 1.0, 4.0
+# The standard KD recipe of CRD's and CRCD's code: 0.1 CE + 0.9 KD, T = 4.
+KD_TASK_WEIGHT, KD_WEIGHT, KD_TEMPERATURE = 0.1, 0.9, 4.0
+# The crcd_feature rows (unchanged since 0.2): CE + 0.9 KD (T 4) + 1.0 CRCD.
+FEATURE_TASK_WEIGHT, FEATURE_WEIGHT = 1.0, 1.0
+TARGET_RATIO = 1.3  # the default KD + CRCD step at most this many KD steps (the issue's target on a GPU)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -83,7 +115,7 @@ class PlainObjective(nn.Module):
             return {"loss": task_loss, "logits": logits}
         with torch.no_grad():
             teacher_logits = self.teacher(images)
-        loss = GAMMA * task_loss + ALPHA * kd_loss(logits, teacher_logits, KD_TEMPERATURE)
+        loss = KD_TASK_WEIGHT * task_loss + KD_WEIGHT * kd_loss(logits, teacher_logits, KD_TEMPERATURE)
         return {"loss": loss, "logits": logits}
 
 
@@ -97,32 +129,24 @@ def build_objective(
         return PlainObjective(student, teacher)
     from crcd_plugin.distiller import CRCDDistiller
 
+    # The input checks (a device-side assert on CUDA, a host check on CPU); "--no-checks" drops them.
+    checked = dict(backend=backend, on_nonfinite="raise" if checks else "skip", check_index=checks)
+    gradient = config.endswith("_gradient")
+    if config in BANK_CONFIGS:
+        if config == "crcd_bank_eager":
+            checked["backend"] = "eager"
+        crcd = CRCDConfig(gradient_element=gradient, relation=RelationConfig(**checked))
+        return CRCDDistiller(student, teacher, "fc", "fc", crcd, num_samples=TRAIN_SET_SIZE)
     if config in EXTRA_CONFIGS:
-        return CRCDDistiller(student, teacher, gradient_element=config == "crcd_default_gradient")
-    return CRCDDistiller(
-        student,
-        teacher,
-        student_head="fc",
-        teacher_head="fc",
-        gamma=GAMMA,
-        alpha=ALPHA,
-        beta=BETA,
-        kd_temperature=KD_TEMPERATURE,
-        gradient_element=config == "crcd_feature_gradient",
-        num_samples=TRAIN_SET_SIZE,
-        crcd_options=dict(
-            embed_dim=128,
-            negatives="bank",
-            num_negatives=num_negatives,
-            temperature=0.05,
-            objective="nce",
-            momentum=0.5,
-            backend=backend,
-            # The input checks are CRCDLoss's one host sync per forward; without them it has none.
-            on_nonfinite="raise" if checks else "skip",
-            check_index=checks,
-        ),
+        crcd = CRCDConfig(gradient_element=gradient, relation=RelationConfig(**checked))
+        return CRCDDistiller(student, teacher, "fc", "fc", crcd)
+    relation = RelationConfig(
+        embed_dim=128, negatives="bank", num_negatives=num_negatives, temperature=0.05, objective="nce",
+        momentum=0.5, **checked,
     )
+    crcd = CRCDConfig(task_weight=FEATURE_TASK_WEIGHT, kd_weight=KD_WEIGHT, kd_temperature=KD_TEMPERATURE,
+                      feature_weight=FEATURE_WEIGHT, gradient_element=gradient, relation=relation)
+    return CRCDDistiller(student, teacher, "fc", "fc", crcd, num_samples=TRAIN_SET_SIZE)
 
 
 def current_rss_bytes() -> int:
@@ -134,6 +158,8 @@ def measure(config: str, device: torch.device, batch_size: int, num_negatives: i
             steps: int, warmup: int, seed: int = 0, backend: str = "auto", checks: bool = True) -> Dict[str, Any]:
     """Time ``steps`` training steps of one configuration after ``warmup`` untimed ones."""
     torch.manual_seed(seed)
+    compile_failures_before = len(rl._COMPILED.failures)
+    rl._triton_refusals.clear()
     teacher = create_model("resnet32x4").to(device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -145,10 +171,17 @@ def measure(config: str, device: torch.device, batch_size: int, num_negatives: i
     )
     images = torch.randn(batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, 100, (batch_size,), device=device)
-    index = torch.randperm(TRAIN_SET_SIZE, device=device)[:batch_size]
+    # A new batch of dataset indices every step, as a shuffled loader gives them (on the device in
+    # advance, so that the host-to-device copy of a real loader is not timed here either).
+    order = torch.randperm(TRAIN_SET_SIZE, device=device)
+    batches = min(warmup + steps, TRAIN_SET_SIZE // batch_size)
+    indices = [order[i * batch_size:(i + 1) * batch_size] for i in range(batches)]
     cuda = device.type == "cuda"
+    count = [0]
 
     def step() -> Tensor:
+        index = indices[count[0] % len(indices)]
+        count[0] += 1
         out = objective(images, labels, index=index)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -156,10 +189,13 @@ def measure(config: str, device: torch.device, batch_size: int, num_negatives: i
         return out["loss"].detach()
 
     rss_before = current_rss_bytes()
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     if cuda:
         torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - start
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times: List[float] = []
     loss = torch.zeros(())
@@ -176,16 +212,28 @@ def measure(config: str, device: torch.device, batch_size: int, num_negatives: i
         # ru_maxrss is in KiB on Linux; the high-water mark of this process since it started.
         peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
         memory_kind = "peak RSS delta"
-    return {
+    relation_backend = None
+    if hasattr(objective, "crcd_feature"):
+        losses = [m for m in (objective.crcd_feature, objective.crcd_gradient) if m is not None]
+        relation_backend = rl.resolve_backend(losses[0].config.backend, device) if losses else None
+        # A backend that fell back to eager is reported, so its row is not read as that backend's.
+        if relation_backend == "compile" and len(rl._COMPILED.failures) > compile_failures_before:
+            relation_backend = "compile FAILED, ran eager"
+        if relation_backend == "triton" and rl._triton_refusals:
+            relation_backend = f"triton refused ({'; '.join(sorted(rl._triton_refusals))}), ran eager"
+    result = {
         "config": config,
         "label": LABELS[config],
         "median_ms": 1000 * statistics.median(times),
         "min_ms": 1000 * min(times),
         "times_ms": [1000 * t for t in times],
+        "warmup_s": warmup_s,
         "peak_mib": None if peak_bytes is None else peak_bytes / 2**20,
         "memory_kind": memory_kind,
+        "relation_backend": relation_backend,
         "final_loss": float(loss),
     }
+    return result
 
 
 def run_isolated(config: str, args: argparse.Namespace) -> Dict[str, Any]:
@@ -209,9 +257,7 @@ def run_isolated(config: str, args: argparse.Namespace) -> Dict[str, Any]:
 
 def machine_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **run_info(device),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -233,6 +279,9 @@ def merge_rounds(rounds: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     peaks = [r["peak_mib"] for r in rounds if r["peak_mib"] is not None]
     merged = dict(rounds[0])
     merged.update(
+        warmup_s=rounds[0]["warmup_s"],  # the first round's warm-up includes compiling
+        warmup_s_rounds=[r["warmup_s"] for r in rounds],
+        relation_backend=rounds[-1]["relation_backend"],
         median_ms=statistics.median(times),
         min_ms=min(times),
         times_ms=times,
@@ -242,10 +291,34 @@ def merge_rounds(rounds: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return merged
 
 
+def verdict(results: Sequence[Dict[str, Any]], target: float) -> Dict[str, Any]:
+    """Whether the default KD + CRCD step (``crcd_bank``; else ``crcd_bank_eager``) is within
+    ``target`` KD steps (median step time)."""
+    rows = {r["config"]: r for r in results}
+    kd = rows.get("kd")
+    out: Dict[str, Any] = {"target": target}
+    if kd is None or not ({"crcd_bank", "crcd_bank_eager"} & set(rows)):
+        out["line"] = "verdict: n/a (needs kd and crcd_bank or crcd_bank_eager)"
+        return out
+    for config in ("crcd_bank", "crcd_bank_eager", "crcd_bank_gradient"):
+        if config in rows:
+            out[f"{config}_x_kd"] = rows[config]["median_ms"] / kd["median_ms"]
+    config = "crcd_bank" if "crcd_bank" in rows else "crcd_bank_eager"
+    ratio = out[f"{config}_x_kd"]
+    out["within_target"] = ratio <= target
+    backend = rows[config]["relation_backend"]
+    judged = f"within the {target:g}x target" if ratio <= target else f"ABOVE the {target:g}x target"
+    out["line"] = (f"verdict: default KD + CRCD ({config}, relation backend {backend}) step = {ratio:.2f}x "
+                   f"the KD step: {judged}")
+    if "crcd_bank_eager" in rows and config != "crcd_bank_eager":
+        out["line"] += f" (backend eager: {out['crcd_bank_eager_x_kd']:.2f}x)"
+    return out
+
+
 def format_table(results: Sequence[Dict[str, Any]]) -> str:
     kd = next((r for r in results if r["config"] == "kd"), None)
-    lines = ["| step | median ms | min ms | x KD time (median) | peak MiB | x KD memory |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| step | median ms | min ms | x KD time (median) | peak MiB | x KD memory | relation backend |",
+             "|---|---|---|---|---|---|---|"]
     for row in results:
         time_ratio = f"{row['median_ms'] / kd['median_ms']:.2f}" if kd else "n/a"
         if row["peak_mib"] is None:
@@ -255,7 +328,7 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
             memory_ratio = (f"{row['peak_mib'] / kd['peak_mib']:.2f}"
                             if kd and kd["peak_mib"] and kd["peak_mib"] > 0 else "n/a")
         lines.append(f"| {row['label']} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {time_ratio} "
-                     f"| {memory} | {memory_ratio} |")
+                     f"| {memory} | {memory_ratio} | {row.get('relation_backend') or '-'} |")
     return "\n".join(lines)
 
 
@@ -269,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat all configurations this many times, interleaved")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS + EXTRA_CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--target", type=float, default=TARGET_RATIO,
+                        help="verdict line: crcd_bank's median step at most this many KD steps")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="CRCDLoss relation kernel (auto: compiled on CUDA, eager on CPU)")
@@ -288,6 +363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     isolate = device.type == "cpu" if args.isolate is None else args.isolate
+    if not args.quiet:
+        print(header(run_info(device)), flush=True)
 
     load_before = os.getloadavg()
     per_config: Dict[str, List[Dict[str, Any]]] = {config: [] for config in args.configs}
@@ -299,12 +376,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             else:
                 result = measure(config, device, args.batch_size, args.num_negatives, args.steps, args.warmup,
                                  backend=args.backend, checks=args.checks)
+                gc.collect()  # the models of this configuration, before the next one's peak is measured
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             per_config[config].append(result)
             if not args.quiet:
-                print(f"round {round_index + 1}/{args.rounds} {result['label']:32s} "
+                backend_note = f", relation backend {result['relation_backend']}" if result["relation_backend"] else ""
+                print(f"round {round_index + 1}/{args.rounds} {result['label']:44s} "
                       f"{result['median_ms']:9.1f} ms  "
                       f"{'n/a' if result['peak_mib'] is None else format(result['peak_mib'], '.0f')} MiB "
-                      f"({result['memory_kind']})", flush=True)
+                      f"({result['memory_kind']}; warm-up {result['warmup_s']:.1f} s{backend_note})", flush=True)
     results = [merge_rounds(per_config[config]) for config in args.configs]
     report = {
         "machine": machine_info(device),
@@ -314,9 +395,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "warmup": args.warmup, "rounds": args.rounds, "device": args.device,
                   "isolated": isolate, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "results": results,
+        "verdict": verdict(results, args.target),
     }
     if not args.quiet:
         print(format_table(results))
+        print(report["verdict"]["line"])
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
