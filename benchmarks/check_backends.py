@@ -337,8 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here (rewritten after each group)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    # Many option sets and shapes in one process: dynamo's per-function recompile limit (8) would
-    # otherwise stop compiling after the eighth, and the library would run eager (see the report).
+    # Many shapes per option set in one process: a generous recompile limit, so that no compile
+    # check falls back to eager for want of cache entries (each option set has a code object of
+    # its own in the library; the shapes of one set still count against one limit).
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections import OrderedDict
 from typing import Callable, Iterator, Optional
 
@@ -290,6 +291,11 @@ class CompileCache:
         def core(*tensors):
             return relation_loss_core(*tensors, *options)
 
+        # Dynamo keeps its graphs, and counts recompiles against ``recompile_limit`` (8), per code
+        # object; every closure of ``core`` shares one, so the ninth option set would fail to
+        # compile. A code object of each key's own keeps the keys apart, and a dropped key's graphs
+        # go with it.
+        core = types.FunctionType(core.__code__.replace(), core.__globals__, core.__name__, None, core.__closure__)
         self.compiled[key] = torch.compile(core, fullgraph=True, dynamic=True)
         if len(self.compiled) > self.size:
             self.compiled.popitem(last=False)

@@ -179,6 +179,25 @@ def test_crcd_loss_chunk_size_is_validated():
         CRCDLoss(4, 4, RelationConfig(chunk_size=0), negatives="batch")
 
 
+@pytest.mark.slow
+def test_option_sets_beyond_dynamos_recompile_limit_still_compile(monkeypatch):
+    # Every cached core once shared one code object, so dynamo's per-code recompile limit (8) made
+    # the ninth option set fail to compile and run eager. A limit of 2 shows it with 3 sets.
+    import crcd_plugin.relation_loss as dispatch
+
+    monkeypatch.setattr(dispatch, "_COMPILED", dispatch.CompileCache())
+    query, anchors, candidates = torch.randn(4, 8, requires_grad=True), torch.randn(3, 8), torch.randn(4, 6, 8)
+    state = torch.zeros(()), torch.tensor(False)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for temperature in (0.05, 0.06, 0.07):
+            compiled, _ = relation_loss("compile", query, anchors, candidates, None, *state, temperature=temperature,
+                                        eps=1e-6, objective="infonce", noise_size=100)
+            eager, _ = relation_loss("eager", query, anchors, candidates, None, *state, temperature=temperature,
+                                     eps=1e-6, objective="infonce", noise_size=100)
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert dispatch._COMPILED.failures == {} and len(dispatch._COMPILED.compiled) == 3
+
+
 def test_a_failed_compile_runs_eager_for_its_inputs_only_and_the_cache_is_bounded(monkeypatch):
     import crcd_plugin.relation_loss as dispatch
 
