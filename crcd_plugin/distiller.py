@@ -293,8 +293,7 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
             return None
         # Rescaled before the embedding heads: a confident teacher's rows are otherwise all ~0.
         mode = self.config.gradient_normalization
-        g_s = self._reduce(g_s)
-        return normalize_gradient_element(g_s, mode), normalize_gradient_element(g_t, mode)
+        return normalize_gradient_element(self._reduce(g_s), mode), normalize_gradient_element(g_t, mode)
 
     @torch.no_grad()
     def fill_memory(
