@@ -25,7 +25,7 @@ from ._batches import check_batch, require_bank_index, to_device
 from ._checks import check_choice, check_positive_int
 from ._compat import LegacyClassifierNames, distiller_arguments
 from ._head_watch import watch_heads
-from .config import CRCDConfig, RelationConfig
+from .config import CRCDConfig
 from .contract import _DDP, CRCDTrainableModule, DistillerContract
 from .distributed import broadcast_state
 from .functional import kd_loss
@@ -51,16 +51,6 @@ _logger = logging.getLogger(__name__)
 __all__ = ["DistillSchedule", "CRCDDistiller", "CRCDTrainableModule"]
 
 _DEFAULT_CLASSIFIER = "fc"
-
-
-def _relation_loss(
-    student_dim: int, teacher_dim: int, relation: RelationConfig, num_samples: Optional[int]
-) -> CRCDLoss:
-    """The one place a :class:`CRCDLoss` is made from a :class:`RelationConfig` (the loss seam).
-
-    Every default is resolved by ``RelationConfig`` (negatives, objective, first-write rule).
-    """
-    return CRCDLoss(student_dim, teacher_dim, relation, num_samples=num_samples)
 
 
 class CRCDDistiller(DistillerContract, LegacyClassifierNames):
@@ -215,21 +205,19 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
         return self.crcd_feature is not None or self.crcd_gradient is not None
 
     def _build_losses(self, student_dim: int, teacher_dim: int, device: Optional[torch.device] = None) -> None:
+        """The one place the distiller makes a :class:`CRCDLoss`; ``RelationConfig`` resolves every default."""
         config = self.config
+        relations = {"crcd_feature": config.relation if config.feature_weight > 0 else None,
+                     "crcd_gradient": config.gradient_relation_config() if config.gradient_element else None}
         # Parameters created inside inference_mode would be unusable for training later.
         with torch.inference_mode(False):
-            if config.feature_weight > 0:
-                self.crcd_feature = _relation_loss(student_dim, teacher_dim, config.relation, self.num_samples)
-                self.crcd_feature.to(device)
-            if config.gradient_element:
-                self.crcd_gradient = _relation_loss(
-                    student_dim, teacher_dim, config.gradient_relation_config(), self.num_samples
-                ).to(device)
-        for loss in (self.crcd_feature, self.crcd_gradient):
-            if loss is not None:
-                loss.train(self.training)
-                # Built from each rank's own random state; DDP does not see them, so rank 0's wins.
-                broadcast_state(loss)
+            for name, relation in relations.items():
+                if relation is not None:
+                    loss = CRCDLoss(student_dim, teacher_dim, relation, num_samples=self.num_samples).to(device)
+                    loss.train(self.training)
+                    # Built from each rank's own random state; DDP does not see them, so rank 0's wins.
+                    broadcast_state(loss)
+                    setattr(self, name, loss)
         self._refresh_trainables()
         _logger.debug("built CRCD losses for student_dim=%d, teacher_dim=%d", student_dim, teacher_dim)
 
@@ -257,9 +245,9 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
         self._build_losses(self._reduce(f_s).shape[1], teacher_dim, f_s.device)
         return self
 
-    def _ensure_built(self, f_s: torch.Tensor, teacher: TeacherRows) -> None:
+    def _ensure_built(self, feature: torch.Tensor, teacher: TeacherRows) -> None:
         if not self.built:
-            self._build_losses(self._reduce(f_s).shape[1], teacher.reduced.shape[1], f_s.device)
+            self._build_losses(feature.shape[1], teacher.reduced.shape[1], feature.device)
 
     # ------------------------------------------------------------------ features
     def __setattr__(self, name: str, value: Any) -> None:
@@ -337,7 +325,8 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
                 self._check_batch(x, target, index)
                 f_s, head_s, _ = self._run_student(self.student, x)
                 teacher = self.teacher_side.rows(x, index, gradient=self.config.gradient_element)
-                self._ensure_built(f_s, teacher)
+                feature = self._reduce(f_s)
+                self._ensure_built(feature, teacher)
                 gradients = None
                 if self.crcd_gradient is not None:  # first: a failure here leaves every memory as it was
                     gradients = self._gradient_elements(f_s, head_s, teacher, target, detached=True)
@@ -347,7 +336,7 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
                             "inside torch.inference_mode(); call it outside inference mode"
                         )
                 if self.crcd_feature is not None:
-                    self.crcd_feature.fill_memory(self._reduce(f_s), teacher.reduced, index)
+                    self.crcd_feature.fill_memory(feature, teacher.reduced, index)
                 if self.crcd_gradient is not None and gradients is not None:
                     self.crcd_gradient.fill_memory(*gradients, index)
         finally:
@@ -503,12 +492,13 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
             # they are: with w = 0 for the rest of training nothing reads them again.
             return _terms(zero, zero, zero, zero)
         teacher = self.teacher_side.rows(input, index, gradient=self.config.gradient_element)
+        feature = self._reduce(f_s)  # [B, D], as the teacher side reduces its rows
         if not self.built:
             _logger.warning(
                 "CRCD heads were built on the first forward; create the optimizer after this call, "
                 "or pass example_input= to CRCDDistiller"
             )
-            self._ensure_built(f_s, teacher)
+            self._ensure_built(feature, teacher)
 
         kd = zero
         if config.kd_weight > 0:
@@ -527,7 +517,7 @@ class CRCDDistiller(DistillerContract, LegacyClassifierNames):
                 gradient_loss = self.crcd_gradient(*gradients, index)
         feature_loss = zero
         if self.crcd_feature is not None and relations:
-            feature_loss = self.crcd_feature(self._reduce(f_s), teacher.reduced, index)
+            feature_loss = self.crcd_feature(feature, teacher.reduced, index)
 
         weight = self._distill_weight()
         distill = config.kd_weight * kd + config.feature_weight * feature_loss + config.gradient_weight * gradient_loss
